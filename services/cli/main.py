@@ -1,0 +1,93 @@
+"""The `epochlens` command line: tokens, health checks and a smoke session."""
+
+import grpc
+import typer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
+from services.cli.config import CliSettings
+from services.common.auth import mint_token
+from services.common.config import AuthSettings
+
+app = typer.Typer(help="epochlens: watch a language model learn.", no_args_is_help=True)
+
+
+@app.command()
+def token(user: str = typer.Option(..., "--user", help="User id to put in `sub`."),
+          ttl: int | None = typer.Option(None, help="Lifetime in seconds.")) -> None:
+    """Print a bearer token for USER, signed with the configured key (for local use)."""
+    typer.echo(mint_token(AuthSettings(), user, ttl))
+
+
+@app.command()
+def health(address: str = typer.Option(..., help="host:port of a service."),
+           service: str = typer.Option("", help="Service name; empty: the whole server."),
+           timeout: float = typer.Option(2.0, help="Seconds to wait.")) -> None:
+    """Exit 0 when the server reports SERVING (for health checks and scripts)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            typer.echo(f"{address}: {exc.code().name}", err=True)
+            raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(f"{address}: {status}")
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command()
+def smoke() -> None:
+    """Create a run, write a few epochs of predictions, finish it, and list its epochs."""
+    settings = CliSettings()
+    metadata = (("authorization", f"Bearer {_token(settings)}"),)
+    try:
+        run_id = _smoke_write(settings, metadata)
+        _smoke_read(settings, metadata, run_id)
+    except grpc.RpcError as exc:
+        typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _token(settings: CliSettings) -> str:
+    return settings.token or mint_token(AuthSettings(), settings.user)
+
+
+def _smoke_write(settings: CliSettings, metadata) -> str:
+    with grpc.insecure_channel(settings.writer_address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        run = stub.CreateRun(writer_pb2.CreateRunRequest(
+            name="smoke", model_name="none", dataset_name="smoke"),
+            metadata=metadata, timeout=settings.timeout_s)
+        typer.echo(f"created run {run.id}")
+        for epoch in range(1, settings.smoke_epochs + 1):
+            items = [common_pb2.PredictionInput(
+                epoch=epoch, step=epoch * 10, sample_index=i, prompt=f"reverse: abc{i}",
+                ground_truth=f"{i}cba", prediction=f"{i}cba"[: epoch + 1], generation_time_ms=1.0)
+                for i in range(settings.smoke_samples)]
+            reply = stub.WritePredictions(writer_pb2.WritePredictionsRequest(
+                run_id=run.id, predictions=items), metadata=metadata, timeout=settings.timeout_s)
+            typer.echo(f"epoch {epoch}: wrote {reply.inserted_count} predictions")
+        stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id),
+                       metadata=metadata, timeout=settings.timeout_s)
+        return run.id
+
+
+def _smoke_read(settings: CliSettings, metadata, run_id: str) -> None:
+    with grpc.insecure_channel(settings.query_address) as channel:
+        stub = query_pb2_grpc.QueryServiceStub(channel)
+        reply = stub.ListEpochs(query_pb2.ListEpochsRequest(run_id=run_id),
+                                metadata=metadata, timeout=settings.timeout_s)
+        typer.echo("epoch  predictions  latest_step")
+        for e in reply.epochs:
+            typer.echo(f"{e.epoch:>5}  {e.prediction_count:>11}  {e.latest_step:>11}")
+        sample = stub.CompareSample(query_pb2.CompareSampleRequest(run_id=run_id, sample_index=0),
+                                    metadata=metadata, timeout=settings.timeout_s)
+        typer.echo(f"sample 0: {sample.prompt!r} -> expected {sample.ground_truth!r}")
+        for p in sample.predictions:
+            mark = "exact" if p.prediction == sample.ground_truth else "     "
+            typer.echo(f"  epoch {p.epoch} step {p.step}: {p.prediction!r} {mark}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,74 @@
+"""Settings shared by every service: the base class and the auth settings.
+
+Each service has its own settings class (its own env prefix) derived from
+ServiceSettings. AuthSettings is one class for the one concern every service
+and the token CLI must agree on: how bearer tokens are signed.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_FILE = ".env"
+
+
+class DatabaseSettings(BaseSettings):
+    """How to reach the database. Subclasses set the env prefix."""
+
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore")
+
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL (postgresql+asyncpg://...). "
+        "Unset: the embedded SQLite store under sqlite_dir.",
+    )
+    sqlite_dir: Path = Field(Path(".epochlens"), description="Folder of the embedded SQLite files.")
+    sqlite_busy_timeout_ms: int = Field(5000, ge=0, description="SQLite lock wait before failing.")
+    db_pool_size: int = Field(10, ge=1, description="Open database connections kept in the pool.")
+    db_max_overflow: int = Field(5, ge=0, description="Extra connections allowed above the pool.")
+    db_pool_timeout_s: float = Field(5.0, gt=0, description="Wait for a free pooled connection.")
+    db_connect_timeout_s: float = Field(5.0, gt=0, description="Timeout of one connection attempt.")
+
+
+class ServiceSettings(DatabaseSettings):
+    """Settings every gRPC service has. Subclasses set the env prefix."""
+
+    host: str = Field("127.0.0.1", description="Interface the gRPC server binds to.")
+    port: int = Field(ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+    max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="Cap on RPCs served at once; unset means no cap."
+    )
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to in-flight RPCs on stop.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class AuthSettings(BaseSettings):
+    """How bearer tokens are verified (services) and minted (the token CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_AUTH_", env_file=ENV_FILE, extra="ignore")
+
+    jwt_algorithm: Literal["HS256", "RS256"] = Field("HS256", description="Token signature.")
+    jwt_secret: str | None = Field(None, description="HS256 shared secret.")
+    jwt_public_key_file: Path | None = Field(None, description="RS256 public key (PEM).")
+    jwt_private_key_file: Path | None = Field(
+        None, description="RS256 private key (PEM); only the token CLI needs it."
+    )
+    jwt_audience: str | None = Field(None, description="Required `aud` claim, when set.")
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim, when set.")
+    jwt_leeway_s: int = Field(30, ge=0, description="Clock skew tolerated on exp/nbf.")
+    token_ttl_s: int = Field(86400, ge=1, description="Lifetime of tokens minted by the CLI.")
+
+    @model_validator(mode="after")
+    def _key_present(self) -> "AuthSettings":
+        if self.jwt_algorithm == "HS256" and not self.jwt_secret:
+            raise ValueError("EPOCHLENS_AUTH_JWT_SECRET is required when jwt_algorithm is HS256")
+        if self.jwt_algorithm == "RS256" and not self.jwt_public_key_file:
+            raise ValueError(
+                "EPOCHLENS_AUTH_JWT_PUBLIC_KEY_FILE is required when jwt_algorithm is RS256"
+            )
+        return self

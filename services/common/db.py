@@ -1,0 +1,81 @@
+"""Database engines and user-scoped transactions.
+
+PostgreSQL (asyncpg) is the production store; every transaction first sets
+the caller's user id so row-level security policies see it. Without a
+database URL the embedded SQLite store is used: one file per schema, attached
+to every connection under the schema's name, so `writer.predictions` resolves
+on both backends.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from services.common.config import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+# Name of the PostgreSQL setting the RLS policies compare user_id with.
+RLS_USER_SETTING = "epochlens.user_id"
+
+
+def sqlite_schema_file(sqlite_dir: Path, schema: str) -> Path:
+    return sqlite_dir / f"{schema}.db"
+
+
+def create_engine(settings: DatabaseSettings, schemas: tuple[str, ...],
+                  read_only: bool = False, application_name: str = "epochlens") -> AsyncEngine:
+    """Engine for settings.database_url, or the embedded SQLite store with `schemas` attached."""
+    if settings.database_url:
+        return create_async_engine(
+            settings.database_url, pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow, pool_timeout=settings.db_pool_timeout_s,
+            pool_pre_ping=True,
+            connect_args={"timeout": settings.db_connect_timeout_s,
+                          "server_settings": {"application_name": application_name}},
+        )
+    return _create_sqlite_engine(settings, schemas, read_only)
+
+
+def _create_sqlite_engine(settings: DatabaseSettings, schemas: tuple[str, ...],
+                          read_only: bool) -> AsyncEngine:
+    settings.sqlite_dir.mkdir(parents=True, exist_ok=True)
+    main_file = settings.sqlite_dir / "main.db"
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{main_file}", pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow, pool_timeout=settings.db_pool_timeout_s,
+        connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+    )
+    files = {schema: sqlite_schema_file(settings.sqlite_dir, schema) for schema in schemas}
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _attach(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        for schema, path in files.items():
+            cursor.execute(f"ATTACH DATABASE '{path}' AS {schema}")
+            cursor.execute(f"PRAGMA {schema}.journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    return engine
+
+
+def is_postgres(conn: AsyncConnection | AsyncEngine) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+@asynccontextmanager
+async def user_transaction(engine: AsyncEngine, user_id: str) -> AsyncIterator[AsyncConnection]:
+    """One transaction acting for `user_id`; on PostgreSQL the RLS policies see that user."""
+    async with engine.begin() as conn:
+        if is_postgres(conn):
+            await conn.execute(text("SELECT set_config(:name, :user_id, true)"),
+                               {"name": RLS_USER_SETTING, "user_id": user_id})
+        yield conn

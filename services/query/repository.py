@@ -1,0 +1,94 @@
+"""Reads over schema `writer`, always scoped to one user (and, on PostgreSQL, under RLS)."""
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.common.db import user_transaction
+from services.common.errors import NotFound
+from services.writer.models import predictions_table as P
+from services.writer.models import runs_table as R
+
+_PREDICTION_COLUMNS = (P.c.run_id, P.c.epoch, P.c.step, P.c.sample_index, P.c.prompt,
+                       P.c.ground_truth, P.c.prediction, P.c.generation_time_ms,
+                       P.c.prompt_tokens, P.c.completion_tokens, P.c.create_time)
+
+
+class QueryRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def list_runs(self, user_id: str, after: tuple[datetime, uuid.UUID] | None,
+                        limit: int) -> Sequence[Row]:
+        """The user's runs, newest first, after the keyset (create_time, id)."""
+        stmt = select(R).where(R.c.user_id == user_id)
+        if after is not None:
+            stmt = stmt.where(tuple_(R.c.create_time, R.c.id) < tuple_(*after))
+        stmt = stmt.order_by(R.c.create_time.desc(), R.c.id.desc()).limit(limit)
+        async with user_transaction(self._engine, user_id) as conn:
+            return (await conn.execute(stmt)).all()
+
+    async def get_run(self, user_id: str, run_id: uuid.UUID) -> Row:
+        async with user_transaction(self._engine, user_id) as conn:
+            return await _owned_run(conn, user_id, run_id)
+
+    async def list_predictions(self, user_id: str, run_id: uuid.UUID, epoch: int | None,
+                               sample_index: int | None, after: tuple[int, int] | None,
+                               limit: int) -> Sequence[Row]:
+        """A page of the run's predictions in (step, sample_index) order."""
+        stmt = select(*_PREDICTION_COLUMNS).where(P.c.run_id == run_id, P.c.user_id == user_id)
+        if epoch is not None:
+            stmt = stmt.where(P.c.epoch == epoch)
+        if sample_index is not None:
+            stmt = stmt.where(P.c.sample_index == sample_index)
+        if after is not None:
+            stmt = stmt.where(tuple_(P.c.step, P.c.sample_index) > tuple_(*after))
+        stmt = stmt.order_by(P.c.step, P.c.sample_index).limit(limit)
+        async with user_transaction(self._engine, user_id) as conn:
+            rows = (await conn.execute(stmt)).all()
+            if not rows:
+                await _owned_run(conn, user_id, run_id)
+            return rows
+
+    async def list_epochs(self, user_id: str, run_id: uuid.UUID, after: int | None,
+                          limit: int) -> Sequence[Row]:
+        """Per-epoch count, latest step and first/last write time, ascending by epoch."""
+        stmt = select(P.c.epoch, func.count().label("prediction_count"),
+                      func.max(P.c.step).label("latest_step"),
+                      func.min(P.c.create_time).label("first_create_time"),
+                      func.max(P.c.create_time).label("last_create_time"),
+                      ).where(P.c.run_id == run_id, P.c.user_id == user_id)
+        if after is not None:
+            stmt = stmt.where(P.c.epoch > after)
+        stmt = stmt.group_by(P.c.epoch).order_by(P.c.epoch).limit(limit)
+        async with user_transaction(self._engine, user_id) as conn:
+            rows = (await conn.execute(stmt)).all()
+            if not rows:
+                await _owned_run(conn, user_id, run_id)
+            return rows
+
+    async def sample_history(self, user_id: str, run_id: uuid.UUID,
+                             sample_index: int) -> Sequence[Row]:
+        """Every prediction of one sample, in step order; NOT_FOUND when there is none."""
+        stmt = (select(*_PREDICTION_COLUMNS)
+                .where(P.c.run_id == run_id, P.c.user_id == user_id,
+                       P.c.sample_index == sample_index)
+                .order_by(P.c.step))
+        async with user_transaction(self._engine, user_id) as conn:
+            rows = (await conn.execute(stmt)).all()
+            if not rows:
+                await _owned_run(conn, user_id, run_id)
+                raise NotFound(f"run {run_id} has no predictions for sample {sample_index}",
+                               {"run_id": str(run_id), "sample_index": str(sample_index)})
+            return rows
+
+
+async def _owned_run(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> Row:
+    row = (await conn.execute(select(R).where(R.c.id == run_id, R.c.user_id == user_id))
+           ).one_or_none()
+    if row is None:
+        raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
+    return row

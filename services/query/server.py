@@ -1,0 +1,43 @@
+"""Entry point of the query service: `epochlens-query`."""
+
+import asyncio
+
+from epochlens.v1 import query_pb2, query_pb2_grpc
+from services.common.config import AuthSettings
+from services.common.db import create_engine
+from services.common.server import (RunningServer, configure_logging, create_server,
+                                    serve_until_signalled)
+from services.query.config import QuerySettings
+from services.query.repository import QueryRepository
+from services.query.servicer import QueryServicer
+from services.writer.models import SCHEMA as WRITER_SCHEMA
+
+SERVICE_NAME = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
+
+
+async def start(settings: QuerySettings, auth: AuthSettings) -> RunningServer:
+    """Starts the query service on settings.host:settings.port (0 = a free port)."""
+    engine = create_engine(settings, (WRITER_SCHEMA,), read_only=True,
+                           application_name="epochlens-query")
+    servicer = QueryServicer(QueryRepository(engine), settings)
+    running = await create_server(
+        settings, auth,
+        lambda server: query_pb2_grpc.add_QueryServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME])
+    running.on_stop = engine.dispose
+    return running
+
+
+async def _serve() -> None:
+    settings, auth = QuerySettings(), AuthSettings()
+    configure_logging(settings.log_level)
+    running = await start(settings, auth)
+    await serve_until_signalled(running, settings.shutdown_grace_s)
+
+
+def main() -> None:
+    asyncio.run(_serve())
+
+
+if __name__ == "__main__":
+    main()

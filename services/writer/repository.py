@@ -1,0 +1,140 @@
+"""Writes to schema `writer`. Every method runs in a transaction acting for one user."""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from epochlens.v1 import common_pb2
+from services.common.db import is_postgres, user_transaction
+from services.common.errors import NotFound
+from services.writer.models import SCHEMA, predictions_table, runs_table
+
+# PostgreSQL bulk path: one INSERT over unnest()ed arrays, a single round trip per group.
+_PG_BULK_INSERT = text(f"""
+INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index, prompt,
+    ground_truth, prediction, generation_time_ms, prompt_tokens, completion_tokens, create_time)
+SELECT r, :user_id, e, s, i, p, g, o, t, pt, ct, :now
+FROM unnest(CAST(:run_ids AS UUID[]), CAST(:epochs AS BIGINT[]), CAST(:steps AS BIGINT[]),
+            CAST(:indices AS BIGINT[]), CAST(:prompts AS TEXT[]), CAST(:truths AS TEXT[]),
+            CAST(:outputs AS TEXT[]), CAST(:times AS FLOAT8[]), CAST(:ptoks AS INT[]),
+            CAST(:ctoks AS INT[])) AS u(r, e, s, i, p, g, o, t, pt, ct)
+ON CONFLICT (run_id, step, sample_index) DO NOTHING
+""")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: the run it targets and its predictions."""
+
+    run_id: uuid.UUID
+    items: Sequence[common_pb2.PredictionInput]
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    inserted: int
+    duplicates: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert(conn: AsyncConnection, table):
+    return (postgresql if is_postgres(conn) else sqlite).insert(table)
+
+
+class WriterRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create_run(self, user_id: str, fields: dict[str, Any]) -> Row:
+        """Inserts a run; with a request_id, returns the run an earlier call created."""
+        values = {"id": uuid.uuid4(), "user_id": user_id, "create_time": _now(),
+                  "state": common_pb2.RUN_STATE_RUNNING, **fields}
+        async with user_transaction(self._engine, user_id) as conn:
+            stmt = _insert(conn, runs_table).values(values)
+            if values.get("request_id"):
+                stmt = stmt.on_conflict_do_nothing(index_elements=["user_id", "request_id"])
+                await conn.execute(stmt)
+                where = (runs_table.c.user_id == user_id,
+                         runs_table.c.request_id == values["request_id"])
+                return (await conn.execute(select(runs_table).where(*where))).one()
+            await conn.execute(stmt)
+            return (await conn.execute(select(runs_table).where(
+                runs_table.c.id == values["id"]))).one()
+
+    async def finish_run(self, user_id: str, run_id: uuid.UUID, state: int) -> Row:
+        """Sets the final state once; a finished run is returned unchanged."""
+        owned = (runs_table.c.id == run_id, runs_table.c.user_id == user_id)
+        async with user_transaction(self._engine, user_id) as conn:
+            await conn.execute(update(runs_table).where(
+                *owned, runs_table.c.state == common_pb2.RUN_STATE_RUNNING,
+            ).values(state=state, finish_time=_now()))
+            row = (await conn.execute(select(runs_table).where(*owned))).one_or_none()
+        if row is None:
+            raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
+        return row
+
+    async def commit(self, user_id: str, batches: Sequence[Batch]) -> tuple[CommitResult,
+                                                                            set[uuid.UUID]]:
+        """Stores every batch whose run the user owns, in one transaction.
+
+        Returns the counts and the run ids that were not found (their batches are skipped).
+        """
+        run_ids = {batch.run_id for batch in batches}
+        async with user_transaction(self._engine, user_id) as conn:
+            owned = set((await conn.execute(select(runs_table.c.id).where(
+                runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id))).scalars())
+            rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
+            inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
+        return CommitResult(inserted, len(rows) - inserted), run_ids - owned
+
+    async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
+                                  rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
+        if is_postgres(conn):
+            result = await conn.execute(_PG_BULK_INSERT, _pg_arrays(user_id, rows))
+            return result.rowcount
+        stmt = (_insert(conn, predictions_table).on_conflict_do_nothing()
+                .returning(predictions_table.c.step))
+        now = _now()
+        result = await conn.execute(stmt, [_row_dict(user_id, run_id, item, now)
+                                           for run_id, item in rows])
+        return len(result.all())
+
+
+def _optional(item: common_pb2.PredictionInput, name: str) -> Any:
+    return getattr(item, name) if item.HasField(name) else None
+
+
+def _pg_arrays(user_id: str, rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> dict:
+    items = [item for _, item in rows]
+    return {
+        "user_id": user_id, "now": _now(),
+        "run_ids": [run_id for run_id, _ in rows],
+        "epochs": [i.epoch for i in items], "steps": [i.step for i in items],
+        "indices": [i.sample_index for i in items], "prompts": [i.prompt for i in items],
+        "truths": [_optional(i, "ground_truth") for i in items],
+        "outputs": [i.prediction for i in items],
+        "times": [i.generation_time_ms for i in items],
+        "ptoks": [_optional(i, "prompt_tokens") for i in items],
+        "ctoks": [_optional(i, "completion_tokens") for i in items],
+    }
+
+
+def _row_dict(user_id: str, run_id: uuid.UUID, item: common_pb2.PredictionInput,
+              now: datetime) -> dict:
+    return {
+        "run_id": run_id, "user_id": user_id, "epoch": item.epoch, "step": item.step,
+        "sample_index": item.sample_index, "prompt": item.prompt,
+        "ground_truth": _optional(item, "ground_truth"), "prediction": item.prediction,
+        "generation_time_ms": item.generation_time_ms,
+        "prompt_tokens": _optional(item, "prompt_tokens"),
+        "completion_tokens": _optional(item, "completion_tokens"), "create_time": now,
+    }
