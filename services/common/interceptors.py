@@ -40,7 +40,8 @@ def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.UNAVAILABLE,
                                  message="database unavailable, retry later")
     error_counts["INTERNAL"] += 1
-    log.exception("unexpected error in %s (count=%d)", method, error_counts["INTERNAL"])
+    log.error("unexpected error in %s (count=%d)", method, error_counts["INTERNAL"],
+              exc_info=exc)
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
 
