@@ -55,6 +55,8 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
                    help="page token key of the query service (default: a bench value)")
     g.add_argument("--bench-user", default="bench-user",
                    help="user id (token sub) the bench acts as (default %(default)s)")
+    g.add_argument("--service-host", default="127.0.0.1",
+                   help="interface the services bind to (default %(default)s)")
     g.add_argument("--service-log-level", default="WARNING",
                    help="log level of the services (default %(default)s)")
     g.add_argument("--log-dir", type=Path, default=REPO_ROOT / "bench" / "results",
@@ -169,7 +171,7 @@ def service_env(args: argparse.Namespace, kind: str, dbname: str, port: int) -> 
     env.update({
         "EPOCHLENS_AUTH_JWT_ALGORITHM": "HS256",
         "EPOCHLENS_AUTH_JWT_SECRET": args.jwt_secret,
-        f"{prefix}HOST": args.pg_host if False else "127.0.0.1",
+        f"{prefix}HOST": args.service_host,
         f"{prefix}PORT": str(port),
         f"{prefix}DATABASE_URL": dsn(args, role, dbname, "postgresql+asyncpg"),
         f"{prefix}LOG_LEVEL": args.service_log_level,
@@ -181,7 +183,7 @@ def service_env(args: argparse.Namespace, kind: str, dbname: str, port: int) -> 
 
 def start_service(args: argparse.Namespace, kind: str, dbname: str) -> Service:
     """Starts `python -m services.<kind>.server` on a free loopback port."""
-    port = free_port("127.0.0.1")
+    port = free_port(args.service_host)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = args.log_dir / f"{dbname}_{kind}.log"
     with log_path.open("wb") as log_file:
@@ -189,7 +191,7 @@ def start_service(args: argparse.Namespace, kind: str, dbname: str) -> Service:
             [sys.executable, "-m", f"services.{kind}.server"], cwd=REPO_ROOT,
             env=service_env(args, kind, dbname, port), stdout=log_file,
             stderr=subprocess.STDOUT)
-    return Service(kind, f"127.0.0.1:{port}", popen, log_path)
+    return Service(kind, f"{args.service_host}:{port}", popen, log_path)
 
 
 async def wait_healthy(args: argparse.Namespace, service: Service) -> None:

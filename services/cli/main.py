@@ -5,6 +5,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
+from services.cli import stack
 from services.cli.config import CliSettings
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
@@ -34,6 +35,25 @@ def health(address: str = typer.Option(..., help="host:port of a service."),
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     typer.echo(f"{address}: {status}")
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command("up")
+def stack_up() -> None:
+    """Start migrate, writer and query as local processes (what docker-compose runs)."""
+    try:
+        addresses = stack.up(stack.StackSettings())
+    except stack.StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name, address in addresses.items():
+        typer.echo(f"{name}: serving on {address}")
+
+
+@app.command("down")
+def stack_down() -> None:
+    """Stop the processes `epochlens up` started."""
+    stopped = stack.down(stack.StackSettings())
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 @app.command()

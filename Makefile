@@ -1,0 +1,72 @@
+# epochlens: everything runs from the project's own virtual environment (.venv).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install proto proto-check pg test test-unit test-integration test-e2e up down demo smoke bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Re-installs when pyproject.toml changes. torch is pinned to the CPU build on this disk.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: install
+	PYTHON=$(PY) scripts/gen_protos.sh
+
+# Fails when the committed generated code differs from what the protos give.
+proto-check: install
+	$(BIN)/pytest -q tests/unit/test_repository_hygiene.py
+
+# Starts the local PostgreSQL cluster when it is not accepting connections.
+pg:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
+	  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1
+
+test: install pg
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install pg
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: install pg
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+.env:
+	cp .env.example .env
+
+up: install .env
+	$(BIN)/epochlens up
+
+down: install
+	$(BIN)/epochlens down
+
+smoke: install .env
+	$(BIN)/epochlens smoke
+
+# The main job: the stack on embedded SQLite, a smoke session, then the stack stopped again.
+demo: install .env
+	$(BIN)/epochlens up
+	$(BIN)/epochlens smoke; status=$$?; $(BIN)/epochlens down; exit $$status
+
+bench: install pg
+	$(PY) bench/ingest.py
+	$(PY) bench/query.py
+
+lint: install
+	$(BIN)/ruff check services tests bench trainer_client
+
+clean:
+	rm -rf .epochlens .run

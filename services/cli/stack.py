@@ -1,0 +1,118 @@
+"""`epochlens up` / `epochlens down`: the docker-compose stack as local processes.
+
+The same steps as docker-compose.yml: migrate, then writer and query, each
+waited on through its health service. Pid files and logs go to the state dir.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.config import ENV_FILE
+from services.query.config import QuerySettings
+from services.writer.config import WriterSettings
+
+SERVICES = (("writer", "services.writer.server"), ("query", "services.query.server"))
+
+
+class StackSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_STACK_", env_file=ENV_FILE,
+                                      extra="ignore")
+
+    state_dir: Path = Field(Path(".run"), description="Pid files and service logs.")
+    start_timeout_s: float = Field(30.0, gt=0, description="Wait for a service to be healthy.")
+    stop_timeout_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
+
+
+class StackError(RuntimeError):
+    """A step of bringing the stack up or down failed; the message says which and why."""
+
+
+def up(settings: StackSettings) -> dict[str, str]:
+    """Migrates, starts the services, waits until healthy. Returns name -> address."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    migrate = subprocess.run([sys.executable, "-m", "services.writer.migrate"],
+                             capture_output=True, text=True)
+    if migrate.returncode != 0:
+        raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
+    addresses = {"writer": _address(WriterSettings()), "query": _address(QuerySettings())}
+    for name, module in SERVICES:
+        if _running_pid(settings, name) is not None:
+            raise StackError(f"{name} is already running (pid file {_pid_file(settings, name)})")
+        log = (settings.state_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen([sys.executable, "-m", module], stdout=log, stderr=log,
+                                   start_new_session=True)
+        _pid_file(settings, name).write_text(str(process.pid))
+    for name, _ in SERVICES:
+        _wait_healthy(settings, name, addresses[name])
+    return addresses
+
+
+def down(settings: StackSettings) -> list[str]:
+    """Stops every service that up() started. Returns the names stopped."""
+    stopped = []
+    for name, _ in SERVICES:
+        pid = _running_pid(settings, name)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            _wait_exit(pid, settings.stop_timeout_s)
+            stopped.append(name)
+        _pid_file(settings, name).unlink(missing_ok=True)
+    return stopped
+
+
+def _address(settings: WriterSettings | QuerySettings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
+    return f"{host}:{settings.port}"
+
+
+def _pid_file(settings: StackSettings, name: str) -> Path:
+    return settings.state_dir / f"{name}.pid"
+
+
+def _running_pid(settings: StackSettings, name: str) -> int | None:
+    path = _pid_file(settings, name)
+    if not path.exists():
+        return None
+    pid = int(path.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def _wait_healthy(settings: StackSettings, name: str, address: str) -> None:
+    deadline = time.monotonic() + settings.start_timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if _running_pid(settings, name) is None:
+                break
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    log_tail = (settings.state_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+    raise StackError(f"{name} did not become healthy at {address}; its log ends:\n{log_tail}")
+
+
+def _wait_exit(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)

