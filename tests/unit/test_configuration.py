@@ -1,0 +1,54 @@
+"""Every setting is documented in .env.example, and every documented name is a real setting."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from services.cli.config import CliSettings
+from services.cli.stack import StackSettings
+from services.common.config import AuthSettings
+from services.query.config import QuerySettings
+from services.writer.config import MigrateSettings, WriterSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = (AuthSettings, WriterSettings, QuerySettings, MigrateSettings, CliSettings,
+            StackSettings)
+
+
+def known_names() -> set[str]:
+    names = set()
+    for cls in SETTINGS:
+        prefix = cls.model_config["env_prefix"]
+        names |= {f"{prefix}{name}".upper() for name in cls.model_fields}
+    return names
+
+
+def documented_names() -> set[str]:
+    text = (ROOT / ".env.example").read_text()
+    return set(re.findall(r"^#? ?(EPOCHLENS_[A-Z0-9_]+)=", text, flags=re.MULTILINE))
+
+
+def test_every_setting_is_in_env_example():
+    assert sorted(known_names() - documented_names()) == []
+
+
+def test_env_example_names_only_real_settings():
+    assert sorted(documented_names() - known_names()) == []
+
+
+def test_every_setting_has_a_description():
+    missing = [f"{cls.__name__}.{name}" for cls in SETTINGS
+               for name, field in cls.model_fields.items() if not field.description]
+    assert missing == []
+
+
+def test_compose_uses_only_real_settings_and_has_health_checks():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "migrate", "writer", "query"}
+    for name in ("writer", "query"):
+        assert services[name]["healthcheck"]["test"][1:3] == ["epochlens", "health"]
+    used = {key for svc in services.values() for key in (svc.get("environment") or {})
+            if key.startswith("EPOCHLENS_")}
+    assert used and sorted(used - known_names()) == []
