@@ -60,7 +60,8 @@ class TokenVerifier:
 def mint_token(settings: AuthSettings, user_id: str, ttl_s: int | None = None) -> str:
     """A signed token for `user_id`, valid for ttl_s (default: settings.token_ttl_s)."""
     now = int(time.time())
-    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + (ttl_s or settings.token_ttl_s)}
+    ttl = ttl_s or settings.token_ttl_s
+    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl}
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
     if settings.jwt_issuer:

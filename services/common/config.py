@@ -50,7 +50,8 @@ class ServiceSettings(DatabaseSettings):
 class AuthSettings(BaseSettings):
     """How bearer tokens are verified (services) and minted (the token CLI)."""
 
-    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_AUTH_", env_file=ENV_FILE, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_AUTH_", env_file=ENV_FILE,
+                                      extra="ignore")
 
     jwt_algorithm: Literal["HS256", "RS256"] = Field("HS256", description="Token signature.")
     jwt_secret: str | None = Field(None, description="HS256 shared secret.")

@@ -5,8 +5,12 @@ import asyncio
 from epochlens.v1 import query_pb2, query_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.db import create_engine
-from services.common.server import (RunningServer, configure_logging, create_server,
-                                    serve_until_signalled)
+from services.common.server import (
+    RunningServer,
+    configure_logging,
+    create_server,
+    serve_until_signalled,
+)
 from services.query.config import QuerySettings
 from services.query.repository import QueryRepository
 from services.query.servicer import QueryServicer

@@ -24,7 +24,7 @@ class WriterSettings(ServiceSettings):
 
 
 class MigrateSettings(DatabaseSettings):
-    """What the migrate step needs beyond the writer's own settings (env prefix EPOCHLENS_MIGRATE_)."""
+    """What the migrate step needs (env prefix EPOCHLENS_MIGRATE_)."""
 
     model_config = SettingsConfigDict(env_prefix="EPOCHLENS_MIGRATE_", env_file=ENV_FILE,
                                       extra="ignore")

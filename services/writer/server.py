@@ -5,8 +5,12 @@ import asyncio
 from epochlens.v1 import writer_pb2, writer_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.db import create_engine
-from services.common.server import (RunningServer, configure_logging, create_server,
-                                    serve_until_signalled)
+from services.common.server import (
+    RunningServer,
+    configure_logging,
+    create_server,
+    serve_until_signalled,
+)
 from services.writer.config import WriterSettings
 from services.writer.models import SCHEMA
 from services.writer.repository import WriterRepository

@@ -28,7 +28,8 @@ def run(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
     result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
                             input=stdin)
     if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -85,7 +86,8 @@ def test_grpcurl_authenticated_calls_with_json(stack_env):
     auth = ["-H", f"authorization: Bearer {token.stdout.strip()}"]
     created = json.loads(run([grpcurl(), "-plaintext", *auth, "-d",
                               '{"name": "g", "model_name": "m", "config": {"lr": 0.1}}',
-                              f"127.0.0.1:{writer}", "epochlens.v1.PredictionWriterService/CreateRun"],
+                              f"127.0.0.1:{writer}",
+                              "epochlens.v1.PredictionWriterService/CreateRun"],
                              env, root).stdout)
     assert created["user_id"] == "grpcurl-user" and created["state"] == "RUN_STATE_RUNNING"
     body = {"run_id": created["id"], "predictions": [

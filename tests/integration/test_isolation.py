@@ -9,7 +9,6 @@ from services.common.db import RLS_USER_SETTING
 from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT, READER_ROLE, WRITER_ROLE
 from tests.helpers import create_run, grid
 
-
 pytestmark = pytest.mark.parametrize("stack", ["postgres"], indirect=True)
 
 
