@@ -37,7 +37,8 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     """Options every benchmark shares: where PostgreSQL is and how services are run."""
     g = parser.add_argument_group("stack")
     g.add_argument("--pg-host", default="127.0.0.1", help="PostgreSQL host (default %(default)s)")
-    g.add_argument("--pg-port", type=int, default=5432, help="PostgreSQL port (default %(default)s)")
+    g.add_argument("--pg-port", type=int, default=5432,
+                   help="PostgreSQL port (default %(default)s)")
     g.add_argument("--pg-admin-user", default="postgres",
                    help="superuser that creates the database and seeds it (default %(default)s)")
     g.add_argument("--pg-maintenance-db", default="postgres",
@@ -45,12 +46,18 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--db-prefix", default="epochlens_bench",
                    help="prefix of the throwaway database name (default %(default)s)")
     g.add_argument("--keep", action="store_true", help="keep the database at the end")
+    add_service_args(parser)
+
+
+def add_service_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the service subprocesses and of the credentials the bench uses."""
+    g = parser.add_argument_group("services")
     g.add_argument("--writer-role", default="epochlens_writer",
                    help="login role of the writer service (default %(default)s)")
     g.add_argument("--reader-role", default="epochlens_reader",
                    help="login role of the query service (default %(default)s)")
     g.add_argument("--jwt-secret", default="bench-only-hs256-secret-0123456789abcdef",
-                   help="HS256 secret shared by the services and the bench (default: a bench value)")
+                   help="HS256 secret of the services and the bench (default: a bench value)")
     g.add_argument("--page-token-secret", default="bench-only-page-token-secret",
                    help="page token key of the query service (default: a bench value)")
     g.add_argument("--bench-user", default="bench-user",

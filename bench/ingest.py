@@ -4,16 +4,24 @@ Measures, on a throwaway PostgreSQL database with the real schema and roles:
   * StreamPredictions end to end over loopback gRPC: N predictions of one run in
     batches of --batch-size, with up to --window batches unacknowledged. Prints
     rows/s (first send to last ack), p50/p99 ack latency per batch (send -> the
-    first ack covering its sequence) and the writer's peak RSS (VmHWM).
+    first ack covering its sequence), the CPU seconds of the writer, of this
+    client and of the writer's PostgreSQL backends, and the writer's peak RSS
+    (VmHWM).
   * That the table then holds exactly N rows (counted as the superuser).
   * The raw ceiling: asyncpg COPY (copy_records_to_table) of the same rows, in
     chunks of --copy-chunk, into writer.bench_copy (LIKE writer.predictions
-    INCLUDING ALL), and the ratio end-to-end / COPY (target >= 0.6).
+    INCLUDING ALL: same columns and indexes; LIKE copies neither the foreign
+    key nor the RLS policy), and the ratio end-to-end / COPY (target >= 0.6).
   * For reference (--compare-executemany, on by default): SQLAlchemy Core
     executemany INSERT of the same rows into another LIKE table.
 
-The request messages are built while streaming (as a trainer would); text is
-drawn from a pool of random strings of the configured lengths.
+A CHECKPOINT precedes each timed phase (--checkpoint) so that one phase's
+dirty pages are not written out during the next. The request messages are
+built while streaming (as a trainer would); text is drawn from a pool of
+random strings of the configured lengths.
+
+The verdict against the target is printed; the exit status is 1 only when the
+run itself is invalid (stored rows != N, or rejected batches).
 
 Run from the repository root (PostgreSQL at 127.0.0.1:5432, trust auth):
     . .venv/bin/activate && python bench/ingest.py
@@ -30,11 +38,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 import grpc
+import psutil
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from _stack import add_stack_args, bench_stack, percentile
 from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from services.writer.models import SCHEMA, predictions_table
 
 # Row layout shared by the stream, COPY and executemany paths.
@@ -45,31 +54,44 @@ TEXT_ALPHABET = string.ascii_lowercase + "      "
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=200_000, help="predictions to ingest (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="predictions per stream message (default %(default)s)")
-    p.add_argument("--window", type=int, default=64, help="most unacknowledged batches in flight (default %(default)s)")
-    p.add_argument("--samples", type=int, default=1000, help="samples per step: sample_index = i %% samples (default %(default)s)")
-    p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch (default %(default)s)")
-    p.add_argument("--prompt-chars", type=int, default=300, help="prompt length (default %(default)s)")
-    p.add_argument("--truth-chars", type=int, default=300, help="ground truth length (default %(default)s)")
-    p.add_argument("--prediction-chars", type=int, default=600, help="prediction length (default %(default)s)")
-    p.add_argument("--text-pool", type=int, default=4096, help="distinct random texts per field (default %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
-    p.add_argument("--rpc-timeout-s", type=float, default=600.0, help="deadline of the stream (default %(default)s)")
-    p.add_argument("--copy-chunk", type=int, default=5000, help="rows per COPY call (default %(default)s)")
-    p.add_argument("--compare-executemany", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time SQLAlchemy Core executemany (default on)")
-    p.add_argument("--executemany-chunk", type=int, default=5000,
-                   help="rows per executemany transaction (default %(default)s)")
-    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
-                   help="CHECKPOINT before each timed phase, so one phase's dirty pages are "
-                   "not flushed during the next (default on)")
-    p.add_argument("--target-ratio", type=float, default=0.6,
-                   help="end-to-end / COPY ratio the writer should reach (default %(default)s)")
+    add = p.add_argument
+    add("--rows", type=int, default=200_000, help="predictions to ingest (default %(default)s)")
+    add("--batch-size", type=int, default=64,
+        help="predictions per stream message (default %(default)s)")
+    add("--window", type=int, default=64,
+        help="most unacknowledged batches in flight (default %(default)s)")
+    add("--samples", type=int, default=1000,
+        help="samples per step: sample_index = i %% samples (default %(default)s)")
+    add("--steps-per-epoch", type=int, default=20, help="steps per epoch (default %(default)s)")
+    add("--prompt-chars", type=int, default=300, help="prompt length (default %(default)s)")
+    add("--truth-chars", type=int, default=300, help="ground truth length (default %(default)s)")
+    add("--prediction-chars", type=int, default=600,
+        help="prediction length (default %(default)s)")
+    add("--text-pool", type=int, default=4096,
+        help="distinct random texts per field (default %(default)s)")
+    add("--seed", type=int, default=1, help="random seed (default %(default)s)")
+    add_measure_args(p)
     add_stack_args(p)
     return p.parse_args()
+
+
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    """How the stream and the reference inserts are run."""
+    add = p.add_argument
+    add("--rpc-timeout-s", type=float, default=600.0,
+        help="deadline of the stream (default %(default)s)")
+    add("--copy-chunk", type=int, default=5000, help="rows per COPY call (default %(default)s)")
+    add("--compare-executemany", action=argparse.BooleanOptionalAction, default=True,
+        help="also time SQLAlchemy Core executemany (default on)")
+    add("--executemany-chunk", type=int, default=5000,
+        help="rows per executemany transaction (default %(default)s)")
+    add("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+        help="CHECKPOINT before each timed phase, so one phase's dirty pages are "
+        "not flushed during the next (default on)")
+    add("--target-ratio", type=float, default=0.6,
+        help="end-to-end / COPY ratio the writer should reach (default %(default)s)")
 
 
 def text_pool(rng: random.Random, count: int, chars: int) -> list[str]:
@@ -146,6 +168,8 @@ class StreamResult:
     duplicates: int = 0
     rejections: int = 0
     writer_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    backend_cpu_s: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -220,6 +244,22 @@ async def executemany_rate(admin_url: str, records: list[tuple], chunk: int) -> 
     return len(params) / seconds
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def backend_cpu_seconds(admin_dsn: str, dbname: str) -> float:
+    """CPU seconds of the PostgreSQL backends serving the writer (opened for this bench)."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        pids = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                                "AND application_name = 'epochlens-writer'", dbname)
+    finally:
+        await conn.close()
+    return sum(cpu_seconds(psutil.Process(row["pid"])) for row in pids)
+
+
 async def checkpoint(admin_dsn: str, enabled: bool) -> None:
     if not enabled:
         return
@@ -247,27 +287,42 @@ async def run_stream(stack, rows: list[tuple], args) -> tuple[str, StreamResult,
         stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
         run_id = await create_run(stub, metadata)
         await checkpoint(stack.admin_dsn, args.checkpoint)
-        cpu_before = sum(writer.process.cpu_times()[:2])
+        client, cpu_before = psutil.Process(), cpu_seconds(writer.process)
+        client_before = cpu_seconds(client)
         result = await stream_rows(stub, run_id, rows, args, metadata)
-        result.writer_cpu_s = sum(writer.process.cpu_times()[:2]) - cpu_before
+        result.writer_cpu_s = cpu_seconds(writer.process) - cpu_before
+        result.client_cpu_s = cpu_seconds(client) - client_before
+        result.backend_cpu_s = await backend_cpu_seconds(stack.admin_dsn, stack.dbname)
     return run_id, result, writer.peak_rss_mib()
+
+
+def cpu_share(seconds: float, wall: float) -> str:
+    return f"{seconds:.2f}  ({100 * seconds / wall:.0f}% of one core)"
+
+
+def stream_lines(args, result: StreamResult, rss: float) -> list[tuple[str, str]]:
+    latencies = result.window.latencies_ms
+    return [
+        ("rows (batch size / window)", f"{args.rows} ({args.batch_size} / {args.window})"),
+        ("stream end-to-end rows/s", f"{args.rows / result.seconds:,.0f}  "
+         f"({result.seconds:.2f} s)"),
+        ("ack latency p50 ms", f"{percentile(latencies, 50):.1f}"),
+        ("ack latency p99 ms", f"{percentile(latencies, 99):.1f}"),
+        ("acks: inserted / duplicates / rejected batches",
+         f"{result.inserted} / {result.duplicates} / {result.rejections}"),
+        ("writer CPU s (user+system) during the stream",
+         cpu_share(result.writer_cpu_s, result.seconds)),
+        ("bench client CPU s during the stream", cpu_share(result.client_cpu_s, result.seconds)),
+        ("writer's postgres backends CPU s (their lifetime)",
+         cpu_share(result.backend_cpu_s, result.seconds)),
+        ("writer peak RSS MiB (VmHWM)", f"{rss:.1f}"),
+    ]
 
 
 def report(args, result: StreamResult, rss: float, stored: int, copy: float,
            many: float | None) -> None:
-    e2e = args.rows / result.seconds
-    ratio = e2e / copy
-    lines = [
-        ("rows (batch size / window)", f"{args.rows} ({args.batch_size} / {args.window})"),
-        ("stream end-to-end rows/s", f"{e2e:,.0f}  ({result.seconds:.2f} s)"),
-        ("ack latency p50 ms", f"{percentile(result.window.latencies_ms, 50):.1f}"),
-        ("ack latency p99 ms", f"{percentile(result.window.latencies_ms, 99):.1f}"),
-        ("acks: inserted / duplicates / rejected batches",
-         f"{result.inserted} / {result.duplicates} / {result.rejections}"),
-        ("writer CPU s (user+system) during the stream",
-         f"{result.writer_cpu_s:.2f}  ({100 * result.writer_cpu_s / result.seconds:.0f}% "
-         "of one core)"),
-        ("writer peak RSS MiB (VmHWM)", f"{rss:.1f}"),
+    ratio = args.rows / result.seconds / copy
+    lines = stream_lines(args, result, rss) + [
         ("rows in db", f"{stored} ({'OK' if stored == args.rows else 'MISMATCH'})"),
         (f"asyncpg COPY rows/s (chunk {args.copy_chunk})", f"{copy:,.0f}"),
         (f"end-to-end / COPY (target >= {args.target_ratio})",
