@@ -14,7 +14,7 @@ $(PY):
 
 # Re-installs when pyproject.toml changes. torch is pinned to the CPU build on this disk.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,trainer]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -41,9 +41,9 @@ import grpc
 import psutil
 import sqlalchemy as sa
 from _stack import add_stack_args, bench_stack, percentile
-from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from services.writer.models import SCHEMA, predictions_table
 
 # Row layout shared by the stream, COPY and executemany paths.

@@ -34,8 +34,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 from _stack import add_stack_args, bench_stack, percentile
-from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
 
+from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
 from services.writer.models import SCHEMA
 
 RUN_COLUMNS = ("id", "user_id", "name", "model_name", "dataset_name", "config", "state",

@@ -54,7 +54,7 @@ class PredictionsConfig(BaseSettings):
     greedy: bool = Field(True, description="Greedy decoding; false samples with temperature.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (greedy=false).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (greedy=false).")
-    generation_batch_size: int = Field(8, ge=1, description="Prompts generated together "
+    generation_batch_size: int = Field(16, ge=1, description="Prompts generated together "
                                        "(left-padded batch).")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this keep "
                                    "their last max_prompt_tokens tokens.")

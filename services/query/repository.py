@@ -4,11 +4,12 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.db import user_transaction
 from services.common.errors import NotFound
+from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
 
@@ -56,14 +57,10 @@ class QueryRepository:
     async def list_epochs(self, user_id: str, run_id: uuid.UUID, after: int | None,
                           limit: int) -> Sequence[Row]:
         """Per-epoch count, latest step and first/last write time, ascending by epoch."""
-        stmt = select(P.c.epoch, func.count().label("prediction_count"),
-                      func.max(P.c.step).label("latest_step"),
-                      func.min(P.c.create_time).label("first_create_time"),
-                      func.max(P.c.create_time).label("last_create_time"),
-                      ).where(P.c.run_id == run_id, P.c.user_id == user_id)
+        stmt = select(E).where(E.c.run_id == run_id, E.c.user_id == user_id)
         if after is not None:
-            stmt = stmt.where(P.c.epoch > after)
-        stmt = stmt.group_by(P.c.epoch).order_by(P.c.epoch).limit(limit)
+            stmt = stmt.where(E.c.epoch > after)
+        stmt = stmt.order_by(E.c.epoch).limit(limit)
         async with user_transaction(self._engine, user_id) as conn:
             rows = (await conn.execute(stmt)).all()
             if not rows:

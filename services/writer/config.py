@@ -19,8 +19,11 @@ class WriterSettings(ServiceSettings):
     stream_read_ahead_batches: int = Field(
         64, ge=1, description="Batches read from a stream ahead of the commit in progress.")
     stream_group_rows: int = Field(
-        4096, ge=1, description="Most predictions committed in one transaction on a stream "
+        1024, ge=1, description="Most predictions committed in one transaction on a stream "
         "(queued batches are grouped up to this many rows).")
+    stream_commit_concurrency: int = Field(
+        2, ge=1, description="Groups of one stream committed at once, each in its own "
+        "transaction; acks still go out in sequence order.")
 
 
 class MigrateSettings(DatabaseSettings):

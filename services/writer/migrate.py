@@ -50,8 +50,9 @@ async def migrate(settings: MigrateSettings) -> None:
 
 
 # Table privileges per role kind. Predictions are immutable: the writer may not update them.
-WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT"}
-READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT"}
+WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
+                 "epochs": "SELECT, INSERT, UPDATE"}
+READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT"}
 
 
 async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> None:

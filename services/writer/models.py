@@ -58,8 +58,10 @@ class RunRow(WriterBase):
 class PredictionRow(WriterBase):
     __tablename__ = "predictions"
 
-    run_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey(f"{SCHEMA}.runs.id", ondelete="CASCADE"), primary_key=True)
+    # No foreign key to runs on purpose: the check would run once per row on the hot path.
+    # WriterRepository.commit locks the owned runs FOR KEY SHARE once per transaction, which
+    # gives the same guarantee (the run cannot vanish while its predictions go in).
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     sample_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     user_id: Mapped[str] = mapped_column(Text)
@@ -73,12 +75,27 @@ class PredictionRow(WriterBase):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        Index(None, "run_id", "epoch", "step", "sample_index",
-              postgresql_include=["create_time"]),
+        Index(None, "run_id", "epoch", "step", "sample_index"),
         Index(None, "run_id", "sample_index", "step"),
-        Index(None, "user_id"),
     )
+
+
+class EpochRow(WriterBase):
+    """Per-(run, epoch) summary the writer keeps current in the same transaction as the
+    predictions, so ListEpochs costs the same whatever the run's size."""
+
+    __tablename__ = "epochs"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey(f"{SCHEMA}.runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    prediction_count: Mapped[int] = mapped_column(BigInteger)
+    latest_step: Mapped[int] = mapped_column(BigInteger)
+    first_create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 runs_table = RunRow.__table__
 predictions_table = PredictionRow.__table__
+epochs_table = EpochRow.__table__

@@ -6,25 +6,45 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, select, text, update
+from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import common_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
-from services.writer.models import SCHEMA, predictions_table, runs_table
+from services.writer.models import SCHEMA, epochs_table, predictions_table, runs_table
 
-# PostgreSQL bulk path: one INSERT over unnest()ed arrays, a single round trip per group.
+# PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
+# arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
+# the same order) skipping identities already stored, and the rows actually inserted
+# update the per-epoch summary. The statement returns how many were inserted.
 _PG_BULK_INSERT = text(f"""
-INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index, prompt,
-    ground_truth, prediction, generation_time_ms, prompt_tokens, completion_tokens, create_time)
-SELECT r, :user_id, e, s, i, p, g, o, t, pt, ct, :now
-FROM unnest(CAST(:run_ids AS UUID[]), CAST(:epochs AS BIGINT[]), CAST(:steps AS BIGINT[]),
-            CAST(:indices AS BIGINT[]), CAST(:prompts AS TEXT[]), CAST(:truths AS TEXT[]),
-            CAST(:outputs AS TEXT[]), CAST(:times AS FLOAT8[]), CAST(:ptoks AS INT[]),
-            CAST(:ctoks AS INT[])) AS u(r, e, s, i, p, g, o, t, pt, ct)
-ON CONFLICT (run_id, step, sample_index) DO NOTHING
+WITH ins AS (
+    INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index, prompt,
+        ground_truth, prediction, generation_time_ms, prompt_tokens, completion_tokens,
+        create_time)
+    SELECT r, :user_id, e, s, i, p, g, o, t, pt, ct, :now
+    FROM unnest(CAST(:run_ids AS UUID[]), CAST(:epochs AS BIGINT[]), CAST(:steps AS BIGINT[]),
+                CAST(:indices AS BIGINT[]), CAST(:prompts AS TEXT[]), CAST(:truths AS TEXT[]),
+                CAST(:outputs AS TEXT[]), CAST(:times AS FLOAT8[]), CAST(:ptoks AS INT[]),
+                CAST(:ctoks AS INT[])) AS u(r, e, s, i, p, g, o, t, pt, ct)
+    ORDER BY r, s, i
+    ON CONFLICT (run_id, step, sample_index) DO NOTHING
+    RETURNING run_id, epoch, step
+), per_epoch AS (
+    SELECT run_id, epoch, count(*) AS n, max(step) AS latest FROM ins GROUP BY run_id, epoch
+), summary AS (
+    INSERT INTO {SCHEMA}.epochs AS e (run_id, epoch, user_id, prediction_count, latest_step,
+        first_create_time, last_create_time)
+    SELECT run_id, epoch, :user_id, n, latest, :now, :now FROM per_epoch
+    ORDER BY run_id, epoch
+    ON CONFLICT (run_id, epoch) DO UPDATE SET
+        prediction_count = e.prediction_count + EXCLUDED.prediction_count,
+        latest_step = GREATEST(e.latest_step, EXCLUDED.latest_step),
+        last_create_time = GREATEST(e.last_create_time, EXCLUDED.last_create_time)
+)
+SELECT COALESCE(SUM(n), 0) FROM per_epoch
 """)
 
 
@@ -91,7 +111,8 @@ class WriterRepository:
         run_ids = {batch.run_id for batch in batches}
         async with user_transaction(self._engine, user_id) as conn:
             owned = set((await conn.execute(select(runs_table.c.id).where(
-                runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id))).scalars())
+                runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id,
+            ).with_for_update(key_share=True, read=True))).scalars())
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
             inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
         return CommitResult(inserted, len(rows) - inserted), run_ids - owned
@@ -99,14 +120,37 @@ class WriterRepository:
     async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
                                   rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
         if is_postgres(conn):
-            result = await conn.execute(_PG_BULK_INSERT, _pg_arrays(user_id, rows))
-            return result.rowcount
-        stmt = (_insert(conn, predictions_table).on_conflict_do_nothing()
-                .returning(predictions_table.c.step))
-        now = _now()
-        result = await conn.execute(stmt, [_row_dict(user_id, run_id, item, now)
-                                           for run_id, item in rows])
-        return len(result.all())
+            return int(await conn.scalar(_PG_BULK_INSERT, _pg_arrays(user_id, rows)))
+        return await _sqlite_insert(conn, user_id, rows)
+
+
+async def _sqlite_insert(conn: AsyncConnection, user_id: str,
+                         rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
+    """The embedded path: insert skipping stored identities, then update the epoch summary."""
+    now = _now()
+    stmt = (sqlite.insert(predictions_table).on_conflict_do_nothing()
+            .returning(predictions_table.c.run_id, predictions_table.c.epoch,
+                       predictions_table.c.step))
+    inserted = (await conn.execute(stmt, [_row_dict(user_id, run_id, item, now)
+                                          for run_id, item in rows])).all()
+    per_epoch: dict[tuple[uuid.UUID, int], list[int]] = {}
+    for run_id, epoch, step in inserted:
+        count_and_step = per_epoch.setdefault((run_id, epoch), [0, step])
+        count_and_step[0] += 1
+        count_and_step[1] = max(count_and_step[1], step)
+    if per_epoch:
+        upsert = sqlite.insert(epochs_table)
+        await conn.execute(upsert.on_conflict_do_update(
+            index_elements=["run_id", "epoch"],
+            set_={"prediction_count": epochs_table.c.prediction_count
+                  + upsert.excluded.prediction_count,
+                  "latest_step": func.max(epochs_table.c.latest_step,
+                                          upsert.excluded.latest_step),
+                  "last_create_time": upsert.excluded.last_create_time}),
+            [{"run_id": run_id, "epoch": epoch, "user_id": user_id, "prediction_count": n,
+              "latest_step": step, "first_create_time": now, "last_create_time": now}
+             for (run_id, epoch), (n, step) in per_epoch.items()])
+    return len(inserted)
 
 
 def _optional(item: common_pb2.PredictionInput, name: str) -> Any:

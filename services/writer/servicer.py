@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,6 +19,9 @@ from services.writer.validation import check_finish_state, validate_batch, valid
 log = logging.getLogger(__name__)
 
 _END = object()
+
+# Valid batches of a group, each with its sequence number.
+_Sequenced = list[tuple[int, Batch]]
 
 
 @dataclass
@@ -68,21 +71,36 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
     async def StreamPredictions(self, request_iterator: AsyncIterator,
                                 context: grpc.aio.ServicerContext
                                 ) -> AsyncIterator[writer_pb2.StreamPredictionsResponse]:
+        """Validates groups in arrival order, commits up to stream_commit_concurrency of them
+        at once (each in its own transaction), and acks each as soon as it and every
+        group before it are committed."""
         user = current_user()
         queue: asyncio.Queue = asyncio.Queue(maxsize=self._settings.stream_read_ahead_batches)
         reader = asyncio.create_task(_pump(request_iterator, queue))
-        acked = 0
+        commits: deque[asyncio.Task] = deque()
+        fetch: asyncio.Task | None = None
+        acked, ended = 0, False
         try:
-            while True:
-                group = await self._next_group(queue)
-                if group.requests:
-                    response = await self._settle(user, group.requests, acked)
-                    acked = response.acked_sequence
-                    yield response
-                if group.ended:
-                    return
+            while not ended or commits:
+                if fetch is None and not ended and (
+                        len(commits) < self._settings.stream_commit_concurrency):
+                    fetch = asyncio.create_task(self._next_group(queue))
+                await asyncio.wait([t for t in (fetch, commits[0] if commits else None) if t],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if commits and commits[0].done():
+                    yield commits.popleft().result()
+                if fetch is not None and fetch.done():
+                    group, fetch = fetch.result(), None
+                    ended = group.ended
+                    if group.requests:
+                        response, batches = self._prepare(user, group.requests, acked)
+                        acked = response.acked_sequence
+                        commits.append(asyncio.create_task(
+                            self._commit(user, response, batches)))
         finally:
-            reader.cancel()
+            for task in (reader, fetch, *commits):
+                if task is not None:
+                    task.cancel()
 
     async def _next_group(self, queue: asyncio.Queue) -> _Group:
         """Waits for one batch, then takes whatever else is queued, up to stream_group_rows."""
@@ -100,26 +118,32 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                 return group
             item = queue.get_nowait()
 
-    async def _settle(self, user: str, requests: list[writer_pb2.StreamPredictionsRequest],
-                      acked: int) -> writer_pb2.StreamPredictionsResponse:
-        """Validates each batch, commits the valid ones together, reports the rest."""
+    def _prepare(self, user: str, requests: list[writer_pb2.StreamPredictionsRequest],
+                 acked: int) -> tuple[writer_pb2.StreamPredictionsResponse, _Sequenced]:
+        """Validates each batch on its own; the response settles them all once committed."""
         response = writer_pb2.StreamPredictionsResponse(acked_sequence=acked)
-        batches: list[tuple[int, Batch]] = []
+        batches: _Sequenced = []
         for request in requests:
             try:
                 batches.append((request.sequence, self._check(request, response.acked_sequence)))
             except DomainError as exc:
                 self._reject(response, user, request.sequence, exc)
             response.acked_sequence = max(response.acked_sequence, request.sequence)
-        if batches:
-            result, missing = await self._repo.commit(user, [b for _, b in batches])
-            response.inserted_count, response.duplicate_count = result.inserted, result.duplicates
-            self.counts["inserted"] += result.inserted
-            self.counts["duplicates"] += result.duplicates
-            for sequence, batch in batches:
-                if batch.run_id in missing:
-                    self._reject(response, user, sequence, NotFound(
-                        f"run {batch.run_id} not found", {"run_id": str(batch.run_id)}))
+        return response, batches
+
+    async def _commit(self, user: str, response: writer_pb2.StreamPredictionsResponse,
+                      batches: _Sequenced) -> writer_pb2.StreamPredictionsResponse:
+        """Commits the valid batches of one group together; unknown runs become rejections."""
+        if not batches:
+            return response
+        result, missing = await self._repo.commit(user, [b for _, b in batches])
+        response.inserted_count, response.duplicate_count = result.inserted, result.duplicates
+        self.counts["inserted"] += result.inserted
+        self.counts["duplicates"] += result.duplicates
+        for sequence, batch in batches:
+            if batch.run_id in missing:
+                self._reject(response, user, sequence, NotFound(
+                    f"run {batch.run_id} not found", {"run_id": str(batch.run_id)}))
         return response
 
     def _check(self, request: writer_pb2.StreamPredictionsRequest, acked: int) -> Batch:

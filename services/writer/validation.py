@@ -9,7 +9,9 @@ from services.common.convert import parse_run_id, struct_to_dict
 from services.common.errors import Violations
 from services.writer.config import WriterSettings
 
-TEXT_FIELDS = ("prompt", "prediction")
+# Texts that must not be empty. A prediction may be: a model that stops at once early in
+# training produced exactly that, and it is worth seeing.
+REQUIRED_TEXT = ("prompt",)
 
 
 def validate_batch(run_id: str, items: Sequence[common_pb2.PredictionInput],
@@ -40,16 +42,14 @@ def _check_item(item: common_pb2.PredictionInput, path: str, max_chars: int,
         violations.add(f"{path}.sample_index", f"must be >= 0, got {item.sample_index}")
     if item.generation_time_ms < 0:
         violations.add(f"{path}.generation_time_ms", "must be >= 0")
-    for name in TEXT_FIELDS:
-        value = getattr(item, name)
-        if not value:
+    for name in REQUIRED_TEXT:
+        if not getattr(item, name):
             violations.add(f"{path}.{name}", "required (empty)")
-        elif len(value) > max_chars:
-            violations.add(f"{path}.{name}", f"{len(value)} characters exceed the maximum "
+    for name in ("prompt", "prediction", "ground_truth"):
+        size = len(getattr(item, name))
+        if size > max_chars:
+            violations.add(f"{path}.{name}", f"{size} characters exceed the maximum "
                            f"of {max_chars}")
-    if item.HasField("ground_truth") and len(item.ground_truth) > max_chars:
-        violations.add(f"{path}.ground_truth", f"{len(item.ground_truth)} characters exceed "
-                       f"the maximum of {max_chars}")
     for name in ("prompt_tokens", "completion_tokens"):
         if item.HasField(name) and getattr(item, name) < 0:
             violations.add(f"{path}.{name}", "must be >= 0")

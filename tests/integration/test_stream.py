@@ -1,5 +1,7 @@
 """StreamPredictions: acks after commit, per-batch rejections, a stream that stays usable."""
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import code_pb2
@@ -14,13 +16,17 @@ def batch(sequence: int, run_id: str, items) -> writer_pb2.StreamPredictionsRequ
                                                predictions=items)
 
 
+ACK_WAIT_S = 5
+
+
 async def exchange(stub, metadata, requests) -> list[writer_pb2.StreamPredictionsResponse]:
-    """Sends each request after the ack of the previous one, so each gets its own response."""
+    """Sends each request after the ack of the previous one (a window of one batch), so each
+    gets its own response; an ack that does not come on its own fails the test."""
     call = stub.StreamPredictions(metadata=metadata)
     responses = []
     for request in requests:
         await call.write(request)
-        responses.append(await call.read())
+        responses.append(await asyncio.wait_for(call.read(), ACK_WAIT_S))
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
     return responses
@@ -31,7 +37,7 @@ async def test_acks_follow_commits_and_bad_batch_is_rejected_alone(stack, writer
     run = await create_run(writer_stub, md)
     responses = await exchange(writer_stub, md, [
         batch(1, run.id, [item(10, 0), item(10, 1)]),
-        batch(2, run.id, [item(20, 0), item(20, 1, prediction="")]),
+        batch(2, run.id, [item(20, 0), item(20, 1, prompt="")]),
         batch(3, run.id, [item(30, 0)]),
     ])
     assert [r.acked_sequence for r in responses] == [1, 2, 3]
@@ -39,7 +45,7 @@ async def test_acks_follow_commits_and_bad_batch_is_rejected_alone(stack, writer
     assert not responses[0].rejections and not responses[2].rejections
     (rejection,) = responses[1].rejections
     assert rejection.sequence == 2 and rejection.status.code == code_pb2.INVALID_ARGUMENT
-    assert set(field_violations(rejection.status)) == {"predictions[1].prediction"}
+    assert set(field_violations(rejection.status)) == {"predictions[1].prompt"}
     assert await stored_count(stack, run.id) == 3
 
 

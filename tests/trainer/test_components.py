@@ -239,7 +239,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mine = dist_helpers.shard(["a", "b", "c"])
+        mine = dist_helpers.shard(["a"])
         gathered = dist_helpers.gather_lists(mine)
         decided = dist_helpers.broadcast_from_rank0(f"from {rank}")
         queue.put((rank, mine, gathered, decided))
@@ -254,9 +254,49 @@ def test_gather_on_rank_zero_with_an_empty_shard():
         port = sock.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(_gather_worker, args=(4, port, queue), nprocs=4, join=True,
+    mp.start_processes(_gather_worker, args=(2, port, queue), nprocs=2, join=True,
                        start_method="spawn")
-    results = sorted(queue.get(timeout=30) for _ in range(4))
-    assert results[0] == (0, ["a"], ["a", "b", "c"], "from 0")
-    assert results[3] == (3, [], None, "from 0")
-    assert all(r[3] == "from 0" for r in results)
+    results = sorted(queue.get(timeout=30) for _ in range(2))
+    assert results == [(0, ["a"], ["a"], "from 0"), (1, [], None, "from 0")]
+
+
+def _fill_queue(client) -> None:
+    """Fills the upload queue behind the upload thread's back (no wake-up is sent)."""
+    while not client._queue.full():
+        client._queue.put_nowait((1, 1, _results(1)))
+
+
+def test_queue_full_spools_directly(tmp_path, writer, token, caplog):
+    client = _client(tmp_path, writer, token, "queue-spool", queue_size=2,
+                     queue_full_policy="spool")
+    _fill_queue(client)
+    with caplog.at_level(logging.WARNING, logger="trainer_client"):
+        client.submit(1, 2, _results(3))
+    assert client.counts["spooled_queue_full"] == 1 and "written to the spool" in caplog.text
+    client.finish()
+    report = client.close(20.0)
+    assert report.complete and len(writer.predictions(report.run_id)) == 4
+
+
+def test_queue_full_blocks_until_there_is_room(tmp_path, writer, token):
+    client = _client(tmp_path, writer, token, "queue-block", queue_size=2,
+                     queue_full_policy="block")
+    _fill_queue(client)
+    client.submit(1, 2, _results(3))
+    assert client.counts["blocked_queue_full"] == 1
+    client.finish()
+    report = client.close(20.0)
+    assert report.complete and len(writer.predictions(report.run_id)) == 4
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_more_batches_than_the_in_flight_window(tmp_path, writer, token, window):
+    """The client sends at most `window` unacked batches, so the writer must ack each
+    commit as soon as it is done (not only when more input arrives)."""
+    client = _client(tmp_path, writer, token, "window", stream_batch_predictions=1,
+                     max_in_flight_batches=window)
+    client.submit(1, 3, _results(12))
+    client.finish()
+    report = client.close(20.0)
+    assert report.complete and report.inserted == 12
+    assert client.counts["sent_batches"] == 12

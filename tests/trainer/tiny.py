@@ -89,7 +89,8 @@ def make_trainer(model, tokenizer, features: list[dict], output_dir, callbacks: 
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, max_steps=max_steps,
         per_device_train_batch_size=batch_size, learning_rate=overrides.pop("learning_rate", 5e-3),
-        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
+        save_strategy="no", report_to=[], logging_strategy="no",
+        use_cpu=overrides.pop("use_cpu", True),
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=0,
         **overrides)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)

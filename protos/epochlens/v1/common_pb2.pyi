@@ -137,7 +137,7 @@ class PredictionInput(_message.Message):
     ground_truth: _builtins.str
     """The expected answer, when the dataset has one."""
     prediction: _builtins.str
-    """The model's completion (required, non-empty)."""
+    """The model's completion; may be empty (a model that stopped at once)."""
     generation_time_ms: _builtins.float
     """Wall time spent generating this prediction, in milliseconds (>= 0)."""
     prompt_tokens: _builtins.int

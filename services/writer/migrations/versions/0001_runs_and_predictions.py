@@ -1,4 +1,4 @@
-"""runs and predictions, with row-level security on PostgreSQL
+"""runs, predictions and per-epoch summaries, with row-level security on PostgreSQL
 
 Revision ID: 0001
 Revises:
@@ -15,7 +15,7 @@ branch_labels = None
 depends_on = None
 
 SCHEMA = "writer"
-RLS_TABLES = ("runs", "predictions")
+RLS_TABLES = ("runs", "predictions", "epochs")
 # Must equal services.common.db.RLS_USER_SETTING (kept literal: migrations are frozen history).
 USER_SETTING = "epochlens.user_id"
 
@@ -23,6 +23,7 @@ USER_SETTING = "epochlens.user_id"
 def upgrade() -> None:
     _create_runs()
     _create_predictions()
+    _create_epochs()
     if op.get_bind().dialect.name == "postgresql":
         for table in RLS_TABLES:
             _enable_rls(table)
@@ -51,8 +52,7 @@ def _create_runs() -> None:
 def _create_predictions() -> None:
     op.create_table(
         "predictions",
-        sa.Column("run_id", sa.Uuid(), sa.ForeignKey(f"{SCHEMA}.runs.id", ondelete="CASCADE",
-                  name="fk_predictions_run_id_runs"), primary_key=True),
+        sa.Column("run_id", sa.Uuid(), primary_key=True),
         sa.Column("step", sa.BigInteger(), primary_key=True),
         sa.Column("sample_index", sa.BigInteger(), primary_key=True),
         sa.Column("user_id", sa.Text(), nullable=False),
@@ -68,11 +68,25 @@ def _create_predictions() -> None:
         schema=SCHEMA,
     )
     op.create_index("ix_predictions_run_id_epoch_step_sample_index", "predictions",
-                    ["run_id", "epoch", "step", "sample_index"], schema=SCHEMA,
-                    postgresql_include=["create_time"])
+                    ["run_id", "epoch", "step", "sample_index"], schema=SCHEMA)
     op.create_index("ix_predictions_run_id_sample_index_step", "predictions",
                     ["run_id", "sample_index", "step"], schema=SCHEMA)
-    op.create_index("ix_predictions_user_id", "predictions", ["user_id"], schema=SCHEMA)
+
+
+def _create_epochs() -> None:
+    op.create_table(
+        "epochs",
+        sa.Column("run_id", sa.Uuid(), sa.ForeignKey(f"{SCHEMA}.runs.id", ondelete="CASCADE",
+                  name="fk_epochs_run_id_runs"), primary_key=True),
+        sa.Column("epoch", sa.BigInteger(), primary_key=True),
+        sa.Column("user_id", sa.Text(), nullable=False),
+        sa.Column("prediction_count", sa.BigInteger(), nullable=False),
+        sa.Column("latest_step", sa.BigInteger(), nullable=False),
+        sa.Column("first_create_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_create_time", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("run_id", "epoch", name="pk_epochs"),
+        schema=SCHEMA,
+    )
 
 
 def _enable_rls(table: str) -> None:
@@ -84,5 +98,6 @@ def _enable_rls(table: str) -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("epochs", schema=SCHEMA)
     op.drop_table("predictions", schema=SCHEMA)
     op.drop_table("runs", schema=SCHEMA)

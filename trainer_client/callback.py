@@ -1,0 +1,243 @@
+"""PredictionsCallback: one TrainerCallback that samples, generates and streams predictions.
+
+Lifecycle:
+
+- construction: the config is validated and the dataset format is checked (an
+  unknown format fails here, not at the first epoch);
+- on_train_begin: draws the fixed sample, estimates the generation cost
+  (printed; training is refused past cost_ceiling_s), and on rank 0 opens the
+  spool, starts the upload thread and creates the run (model, dataset, the
+  predictions config, trainer precision, world size);
+- on_epoch_end (frequency "epoch") or on_step_end every step_interval steps
+  (frequency "steps"): every rank generates its shard, rank 0 gathers and
+  enqueues; the trainer thread never waits for the network;
+- on_train_end: flushes for up to flush_timeout_s, finishes the run, prints
+  what was stored and what is still spooled.
+
+Epoch numbers: the trainer's state.epoch is a float (epoch + fraction done). A
+prediction is labelled with the 1-based number of the epoch in progress:
+ceil(state.epoch), after rounding state.epoch to EPOCH_DECIMALS decimals so that
+float noise such as 2.0000000001 at the end of epoch 2 still counts as 2.
+Predictions made before training (predict_at_start) are epoch 0, step 0.
+"""
+
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from epochlens.v1 import common_pb2
+from trainer_client import distributed
+from trainer_client.config import PredictionsConfig
+from trainer_client.cost import CostEstimate, check_ceiling, estimate_cost, measure_ms_per_step
+from trainer_client.generator import Generator, trainer_autocast_dtype
+from trainer_client.sampler import Formatter, Sampler, detect_format
+from trainer_client.spool import RunRecord, Spool
+from trainer_client.streaming import FlushReport, StreamingClient
+
+log = logging.getLogger(__name__)
+
+EPOCH_DECIMALS = 6
+
+
+def epoch_number(epoch: float | None) -> int:
+    """The 1-based epoch in progress for the trainer's float epoch (0 before training)."""
+    if not epoch:
+        return 0
+    return int(math.ceil(round(epoch, EPOCH_DECIMALS)))
+
+
+class PredictionsCallback(TrainerCallback):
+    """Streams predictions on a fixed sample of `dataset` while a Trainer trains."""
+
+    def __init__(self, config: PredictionsConfig | None = None, *, dataset: Any,
+                 tokenizer: Any = None, writer: str | None = None, token: str | None = None,
+                 run_name: str | None = None, model_name: str | None = None,
+                 dataset_name: str | None = None, formatter: Formatter | None = None,
+                 run_config: Mapping[str, Any] | None = None) -> None:
+        self.config = config if config is not None else PredictionsConfig()
+        self._dataset, self._tokenizer, self._formatter = dataset, tokenizer, formatter
+        self._writer = writer or self.config.writer_address
+        secret = self.config.token.get_secret_value() if self.config.token else None
+        self._token = token or secret
+        self._names = {"run": run_name or self.config.run_name, "model": model_name,
+                       "dataset": dataset_name}
+        self._run_config = dict(run_config or {})
+        self.counts: Counter[str] = Counter()
+        self.sampler: Sampler | None = None
+        self.generator: Generator | None = None
+        self.client: StreamingClient | None = None
+        self.estimate: CostEstimate | None = None
+        self.last_report: FlushReport | None = None
+        self.upload_counts: dict[str, int] = {}
+        self._dtype = None
+        self._train_started = 0.0
+        self._prediction_s = 0.0
+        if self.config.enabled:
+            if formatter is None:
+                detect_format(dataset[0])
+            if tokenizer is not None:
+                self.sampler = Sampler(dataset, self.config, tokenizer, formatter)
+
+    # ----- trainer events -----
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not self.config.enabled:
+            log.info("predictions are disabled (EPOCHLENS_TRAINER_ENABLED=false)")
+            return
+        tokenizer = self._tokenizer or _tokenizer_of(processing_class)
+        if tokenizer is None:
+            raise ValueError("PredictionsCallback needs a tokenizer: pass tokenizer=... or give "
+                             "the Trainer a processing_class")
+        if self.sampler is None:
+            self.sampler = Sampler(self._dataset, self.config, tokenizer, self._formatter)
+        self.generator = Generator(self.config, tokenizer)
+        self._dtype = trainer_autocast_dtype(args)
+        self.estimate = distributed.broadcast_from_rank0(self._estimate(state, model))
+        self._report_estimate()
+        if distributed.rank() == 0:
+            self._start_client(args, state, model)
+        self._train_started, self._prediction_s = time.perf_counter(), 0.0
+        if self.config.predict_at_start:
+            self._predict(state, model, epoch=0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if (self.generator is not None and self.config.frequency == "steps"
+                and state.global_step > 0
+                and state.global_step % self.config.step_interval == 0):
+            self._predict(state, model, epoch_number(state.epoch))
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.generator is not None and self.config.frequency == "epoch":
+            self._predict(state, model, epoch_number(state.epoch))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.client is None:
+            return
+        client, self.client = self.client, None
+        try:
+            client.finish(common_pb2.RUN_STATE_SUCCEEDED)
+            self.last_report = client.close(self.config.flush_timeout_s)
+        except Exception as exc:  # training is over; report, never raise
+            self.counts["flush_errors"] += 1
+            log.error("flushing the predictions failed; what was not acked stays in %s: %s",
+                      self.config.spool_dir, exc, exc_info=True)
+            return
+        finally:
+            self.upload_counts = dict(client.counts)
+        message = f"epochlens: {self.last_report.describe()}"
+        print(message, flush=True)
+        if not self.last_report.complete:
+            log.warning(message)
+
+    # ----- helpers -----
+
+    def _estimate(self, state, model) -> CostEstimate | None:
+        if distributed.rank() != 0:
+            return None
+        cfg = self.config
+        if cfg.decode_ms_per_step is not None:
+            speed, source = cfg.decode_ms_per_step, "given"
+        elif cfg.measure_speed:
+            speed = measure_ms_per_step(self.generator, model, self.sampler.samples,
+                                        self._dtype, cfg.speed_probe_tokens)
+            source = "measured"
+        else:
+            return None
+        return estimate_cost(cfg, speed, source, len(self.sampler.samples),
+                             distributed.world_size(), state.max_steps,
+                             state.num_train_epochs)
+
+    def _report_estimate(self) -> None:
+        if self.estimate is None:
+            log.info("no predictions cost estimate (measure_speed off, no decode_ms_per_step)")
+            return
+        warning = check_ceiling(self.config, self.estimate)
+        if distributed.rank() == 0:
+            print(f"epochlens: {self.estimate.describe()}", flush=True)
+        if warning:
+            log.warning(warning)
+
+    def _start_client(self, args, state, model) -> None:
+        record = RunRecord(uuid.uuid4().hex, self._run_name(args), self._model_name(model),
+                           self._dataset_name(), self._run_settings(args, state))
+        spool = Spool.create(self.config.spool_dir, record)
+        self.client = StreamingClient(self.config, spool, self._writer, self._token)
+        self.client.start()
+        run_id = self.client.wait_for_run(self.config.create_run_wait_s)
+        if run_id:
+            log.info("predictions go to run %s on %s", run_id, self._writer)
+        else:
+            log.warning("writer %s not reachable yet: run %r will be created when it is "
+                        "(request_id %s; predictions wait in %s)", self._writer, record.name,
+                        record.request_id, spool.path)
+
+    def _predict(self, state, model, epoch: int) -> None:
+        started = time.perf_counter()
+        try:
+            results = self.generator.generate(model, distributed.shard(self.sampler.samples),
+                                              self._dtype, seed_offset=state.global_step)
+            gathered = distributed.gather_lists(results)
+        except Exception as exc:  # generation never raises; this is the gather or a bug
+            self.counts["failed_passes"] += 1
+            log.error("predictions pass at epoch %d step %d failed (%d failed passes): %s",
+                      epoch, state.global_step, self.counts["failed_passes"], exc, exc_info=True)
+            return
+        elapsed = time.perf_counter() - started
+        self._prediction_s += elapsed
+        if gathered is None or self.client is None:
+            return
+        gathered.sort(key=lambda r: r.sample_index)
+        self.client.submit(epoch, state.global_step, gathered)
+        self._log_pass(state, epoch, gathered, elapsed)
+
+    def _log_pass(self, state, epoch: int, results: list, elapsed: float) -> None:
+        failed = sum(1 for r in results if r.error is not None)
+        self.counts["passes"] += 1
+        self.counts["predictions"] += len(results) - failed
+        self.counts["failed_samples"] += failed
+        steps = state.global_step
+        train_s = time.perf_counter() - self._train_started - self._prediction_s
+        in_steps = elapsed / (train_s / steps) if steps and train_s > 0 else float("nan")
+        log.info("predictions at epoch %d step %d: %d generated, %d failed, %.2fs "
+                 "(= %.1f training steps)", epoch, steps, len(results) - failed, failed,
+                 elapsed, in_steps)
+
+    def _run_name(self, args) -> str:
+        name = self._names["run"] or getattr(args, "run_name", None)
+        return name or Path(args.output_dir).name or "epochlens-run"
+
+    def _model_name(self, model) -> str:
+        if self._names["model"]:
+            return self._names["model"]
+        path = getattr(getattr(model, "config", None), "_name_or_path", "")
+        return path or type(model).__name__
+
+    def _dataset_name(self) -> str:
+        if self._names["dataset"]:
+            return self._names["dataset"]
+        info = getattr(self._dataset, "info", None)
+        return getattr(info, "dataset_name", None) or ""
+
+    def _run_settings(self, args, state) -> dict:
+        precision = "fp32" if self._dtype is None else str(self._dtype).removeprefix("torch.")
+        return {"predictions": self.config.public_dict(),
+                "trainer": {"precision": precision, "world_size": distributed.world_size(),
+                            "num_train_epochs": state.num_train_epochs,
+                            "max_steps": state.max_steps,
+                            "learning_rate": getattr(args, "learning_rate", None)},
+                "sample": self.sampler.describe(),
+                "cost_estimate": self.estimate.as_dict() if self.estimate else None,
+                "user": self._run_config}
+
+
+def _tokenizer_of(processing_class: Any) -> Any:
+    if processing_class is None or isinstance(processing_class, PreTrainedTokenizerBase):
+        return processing_class
+    return getattr(processing_class, "tokenizer", None)

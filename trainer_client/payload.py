@@ -1,0 +1,60 @@
+"""Turns generation results into writer batches (serialized protobuf, ready for the spool).
+
+Texts longer than the configured maximum are cut to it (logged and counted,
+never silently); failed samples carry no prediction and are not sent (the
+generator already logged and counted them).
+"""
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+from epochlens.v1 import common_pb2, writer_pb2
+from trainer_client.config import PredictionsConfig
+from trainer_client.results import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class PayloadEncoder:
+    """Encodes one pass's results into batches of at most stream_batch_predictions."""
+
+    def __init__(self, config: PredictionsConfig) -> None:
+        self._config = config
+        self.counts: Counter[str] = Counter()
+
+    def encode(self, epoch: int, step: int,
+               results: Sequence[GenerationResult]) -> list[tuple[bytes, int]]:
+        """(serialized WritePredictionsRequest without run_id, prediction count) per batch."""
+        items = [self._item(epoch, step, r) for r in results if r.prediction is not None]
+        size = self._config.stream_batch_predictions
+        batches = []
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            request = writer_pb2.WritePredictionsRequest(predictions=chunk)
+            batches.append((request.SerializeToString(), len(chunk)))
+        return batches
+
+    def _item(self, epoch: int, step: int, result: GenerationResult) -> common_pb2.PredictionInput:
+        item = common_pb2.PredictionInput(
+            epoch=epoch, step=step, sample_index=result.sample_index,
+            prompt=self._cut(result.prompt, "prompt", result),
+            prediction=self._cut(result.prediction or "", "prediction", result),
+            generation_time_ms=max(result.generation_time_ms, 0.0))
+        if result.ground_truth is not None:
+            item.ground_truth = self._cut(result.ground_truth, "ground_truth", result)
+        if result.prompt_tokens is not None:
+            item.prompt_tokens = result.prompt_tokens
+        if result.completion_tokens is not None:
+            item.completion_tokens = result.completion_tokens
+        return item
+
+    def _cut(self, text: str, field: str, result: GenerationResult) -> str:
+        limit = self._config.max_text_chars
+        if len(text) <= limit:
+            return text
+        self.counts["truncated_texts"] += 1
+        log.warning("sample_index=%d: %s has %d characters, cut to max_text_chars=%d "
+                    "(texts cut so far: %d)", result.sample_index, field, len(text), limit,
+                    self.counts["truncated_texts"])
+        return text[:limit]
