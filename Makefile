@@ -56,14 +56,17 @@ down: install
 smoke: install .env
 	$(BIN)/epochlens smoke
 
-# The main job: the stack on embedded SQLite, a smoke session, then the stack stopped again.
+# The main job: the stack on embedded SQLite, a tiny model trained on CPU with predictions
+# streamed every epoch and read back per epoch (trainer_client/demo.py, settings
+# EPOCHLENS_DEMO_*), then the stack stopped again, also when a step fails or is interrupted.
 demo: install .env
-	$(BIN)/epochlens up
-	$(BIN)/epochlens smoke; status=$$?; $(BIN)/epochlens down; exit $$status
+	trap '$(BIN)/epochlens down' EXIT; $(BIN)/epochlens up && $(PY) -m trainer_client.demo
 
 bench: install pg
 	$(PY) bench/ingest.py
 	$(PY) bench/query.py
+	$(PY) bench/generation.py
+	$(PY) bench/trainer_overhead.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client

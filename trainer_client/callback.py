@@ -79,6 +79,8 @@ class PredictionsCallback(TrainerCallback):
         self._dtype = None
         self._train_started = 0.0
         self._prediction_s = 0.0
+        # Trainer-thread seconds spent handing results to the upload thread (all passes).
+        self.submit_s = 0.0
         if self.config.enabled:
             if formatter is None:
                 detect_format(dataset[0])
@@ -135,6 +137,11 @@ class PredictionsCallback(TrainerCallback):
         print(message, flush=True)
         if not self.last_report.complete:
             log.warning(message)
+
+    @property
+    def generation_s(self) -> float:
+        """Wall seconds spent generating (and gathering) predictions since train begin."""
+        return self._prediction_s
 
     # ----- helpers -----
 
@@ -194,7 +201,9 @@ class PredictionsCallback(TrainerCallback):
         if gathered is None or self.client is None:
             return
         gathered.sort(key=lambda r: r.sample_index)
+        submitted = time.perf_counter()
         self.client.submit(epoch, state.global_step, gathered)
+        self.submit_s += time.perf_counter() - submitted
         self._log_pass(state, epoch, gathered, elapsed)
 
     def _log_pass(self, state, epoch: int, results: list, elapsed: float) -> None:

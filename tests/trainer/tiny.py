@@ -1,15 +1,15 @@
 """A tiny causal LM built from config, a tokenizer trained on the spot, and toy datasets.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained with the
-`tokenizers` library on the toy task's alphabet, the model a 2-layer Llama with
-hidden size 32. The task is reversing short strings, so predictions have a
-checkable ground truth.
+`tokenizers` library on the toy task's alphabet (a subword tokenizer, unlike the
+demo's character-level one), the model a 2-layer Llama with hidden size 32 built
+by trainer_client.toy (the demo's model builder). The task is reversing short
+strings, so predictions have a checkable ground truth.
 """
 
 import random
 import string
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     DataCollatorForLanguageModeling,
@@ -20,9 +20,10 @@ from transformers import (
     TrainingArguments,
 )
 
+from trainer_client import toy
+
 LETTERS = "abcdef"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = toy.CHAT_TEMPLATE
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -42,15 +43,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return toy.model_config(tokenizer, hidden_size=32, layers=2, heads=4, mlp_ratio=2)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, cls=LlamaForCausalLM, seed: int = 0):
-    torch.manual_seed(seed)
-    return cls(model_config(tokenizer))
+    return toy.build_model(model_config(tokenizer), seed, cls)
 
 
 def _words(count: int, rng: random.Random) -> list[str]:

@@ -10,10 +10,12 @@ from services.cli.stack import StackSettings
 from services.common.config import AuthSettings
 from services.query.config import QuerySettings
 from services.writer.config import MigrateSettings, WriterSettings
+from trainer_client.config import PredictionsConfig
+from trainer_client.demo import DemoSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = (AuthSettings, WriterSettings, QuerySettings, MigrateSettings, CliSettings,
-            StackSettings)
+            StackSettings, PredictionsConfig, DemoSettings)
 
 
 def known_names() -> set[str]:
