@@ -2,7 +2,8 @@
 
 Seeds a throwaway PostgreSQL database (real schema, RLS and roles) with
 --runs runs x --epochs epochs x --samples samples predictions (1,000,000 at the
-defaults) using asyncpg COPY as the superuser, then ANALYZEs it (VACUUM ANALYZE
+defaults) using asyncpg COPY as the superuser, builds the per-epoch summary
+table the writer would have kept, then ANALYZEs it (VACUUM ANALYZE
 with --vacuum, the default, so the visibility map is set as autovacuum would
 leave it). Then calls QueryService over loopback gRPC with a bearer token,
 sequentially, and prints p50/p99 latency (ms) per call against the target
@@ -126,6 +127,15 @@ async def copy_runs_predictions(admin_dsn: str, args, run_ids: list[uuid.UUID], 
         await conn.close()
 
 
+# COPY bypasses the writer, so the per-epoch summary it keeps is built here the same way.
+EPOCH_SUMMARY_SQL = f"""
+INSERT INTO {SCHEMA}.epochs (run_id, epoch, user_id, prediction_count, latest_step,
+    first_create_time, last_create_time)
+SELECT run_id, epoch, min(user_id), count(*), max(step), min(create_time), max(create_time)
+FROM {SCHEMA}.predictions GROUP BY run_id, epoch
+"""
+
+
 async def seed_database(admin_dsn: str, args: argparse.Namespace) -> tuple[list[str], float]:
     """Runs and predictions by COPY, then (VACUUM) ANALYZE. Returns run ids and seconds."""
     start = time.perf_counter()
@@ -141,6 +151,7 @@ async def seed_database(admin_dsn: str, args: argparse.Namespace) -> tuple[list[
         parts = [ids[k::args.seed_connections] for k in range(args.seed_connections)]
         await asyncio.gather(*(copy_runs_predictions(admin_dsn, args, part, pools, args.seed + k)
                                for k, part in enumerate(parts)))
+        await conn.execute(EPOCH_SUMMARY_SQL)
         await conn.execute(f"{'VACUUM ' if args.vacuum else ''}ANALYZE")
         stored = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.predictions")
     finally:
@@ -231,6 +242,10 @@ def run_queries(address: str, metadata, runs: list[str], args) -> list[tuple]:
                 first = args.deep_pages - args.deep_tail + 1
                 results.append((f"ListPredictions pages {first}-{args.deep_pages}",
                                 *deep_pages(stub, metadata, runs, rng, args)))
+    empty = [name for name, _, counts in results if not all(counts)]
+    if empty:
+        raise RuntimeError(f"calls that returned nothing (the timing would be meaningless): "
+                           f"{', '.join(empty)}")
     return [(name, len(ms), sum(counts) / len(counts), percentile(ms, 50), percentile(ms, 99))
             for name, ms, counts in results]
 
