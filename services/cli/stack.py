@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import ENV_FILE
+from services.common.health import wait_until_serving
 from services.query.config import QuerySettings
 from services.writer.config import WriterSettings
 
@@ -30,6 +29,7 @@ class StackSettings(BaseSettings):
     state_dir: Path = Field(Path(".run"), description="Pid files and service logs.")
     start_timeout_s: float = Field(30.0, gt=0, description="Wait for a service to be healthy.")
     stop_timeout_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
+    health_poll_s: float = Field(0.2, gt=0, description="Pause between health checks.")
 
 
 class StackError(RuntimeError):
@@ -91,18 +91,9 @@ def _running_pid(settings: StackSettings, name: str) -> int | None:
 
 
 def _wait_healthy(settings: StackSettings, name: str, address: str) -> None:
-    deadline = time.monotonic() + settings.start_timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if _running_pid(settings, name) is None:
-                break
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
+    if wait_until_serving(address, settings.start_timeout_s, settings.health_poll_s,
+                          lambda: _running_pid(settings, name) is not None):
+        return
     log_tail = (settings.state_dir / f"{name}.log").read_text(errors="replace")[-2000:]
     raise StackError(f"{name} did not become healthy at {address}; its log ends:\n{log_tail}")
 

@@ -56,7 +56,8 @@ def _create_sqlite_engine(settings: DatabaseSettings, schemas: tuple[str, ...],
     def _attach(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         for schema, path in files.items():
-            cursor.execute(f"ATTACH DATABASE '{path}' AS {schema}")
+            quoted = str(path).replace("'", "''")
+            cursor.execute(f"ATTACH DATABASE '{quoted}' AS {schema}")
             cursor.execute(f"PRAGMA {schema}.journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")

@@ -8,21 +8,20 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
+from services.common.health import wait_until_serving
 from tests.trainer.tiny import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 JWT_SECRET = "trainer-tests-secret-at-least-32-characters"
 START_TIMEOUT_S = 30.0
+HEALTH_POLL_S = 0.1
 
 
 def free_port() -> int:
@@ -62,18 +61,10 @@ class WriterProcess:
             self.process = None
 
     def _wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, (self.data_dir / "writer.log").read_text()
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.1)
-        raise AssertionError(f"writer did not start on {self.address}")
+        alive = lambda: self.process is not None and self.process.poll() is None  # noqa: E731
+        if not wait_until_serving(self.address, START_TIMEOUT_S, HEALTH_POLL_S, alive):
+            raise AssertionError(f"writer did not start on {self.address}:\n"
+                                 + (self.data_dir / "writer.log").read_text())
 
     def _db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.data_dir / "writer.db")

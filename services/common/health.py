@@ -1,0 +1,26 @@
+"""Waiting for a gRPC server to report SERVING on the standard health service."""
+
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def wait_until_serving(address: str, timeout_s: float, poll_s: float,
+                       still_starting: Callable[[], bool] = lambda: True) -> bool:
+    """True once `address` reports SERVING; False after timeout_s, or as soon as
+    still_starting() says the server's process is gone."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and still_starting():
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(),
+                                   timeout=max(deadline - time.monotonic(), poll_s))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(poll_s)
+    return False
