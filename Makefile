@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check pg test test-unit test-integration test-e2e up down demo smoke bench lint clean
+.PHONY: browser install proto proto-check pg test test-unit test-integration test-e2e up down demo smoke bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Headless Chromium and its driver (Debian packages) for the HTML report tests.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 proto: install
 	PYTHON=$(PY) scripts/gen_protos.sh
@@ -32,7 +37,7 @@ pg:
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
 	  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1
 
-test: install pg
+test: install pg browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install

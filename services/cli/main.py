@@ -1,4 +1,5 @@
-"""The `epochlens` command line: tokens, health checks and a smoke session."""
+"""The `epochlens` command line: tokens, health checks, the local stack, a smoke
+session, and (services.cli.views, services.cli.report) the views of runs."""
 
 import grpc
 import typer
@@ -7,10 +8,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
 from services.cli import stack
 from services.cli.config import CliSettings
+from services.cli.context import CliContext
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
 
 app = typer.Typer(help="epochlens: watch a language model learn.", no_args_is_help=True)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    query_address: str | None = typer.Option(
+        None, "--query-address", help="Query service host:port (env EPOCHLENS_CLI_QUERY_ADDRESS)"),
+    token: str | None = typer.Option(
+        None, "--token", help="Bearer token (env EPOCHLENS_CLI_TOKEN; unset: minted for "
+        "EPOCHLENS_CLI_USER with EPOCHLENS_AUTH_JWT_SECRET)"),
+) -> None:
+    """epochlens: watch a language model learn."""
+    overrides = {k: v for k, v in (("query_address", query_address), ("token", token)) if v}
+    ctx.obj = CliContext(CliSettings(**overrides))
 
 
 @app.command()

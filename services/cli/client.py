@@ -1,0 +1,108 @@
+"""The CLI's client of the QueryService: one channel, the bearer token, page
+iteration, and gRPC errors turned into one-line messages (CliError).
+
+Everything the CLI and the HTML report show comes through here; nothing reads
+the database directly.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from pydantic import ValidationError
+
+from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
+from services.cli.config import CliSettings
+from services.common.auth import mint_token
+from services.common.config import AuthSettings
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resolve_token(settings: CliSettings) -> str:
+    """The configured token, or one minted for settings.user from the auth key."""
+    if settings.token:
+        return settings.token
+    try:
+        return mint_token(AuthSettings(), settings.user)
+    except (ValidationError, ValueError, OSError) as exc:
+        raise CliError("no token: set EPOCHLENS_CLI_TOKEN (or pass --token), or configure "
+                       "EPOCHLENS_AUTH_JWT_SECRET so one can be minted", 2) from exc
+
+
+class QueryClient:
+    """Blocking calls to the QueryService at settings.query_address."""
+
+    def __init__(self, settings: CliSettings, token: str | None = None) -> None:
+        self._settings = settings
+        self._address = settings.query_address
+        self._metadata = (("authorization", f"Bearer {token or resolve_token(settings)}"),)
+        self._channel = grpc.insecure_channel(
+            self._address, options=[("grpc.max_receive_message_length",
+                                     settings.max_message_bytes)])
+        self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
+
+    def __enter__(self) -> "QueryClient":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._channel.close()
+
+    def call(self, method: Callable, request: Any, what: str = "") -> Any:
+        """One RPC; a failure becomes a CliError naming what was asked for."""
+        try:
+            return method(request, metadata=self._metadata, timeout=self._settings.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc, what) from None
+
+    def _error(self, exc: grpc.RpcError, what: str) -> CliError:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return CliError(f"cannot reach the query service at {self._address} "
+                            f"(start it with `epochlens up`): {details}")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return CliError(f"token rejected by {self._address}: {details}", 2)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return CliError(f"{what or 'resource'} not found")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CliError(f"{self._address} did not answer within "
+                            f"{self._settings.timeout_s:g}s")
+        return CliError(f"{code.name}: {details}")
+
+    def runs(self, page_size: int = 0) -> Iterator[common_pb2.Run]:
+        """The caller's runs, newest first, every page."""
+        return self._pages(self._stub.ListRuns, query_pb2.ListRunsRequest(page_size=page_size),
+                           "runs", "runs")
+
+    def run(self, run_id: str) -> common_pb2.Run:
+        return self.call(self._stub.GetRun, query_pb2.GetRunRequest(run_id=run_id),
+                         f"run {run_id}")
+
+    def epochs(self, run_id: str) -> list[query_pb2.EpochSummary]:
+        request = query_pb2.ListEpochsRequest(run_id=run_id)
+        return list(self._pages(self._stub.ListEpochs, request, "epochs", f"run {run_id}"))
+
+    def predictions(self, run_id: str, epoch: int | None = None, sample: int | None = None,
+                    page_size: int = 0) -> Iterator[common_pb2.Prediction]:
+        """The run's predictions in (step, sample_index) order, fetched page by page."""
+        request = query_pb2.ListPredictionsRequest(run_id=run_id, epoch=epoch,
+                                                   sample_index=sample, page_size=page_size)
+        return self._pages(self._stub.ListPredictions, request, "predictions", f"run {run_id}")
+
+    def compare(self, run_id: str, sample: int) -> query_pb2.CompareSampleResponse:
+        return self.call(self._stub.CompareSample, query_pb2.CompareSampleRequest(
+            run_id=run_id, sample_index=sample), f"sample {sample} of run {run_id}")
+
+    def _pages(self, method: Callable, request: Any, field: str, what: str) -> Iterator:
+        while True:
+            reply = self.call(method, request, what)
+            yield from getattr(reply, field)
+            if not reply.next_page_token:
+                return
+            request.page_token = reply.next_page_token
