@@ -19,3 +19,21 @@ class CliSettings(BaseSettings):
                                    description="Largest gRPC message the CLI accepts.")
     smoke_samples: int = Field(4, ge=1, description="Samples per epoch in `epochlens smoke`.")
     smoke_epochs: int = Field(3, ge=1, description="Epochs written by `epochlens smoke`.")
+    list_limit: int = Field(50, ge=1, description="Predictions `epochlens predictions` shows "
+                            "when neither --limit nor --all is given.")
+    page_size: int = Field(100, ge=1, description="page_size the listing commands ask for; the "
+                           "query service caps it at its page_size_max.")
+    export_page_size: int = Field(500, ge=1, description="page_size of the pages `export`, "
+                                  "`summary` and `watch` stream (capped by page_size_max).")
+    prefetch_pages: int = Field(4, ge=1, description="Pages fetched ahead in a thread while "
+                                "the current one is written or counted.")
+    export_buffer_bytes: int = Field(1024 * 1024, ge=4096,
+                                     description="Write buffer of the file `export -o` writes.")
+    progress_refresh_per_s: float = Field(4.0, gt=0, description="Redraws per second of the "
+                                          "progress bars on stderr.")
+    watch_interval_s: float = Field(2.0, gt=0, description="Seconds between two polls of "
+                                    "`epochlens watch` (default of --interval).")
+    preview_chars: int = Field(100, ge=10, description="Longest text shown in a table cell; "
+                               "longer texts are cut with '...' (--json gives them whole).")
+    report_page_size: int = Field(500, ge=1, description="page_size of the ListPredictions "
+                                  "pages `epochlens report` fetches (capped by page_size_max).")

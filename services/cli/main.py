@@ -6,7 +6,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
-from services.cli import stack
+from services.cli import report, stack, views
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
@@ -123,6 +123,10 @@ def _smoke_read(settings: CliSettings, metadata, run_id: str) -> None:
         for p in sample.predictions:
             mark = "exact" if p.prediction == sample.ground_truth else "     "
             typer.echo(f"  epoch {p.epoch} step {p.step}: {p.prediction!r} {mark}")
+
+
+app.command("report")(report.report)
+views.register(app)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""How the run views look: rich tables and texts, the ASCII sparkline, and
+the JSON the --json switch prints.
+
+Model text is always put into rich.text.Text objects, never into console
+markup, so a prediction containing "[bold]" or "[/]" prints as it is.
+"""
+
+import json
+import sys
+from collections.abc import Iterable
+from datetime import UTC
+
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+from rich import box
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.table import Column, Table
+from rich.text import Text
+
+from epochlens.v1 import common_pb2, query_pb2
+from services.cli.diff import Segment, plain
+from services.cli.stats import EpochStats, exact_match
+
+SPARK_LEVELS = "_.:-=+*#%@"
+DIFF_STYLES = {"equal": "", "delete": "red strike", "insert": "green"}
+MATCH_MARKS = {True: ("[match]", "bold green"), False: ("[miss]", "bold red"),
+               None: ("[no truth]", "dim")}
+
+
+def message_dict(message: Message) -> dict:
+    """A message as JSON-ready data: proto field names, int64 as numbers, zeros kept."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
+def print_json(data: object) -> None:
+    """The one thing a --json command writes to stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def when(ts: timestamp_pb2.Timestamp, layout: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime(layout)
+
+
+def state_name(state: int) -> str:
+    return common_pb2.RunState.Name(state).removeprefix("RUN_STATE_").lower()
+
+
+def preview(text: str, limit: int) -> Text:
+    """One line of at most `limit` characters (newlines shown as \\n)."""
+    flat = text.replace("\r", "").replace("\n", "\\n")
+    return Text(flat if len(flat) <= limit else flat[: limit - 3] + "...")
+
+
+def percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def sparkline(rates: Iterable[float | None]) -> str:
+    """One ASCII character per value in [0, 1], low to high: _.:-=+*#%@ ('?' for None)."""
+    top = len(SPARK_LEVELS) - 1
+    return "".join("?" if r is None else SPARK_LEVELS[int(r * top + 0.5)] for r in rates)
+
+
+def new_table(*columns: Column | str) -> Table:
+    """A table without vertical rules: narrower, and rows copy as plain text."""
+    return Table(*columns, box=box.SIMPLE_HEAD, header_style="bold")
+
+
+def runs_table(runs: Iterable[common_pb2.Run]) -> Table:
+    """Ids and times never wrap (ids are copied into other commands); finish times are in
+    --json only, so that the table fits 80 columns."""
+    table = new_table(
+        Column("id", no_wrap=True), Column("name", overflow="fold", min_width=8),
+        Column("state", no_wrap=True), Column("created (UTC)", no_wrap=True),
+        Column("model", overflow="fold"), Column("dataset", overflow="fold"))
+    for run in runs:
+        table.add_row(run.id, Text(run.name), state_name(run.state),
+                      when(run.create_time, "%Y-%m-%d %H:%M"), Text(run.model_name),
+                      Text(run.dataset_name))
+    return table
+
+
+def epochs_table(epochs: Iterable[query_pb2.EpochSummary]) -> Table:
+    table = new_table("epoch", "predictions", "latest step",
+                      Column("first write (UTC)", no_wrap=True),
+                      Column("last write (UTC)", no_wrap=True))
+    for e in epochs:
+        table.add_row(str(e.epoch), str(e.prediction_count), str(e.latest_step),
+                      when(e.first_create_time), when(e.last_create_time))
+    return table
+
+
+def predictions_table(predictions: Iterable[common_pb2.Prediction], limit: int) -> Table:
+    table = new_table("epoch", "step", "sample", "prediction", "ground truth", "match")
+    for p in predictions:
+        truth = p.ground_truth if p.HasField("ground_truth") else None
+        table.add_row(str(p.epoch), str(p.step), str(p.sample_index), preview(p.prediction, limit),
+                      preview(truth, limit) if truth is not None else Text("-"),
+                      match_mark(exact_match(p.prediction, truth)))
+    return table
+
+
+def summary_table(stats: Iterable[EpochStats]) -> Table:
+    table = new_table("epoch", "predictions", "exact", "with truth", "exact rate", "latest step")
+    for s in stats:
+        table.add_row(str(s.epoch), str(s.prediction_count), str(s.exact_match_count),
+                      str(s.with_ground_truth), percent(s.exact_match_rate), str(s.latest_step))
+    return table
+
+
+def diff_text(segments: list[Segment], colour: bool) -> Text:
+    """The diff in colour (inserted green, removed red struck through), or, on a
+    console without colour, in the [-removed-]{+inserted+} notation."""
+    if not colour:
+        return Text(plain(segments))
+    text = Text()
+    for segment in segments:
+        text.append(segment.text, DIFF_STYLES[segment.op])
+    return text
+
+
+def match_mark(match: bool | None) -> Text:
+    mark, style = MATCH_MARKS[match]
+    return Text(mark, style)
+
+
+def has_colour(console: Console) -> bool:
+    return console.color_system is not None and not console.no_color
+
+
+def indented(text: Text) -> Padding:
+    """Two spaces in front of every line of `text` (no padding on the right)."""
+    return Padding(text, (0, 0, 0, 2), expand=False)
+
+
+def run_header(run: common_pb2.Run) -> Text:
+    return Text.assemble(("run ", "bold"), run.id, "  ", (run.name, "bold"),
+                         f"  model {run.model_name}  dataset {run.dataset_name}  "
+                         f"state {state_name(run.state)}")
+
+
+def compare_header(reply: query_pb2.CompareSampleResponse) -> Group:
+    truth = reply.ground_truth if reply.HasField("ground_truth") else None
+    return Group(Text(f"run {reply.run_id}  sample {reply.sample_index}", "bold"),
+                 Text("prompt", "bold cyan"), indented(Text(reply.prompt)),
+                 Text("ground truth", "bold cyan"),
+                 indented(Text(truth) if truth is not None else Text("(none)", "dim")),
+                 Text(""))
+
+
+def compare_entry(p: query_pb2.SamplePrediction, diff: list[Segment], match: bool | None,
+                  colour: bool) -> Group:
+    """One epoch of `compare`: a title line with the match mark, then the diff indented."""
+    title = Text.assemble((f"epoch {p.epoch}", "bold"), f"  step {p.step}  ", match_mark(match))
+    return Group(title, indented(diff_text(diff, colour)))
+
+
+def compare_footer(reply: query_pb2.CompareSampleResponse, truth: str | None) -> Text:
+    if truth is None:
+        return Text("\nno ground truth: nothing to match against", "dim")
+    hits = [p.epoch for p in reply.predictions if exact_match(p.prediction, truth)]
+    first = f", first at epoch {hits[0]}" if hits else ""
+    return Text(f"\nexact match at {len(hits)} of {len(reply.predictions)} epochs{first}")
+
+
+def sparkline_line(stats: list[EpochStats], line: str) -> Text:
+    if not stats:
+        return Text("no predictions yet", "dim")
+    return Text(f"exact-match rate, epoch {stats[0].epoch} to {stats[-1].epoch}: {line}  "
+                f"({percent(stats[0].exact_match_rate)} -> {percent(stats[-1].exact_match_rate)}"
+                f"; levels {SPARK_LEVELS} low to high)")

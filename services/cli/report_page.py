@@ -1,0 +1,496 @@
+"""The page of `epochlens report`: markup, style and script as string constants,
+assembled by render_page() around the report's data.
+
+The data travels as one JSON block (<script type="application/json">) that the
+page script parses and renders with createElement / textContent only, so model
+text is never parsed as markup. The script is allowed by a Content-Security-
+Policy hash and nothing else may load or run: the file opens from disk with no
+network. Only the selected sample is rendered; its word diffs (a small LCS over
+words and whitespace runs) are computed when it is shown.
+
+Everything here is ASCII: non-ASCII characters are written as \\uXXXX escapes
+in the script (raw strings keep the backslash for JavaScript).
+"""
+
+import base64
+import hashlib
+import html
+
+STYLE = r"""
+:root { --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb; --bg: #f8fafc; --card: #ffffff;
+  --accent: #2563eb; --ok: #15803d; --bad: #b91c1c; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 24px; background: var(--bg); color: var(--fg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { display: grid; gap: 20px; margin-top: 20px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: 16px 20px; }
+h1 { margin: 0 0 12px; font-size: 22px; word-break: break-word; }
+h2 { margin: 0 0 12px; font-size: 17px; }
+h3 { margin: 0 0 6px; font-size: 13px; text-transform: uppercase; letter-spacing: .04em;
+  color: var(--muted); }
+.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 0; }
+.facts dt { color: var(--muted); }
+.facts dd { margin: 0; word-break: break-word; }
+.state { display: inline-block; padding: 0 8px; border-radius: 10px; background: #e0e7ff; }
+.state-succeeded { background: #dcfce7; } .state-failed { background: #fee2e2; }
+.state-running { background: #fef9c3; }
+details { margin-top: 12px; } summary { cursor: pointer; color: var(--accent); }
+pre { margin: 0; white-space: pre-wrap; word-break: break-word;
+  font: 13px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+#run-config { margin-top: 8px; padding: 10px; background: var(--bg); border-radius: 6px;
+  max-height: 320px; overflow: auto; }
+.generated, .hint, .empty { color: var(--muted); margin: 8px 0 0; }
+.hint { margin: 0 0 12px; }
+#chart { width: 100%; max-width: 900px; height: auto; display: block; }
+#chart .grid { stroke: var(--line); } #chart .tick { fill: var(--muted); font-size: 11px; }
+#chart .bar { fill: #cbd5e1; }
+.legend { list-style: none; display: flex; flex-wrap: wrap; gap: 16px; padding: 0;
+  margin: 8px 0 0; color: var(--muted); }
+.swatch { display: inline-block; width: 14px; height: 10px; margin-right: 6px;
+  vertical-align: middle; border-radius: 2px; }
+.swatch.bar { background: #cbd5e1; } .swatch.line { height: 3px; }
+.scroll { max-height: 420px; overflow: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left;
+  white-space: nowrap; }
+th { position: sticky; top: 0; background: var(--card); }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.picker { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 14px; }
+.picker select { max-width: 520px; min-width: 240px; padding: 4px; }
+.picker button { padding: 4px 10px; }
+#sample-position { color: var(--muted); }
+.sample-meta { display: grid; grid-template-columns: repeat(auto-fit, minmax(280px, 1fr));
+  gap: 12px; margin-bottom: 14px; }
+.block pre { padding: 10px; background: var(--bg); border-radius: 6px; max-height: 260px;
+  overflow: auto; }
+.predictions { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px; }
+#sample-view.grid .predictions { grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); }
+.pred-card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
+.pred-card.match { border-left: 4px solid var(--ok); }
+.pred-card.miss { border-left: 4px solid var(--bad); }
+.pred-head { display: flex; flex-wrap: wrap; gap: 12px; align-items: baseline;
+  margin-bottom: 6px; }
+.pred-label { font-weight: 600; } .pred-meta { color: var(--muted); font-size: 12px; }
+.marker { font-size: 12px; padding: 0 6px; border-radius: 8px; }
+.marker.match { color: var(--ok); background: #dcfce7; }
+.marker.miss { color: var(--bad); background: #fee2e2; }
+.marker.none { color: var(--muted); background: var(--bg); }
+.pred-text:empty::after { content: "(empty prediction)"; color: var(--muted); }
+ins { background: #bbf7d0; text-decoration: none; }
+del { background: #fecaca; color: #7f1d1d; }
+"""
+
+BODY = r"""
+<header id="run-header" class="card"></header>
+<main>
+<section id="chart-section" class="card">
+<h2>Exact-match rate and predictions per epoch</h2>
+<div id="chart-box"></div>
+</section>
+<section id="epochs-section" class="card">
+<h2>Epochs</h2>
+<div id="epochs-box" class="scroll"></div>
+</section>
+<section id="explorer" class="card">
+<h2>Sample explorer</h2>
+<p class="hint">Pick a sample to see its prediction at every epoch. Words
+<ins>inserted</ins> and <del>deleted</del> since the previous epoch are highlighted;
+&#10003; marks a prediction equal to the ground truth (whitespace stripped).</p>
+<div id="explorer-box"></div>
+</section>
+</main>
+<noscript><p>This report renders its data with JavaScript; please enable it.</p></noscript>
+"""
+
+SCRIPT_DOM = r"""
+"use strict";
+const DATA = JSON.parse(document.getElementById("report-data").textContent);
+const SVG_NS = "http://www.w3.org/2000/svg";
+const COLORS = ["#2563eb", "#db2777", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+const DASH = "\u2013";
+
+function setAttributes(node, attrs) {
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  return node;
+}
+
+function el(tag, attrs, text) {
+  const node = setAttributes(document.createElement(tag), attrs);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function svgEl(tag, attrs, text) {
+  const node = setAttributes(document.createElementNS(SVG_NS, tag), attrs);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function percent(value) {
+  return value === null || value === undefined ? DASH : (value * 100).toFixed(1) + "%";
+}
+"""
+
+SCRIPT_HEADER = r"""
+function renderHeader(host) {
+  const run = DATA.run;
+  host.append(el("h1", null, run.name || run.id));
+  const facts = [["Run", run.id], ["Model", run.model], ["Dataset", run.dataset],
+    ["State", run.state], ["Created", run.created], ["Finished", run.finished || "not finished"],
+    ["Duration", run.duration || DASH], ["Owner", run.user], ["Epochs", DATA.epochs.length],
+    ["Samples", DATA.samples.length], ["Predictions", DATA.totals.predictions]];
+  const list = el("dl", {class: "facts"});
+  for (const [label, value] of facts) {
+    const cell = el("dd", null, value === "" ? DASH : value);
+    if (label === "State") cell.replaceChildren(el("span", {class: "state state-" + value}, value));
+    list.append(el("dt", null, label), cell);
+  }
+  const config = el("details", {open: ""});
+  config.append(el("summary", null, "Config"),
+    el("pre", {id: "run-config"}, JSON.stringify(run.config, null, 2)));
+  host.append(list, config, el("p", {class: "generated"}, "Generated " + DATA.generated +
+    " by epochlens from the query service."));
+}
+
+function renderEpochs(host) {
+  const table = el("table", {id: "epochs-table"});
+  const head = table.appendChild(el("thead")).appendChild(el("tr"));
+  const columns = [["epoch", "Epoch"], ["latest_step", "Latest step"],
+    ["predictions", "Predictions"], ["exact", "Exact matches"], ["rate", "Exact-match rate"],
+    ["first_write", "First write"], ["last_write", "Last write"]];
+  for (const [, label] of columns) head.append(el("th", {scope: "col"}, label));
+  const body = table.appendChild(el("tbody"));
+  for (const row of DATA.epochs) {
+    const tr = body.appendChild(el("tr", {"data-epoch": row.epoch}));
+    const shown = {...row, rate: percent(row.rate),
+      exact: row.with_truth ? row.exact + " / " + row.with_truth : DASH};
+    columns.forEach(([key], k) => tr.append(
+      el("td", {"data-col": key, class: k < 5 ? "num" : ""}, shown[key])));
+  }
+  host.append(DATA.epochs.length ? table : el("p", {class: "empty"}, "No epochs recorded yet."));
+}
+"""
+
+SCRIPT_CHART = r"""
+// Rate series (DATA.chart.rates) share the left axis, 0-100%: today the exact-match rate,
+// later one mean score and one pass rate per judge criterion, each with one point per epoch.
+// Prediction counts (DATA.chart.counts) are bars on the right axis.
+const CHART = {width: 760, height: 260, left: 52, right: 60, top: 14, bottom: 36};
+
+function chartScales(counts) {
+  const plotWidth = CHART.width - CHART.left - CHART.right;
+  const plotHeight = CHART.height - CHART.top - CHART.bottom;
+  const maxCount = Math.max(1, ...counts);
+  const step = plotWidth / Math.max(1, counts.length);
+  return {step, plotHeight, maxCount,
+    x: (i) => CHART.left + (i + 0.5) * step,
+    rate: (v) => CHART.top + (1 - v) * plotHeight,
+    count: (c) => CHART.top + (1 - c / maxCount) * plotHeight};
+}
+
+function drawAxes(root, epochs, s) {
+  const right = CHART.width - CHART.right;
+  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
+    const y = s.rate(tick);
+    root.append(svgEl("line", {class: "grid", x1: CHART.left, x2: right, y1: y, y2: y}),
+      svgEl("text", {class: "tick", x: CHART.left - 6, y: y + 4, "text-anchor": "end"},
+        tick * 100 + "%"));
+  }
+  for (const c of new Set([0, Math.round(s.maxCount / 2), s.maxCount])) {
+    root.append(svgEl("text", {class: "tick", x: right + 6, y: s.count(c) + 4}, c));
+  }
+  const every = Math.ceil(epochs.length / 12);
+  epochs.forEach((row, i) => {
+    if (i % every && i !== epochs.length - 1) return;
+    root.append(svgEl("text", {class: "tick", x: s.x(i), y: CHART.height - 16,
+      "text-anchor": "middle"}, row.epoch));
+  });
+  root.append(svgEl("text", {class: "tick", x: CHART.left + (right - CHART.left) / 2,
+    y: CHART.height - 2, "text-anchor": "middle"}, "epoch"));
+}
+
+function drawCounts(root, epochs, values, s) {
+  const width = Math.max(2, Math.min(28, s.step * 0.6));
+  values.forEach((c, i) => {
+    const y = s.count(c);
+    const bar = svgEl("rect", {class: "bar", x: s.x(i) - width / 2, y: y, width: width,
+      height: CHART.top + s.plotHeight - y, "data-epoch": epochs[i].epoch});
+    bar.append(svgEl("title", null, "epoch " + epochs[i].epoch + ": " + c + " predictions"));
+    root.append(bar);
+  });
+}
+
+function drawRateSeries(root, epochs, series, color, s) {
+  const group = svgEl("g", {class: "series", "data-series": series.id});
+  let path = "", pen = "M";
+  series.values.forEach((v, i) => {
+    if (v === null) { pen = "M"; return; }
+    path += pen + s.x(i).toFixed(1) + "," + s.rate(v).toFixed(1) + " ";
+    pen = "L";
+  });
+  if (path) group.append(svgEl("path", {d: path.trim(), fill: "none", stroke: color,
+    "stroke-width": 2}));
+  series.values.forEach((v, i) => {
+    if (v === null) return;
+    const dot = svgEl("circle", {class: "pt", cx: s.x(i).toFixed(1), cy: s.rate(v).toFixed(1),
+      r: 3.5, fill: color, "data-series": series.id, "data-epoch": epochs[i].epoch});
+    dot.append(svgEl("title", null, series.label + ", epoch " + epochs[i].epoch + ": " +
+      percent(v)));
+    group.append(dot);
+  });
+  root.append(group);
+}
+
+function chartLegend(rates, counts) {
+  const list = el("ul", {class: "legend"});
+  const item = (kind, color, label) => {
+    const swatch = el("span", {class: "swatch " + kind});
+    if (color) swatch.style.background = color;
+    const li = el("li");
+    li.append(swatch, document.createTextNode(label));
+    return li;
+  };
+  list.append(item("bar", null, counts.label + " (bars, right axis)"));
+  rates.forEach((series, k) => list.append(
+    item("line", COLORS[k % COLORS.length], series.label + " (left axis)")));
+  return list;
+}
+
+function renderChart(host) {
+  const {rates, counts} = DATA.chart;
+  if (!DATA.epochs.length) {
+    host.append(el("p", {class: "empty"}, "No predictions recorded yet."));
+    return;
+  }
+  const s = chartScales(counts.values);
+  const root = svgEl("svg", {id: "chart", viewBox: "0 0 " + CHART.width + " " + CHART.height,
+    role: "img", "aria-label": "Exact-match rate and predictions per epoch"});
+  drawAxes(root, DATA.epochs, s);
+  drawCounts(root, DATA.epochs, counts.values, s);
+  rates.forEach((series, k) => drawRateSeries(root, DATA.epochs, series,
+    COLORS[k % COLORS.length], s));
+  host.append(root, chartLegend(rates, counts));
+  if (!rates.length) host.append(el("p", {class: "empty"},
+    "No prediction in this run has a ground truth, so there is no exact-match rate."));
+}
+"""
+
+SCRIPT_DIFF = r"""
+// Word diff: a token is a word with the whitespace after it (or leading whitespace), so
+// joining the tokens gives the text back; tokens are compared without their whitespace.
+// Common prefix and suffix are cut first; the middle is aligned by an LCS table, or shown as
+// deleted then inserted when the table would be larger than MAX_DIFF_CELLS. Kept and inserted
+// chunks are the new text's own, so together they are exactly the new text.
+const MAX_DIFF_CELLS = 4000000;
+
+function tokenize(text) {
+  const texts = text.match(/\s+|\S+\s*/g) || [];
+  return {texts, keys: texts.map((t) => t.trim())};
+}
+
+function pushOp(ops, op, text) {
+  if (!text) return;
+  const last = ops[ops.length - 1];
+  if (last && last[0] === op) last[1] += text; else ops.push([op, text]);
+}
+
+function lcsTable(a, b) {
+  const width = b.length + 1;
+  const table = new Uint32Array((a.length + 1) * width);
+  for (let i = a.length - 1; i >= 0; i--) {
+    for (let j = b.length - 1; j >= 0; j--) {
+      table[i * width + j] = a[i] === b[j] ? table[(i + 1) * width + j + 1] + 1
+        : Math.max(table[(i + 1) * width + j], table[i * width + j + 1]);
+    }
+  }
+  return table;
+}
+
+function alignMiddle(a, b, ops) {
+  if (a.keys.length * b.keys.length > MAX_DIFF_CELLS) {
+    pushOp(ops, "-", a.texts.join(""));
+    pushOp(ops, "+", b.texts.join(""));
+    return;
+  }
+  const table = lcsTable(a.keys, b.keys), width = b.keys.length + 1;
+  let i = 0, j = 0;
+  while (i < a.keys.length && j < b.keys.length) {
+    if (a.keys[i] === b.keys[j]) { pushOp(ops, "=", b.texts[j]); i++; j++; }
+    else if (table[(i + 1) * width + j] >= table[i * width + j + 1]) pushOp(ops, "-", a.texts[i++]);
+    else pushOp(ops, "+", b.texts[j++]);
+  }
+  pushOp(ops, "-", a.texts.slice(i).join(""));
+  pushOp(ops, "+", b.texts.slice(j).join(""));
+}
+
+function sliceTokens(tokens, start, end) {
+  return {texts: tokens.texts.slice(start, end), keys: tokens.keys.slice(start, end)};
+}
+
+function diffWords(before, after) {
+  const a = tokenize(before), b = tokenize(after), ops = [];
+  let start = 0, endA = a.keys.length, endB = b.keys.length;
+  while (start < endA && start < endB && a.keys[start] === b.keys[start]) start++;
+  while (endA > start && endB > start && a.keys[endA - 1] === b.keys[endB - 1]) {
+    endA--;
+    endB--;
+  }
+  pushOp(ops, "=", b.texts.slice(0, start).join(""));
+  alignMiddle(sliceTokens(a, start, endA), sliceTokens(b, start, endB), ops);
+  pushOp(ops, "=", b.texts.slice(endB).join(""));
+  return ops;
+}
+"""
+
+SCRIPT_EXPLORER = r"""
+const state = {index: -1, ui: null};
+
+function optionLabel(sample) {
+  const last = sample.predictions[sample.predictions.length - 1];
+  const mark = last.exact === true ? "\u2713" : last.exact === false ? "\u2717" : "\u00b7";
+  return "#" + sample.index + " " + mark + " " + sample.prompt.replace(/\s+/g, " ").slice(0, 80);
+}
+
+function marker(exact) {
+  if (exact === null) return el("span", {class: "marker none"}, "no ground truth");
+  return exact ? el("span", {class: "marker match", "data-match": "true"}, "\u2713 exact match")
+    : el("span", {class: "marker miss", "data-match": "false"}, "\u2717 differs");
+}
+
+function predictionMeta(p, previous) {
+  const parts = [p.ms + " ms"];
+  if (p.tokens !== null) parts.push(p.tokens + " tokens");
+  if (previous && previous.text === p.text) parts.push("unchanged");
+  return parts.join(" \u00b7 ");
+}
+
+function predictionCard(p, previous) {
+  const verdict = p.exact === null ? "none" : p.exact ? "match" : "miss";
+  const card = el("li", {class: "pred-card " + verdict, "data-epoch": p.epoch,
+    "data-step": p.step});
+  const head = el("div", {class: "pred-head"});
+  head.append(el("span", {class: "pred-label"}, "epoch " + p.epoch + " \u00b7 step " + p.step),
+    marker(p.exact), el("span", {class: "pred-meta"}, predictionMeta(p, previous)));
+  const text = el("pre", {class: "text pred-text"});
+  const ops = previous ? diffWords(previous.text, p.text) : [["=", p.text]];
+  for (const [op, chunk] of ops) {
+    text.append(op === "=" ? document.createTextNode(chunk) : el(op === "+" ? "ins" : "del",
+      null, chunk));
+  }
+  card.append(head, text);
+  return card;
+}
+
+function textBlock(title, id, text) {
+  const block = el("div", {class: "block"});
+  block.append(el("h3", null, title), el("pre", {id: id, class: "text"}, text));
+  return block;
+}
+
+function renderSample(sample) {
+  const meta = el("div", {class: "sample-meta"});
+  meta.append(textBlock("Prompt", "sample-prompt", sample.prompt),
+    textBlock("Ground truth", "sample-truth",
+      sample.truth === null ? "(no ground truth)" : sample.truth));
+  const list = el("ol", {id: "prediction-list", class: "predictions"});
+  let previous = null;
+  for (const p of sample.predictions) {
+    list.append(predictionCard(p, previous));
+    previous = p;
+  }
+  const fragment = document.createDocumentFragment();
+  fragment.append(meta, list);
+  return fragment;
+}
+"""
+
+SCRIPT_MAIN = r"""
+function selectSample(i) {
+  const ui = state.ui, count = DATA.samples.length;
+  const index = Math.max(0, Math.min(count - 1, Number(i) || 0));
+  const sample = DATA.samples[index];
+  state.index = index;
+  ui.select.value = String(index);
+  ui.prev.disabled = index === 0;
+  ui.next.disabled = index === count - 1;
+  ui.position.textContent = "sample " + (index + 1) + " of " + count + " \u00b7 " +
+    sample.predictions.length + " predictions";
+  ui.view.replaceChildren(renderSample(sample));
+  try {
+    history.replaceState(null, "", "#sample=" + sample.index);
+  } catch (err) {
+    // Some browsers refuse history changes on file: URLs; the hash is only a bookmark aid.
+  }
+}
+
+function buildPicker(host) {
+  const ui = {prev: el("button", {type: "button", id: "prev-sample"}, "\u2190 Previous"),
+    select: el("select", {id: "sample-select", "aria-label": "Sample"}),
+    next: el("button", {type: "button", id: "next-sample"}, "Next \u2192"),
+    layout: el("input", {type: "checkbox", id: "side-by-side"}),
+    position: el("span", {id: "sample-position"}), view: el("div", {id: "sample-view"})};
+  DATA.samples.forEach((sample, i) => ui.select.append(el("option", {value: i},
+    optionLabel(sample))));
+  const toggle = el("label", {class: "toggle"});
+  toggle.append(ui.layout, document.createTextNode(" side by side"));
+  const bar = el("div", {class: "picker"});
+  bar.append(ui.prev, ui.select, ui.next, toggle, ui.position);
+  host.append(bar, ui.view);
+  ui.prev.addEventListener("click", () => selectSample(state.index - 1));
+  ui.next.addEventListener("click", () => selectSample(state.index + 1));
+  ui.select.addEventListener("change", () => selectSample(ui.select.value));
+  ui.layout.addEventListener("change", () => ui.view.classList.toggle("grid",
+    ui.layout.checked));
+  return ui;
+}
+
+function initialIndex() {
+  const match = /^#sample=(\d+)$/.exec(location.hash);
+  const found = match ? DATA.samples.findIndex((s) => s.index === Number(match[1])) : 0;
+  return Math.max(0, found);
+}
+
+function main() {
+  renderHeader(document.getElementById("run-header"));
+  renderChart(document.getElementById("chart-box"));
+  renderEpochs(document.getElementById("epochs-box"));
+  const host = document.getElementById("explorer-box");
+  if (DATA.samples.length) {
+    state.ui = buildPicker(host);
+    selectSample(initialIndex());
+  } else {
+    host.append(el("p", {class: "empty"}, "No samples recorded yet."));
+  }
+  void document.body.offsetHeight;
+  window.epochlensReport = Object.freeze({renderedAt: performance.now(),
+    select: (i) => selectSample(i), selected: () => state.index});
+}
+
+main();
+"""
+
+SCRIPT = "(() => {" + SCRIPT_DOM + SCRIPT_HEADER + SCRIPT_CHART + SCRIPT_DIFF + \
+    SCRIPT_EXPLORER + SCRIPT_MAIN + "})();\n"
+
+
+def script_hash(script: str) -> str:
+    """The CSP source that allows exactly this inline script."""
+    digest = hashlib.sha256(script.encode("ascii")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+def render_page(title: str, data_json: str) -> str:
+    """The whole page. data_json must already be safe inside a <script> element (no '<')."""
+    if "<" in data_json:
+        raise ValueError("data_json must have every '<' escaped")
+    policy = (f"default-src 'none'; script-src {script_hash(SCRIPT)}; "
+              "style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'")
+    safe_title = html.escape(title).encode("ascii", "xmlcharrefreplace").decode("ascii")
+    return "".join((
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        f"<title>{safe_title}</title>\n<style>{STYLE}</style>\n</head>\n<body>{BODY}",
+        '<script type="application/json" id="report-data">', data_json, "</script>\n",
+        "<script>", SCRIPT, "</script>\n</body>\n</html>\n"))

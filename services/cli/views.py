@@ -1,0 +1,218 @@
+"""The run views of the `epochlens` command: runs, epochs, predictions, compare,
+summary, watch and export. Each is a client of the QueryService (through
+services.cli.client.QueryClient); a CliError (service unreachable, token
+missing or rejected, run not found) becomes one `error: ...` line on stderr and
+a non-zero exit status.
+
+--json on the listings prints JSON and nothing else on stdout: protobuf
+messages in the protobuf JSON mapping with the .proto field names (int64 as
+numbers, timestamps as RFC 3339 strings), plus the computed fields named in
+each command's help.
+"""
+
+import itertools
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from services.cli import export as exporting
+from services.cli import render
+from services.cli import watch as watching
+from services.cli.client import CliError
+from services.cli.context import cli_context, one_line_errors
+from services.cli.diff import word_diff
+from services.cli.fetch import prediction_pages
+from services.cli.progress import progress_pages, stderr_is_terminal
+from services.cli.stats import epoch_stats, exact_match
+
+RUN = typer.Argument(..., metavar="RUN", help="Run id (see `epochlens runs`).")
+JSON = typer.Option(False, "--json", help="Print JSON, and nothing else, on stdout.")
+FORMAT = typer.Option(exporting.ExportFormat.jsonl, "--format", help="jsonl or csv.")
+OUTPUT = typer.Option(None, "-o", "--output", dir_okay=False,
+                      help="File to write (default: stdout).")
+EXACT_RULE = ("exact match: the prediction equals the ground truth after stripping leading "
+              "and trailing whitespace from both; rate over predictions with a ground truth")
+
+
+def runs(ctx: typer.Context, as_json: bool = JSON) -> None:
+    """List your runs, newest first."""
+    cli = cli_context(ctx)
+    with cli.client() as client:
+        items = list(client.runs(cli.settings.page_size))
+    if as_json:
+        render.print_json([render.message_dict(r) for r in items])
+    elif items:
+        Console().print(render.runs_table(items))
+    else:
+        typer.echo("no runs yet")
+
+
+def epochs(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None:
+    """List a run's epochs: predictions stored, latest step, first and last write."""
+    with cli_context(ctx).client() as client:
+        items = client.epochs(run_id)
+    if as_json:
+        render.print_json([render.message_dict(e) for e in items])
+    elif items:
+        Console().print(render.epochs_table(items))
+    else:
+        typer.echo(f"run {run_id} has no predictions yet")
+
+
+def predictions(
+    ctx: typer.Context, run_id: str = RUN,
+    epoch: int | None = typer.Option(None, "--epoch", min=0, help="Only this epoch."),
+    sample: int | None = typer.Option(None, "--sample", min=0, help="Only this sample index."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Show at most N "
+                                     "(default EPOCHLENS_CLI_LIST_LIMIT)."),
+    show_all: bool = typer.Option(False, "--all", help="Show every prediction (all pages)."),
+    as_json: bool = JSON,
+) -> None:
+    """List a run's predictions in (step, sample) order, fetched page by page.
+
+    The match column compares each prediction with its ground truth after stripping
+    leading and trailing whitespace; long texts are cut (--json prints them whole).
+    """
+    settings = cli_context(ctx).settings
+    if limit is not None and show_all:
+        raise CliError("--limit and --all exclude each other", 2)
+    cap = None if show_all else (limit or settings.list_limit)
+    page_size = settings.page_size if cap is None else min(settings.page_size, cap + 1)
+    with cli_context(ctx).client() as client:
+        items = client.predictions(run_id, epoch, sample, page_size)
+        shown = list(itertools.islice(items, cap))
+        more = cap is not None and next(items, None) is not None
+    if as_json:
+        render.print_json([render.message_dict(p) for p in shown])
+    else:
+        Console().print(render.predictions_table(shown, settings.preview_chars))
+    if more:
+        typer.echo(f"showing the first {cap}; more with --limit N or --all", err=True)
+
+
+def compare(ctx: typer.Context, run_id: str = RUN,
+            sample: int = typer.Argument(..., metavar="SAMPLE", min=0, help="Sample index."),
+            as_json: bool = JSON) -> None:
+    """One sample across the run, epoch by epoch, with word diffs.
+
+    The prompt and ground truth once, then each epoch's prediction as a word diff against
+    the previous epoch (inserted words green, removed words red and struck through; without
+    colour they are written as [-removed-] and {+inserted+}), marked match,
+    miss or no truth against the ground truth (compared with leading and trailing
+    whitespace stripped). --json adds "exact_match" to each prediction: true, false, or
+    null when there is no ground truth.
+    """
+    with cli_context(ctx).client() as client:
+        reply = client.compare(run_id, sample)
+    truth = reply.ground_truth if reply.HasField("ground_truth") else None
+    if as_json:
+        data = render.message_dict(reply)
+        for entry, p in zip(data["predictions"], reply.predictions, strict=True):
+            entry["exact_match"] = exact_match(p.prediction, truth)
+        render.print_json(data)
+        return
+    console = Console()
+    console.print(render.compare_header(reply))
+    previous = None
+    for p in reply.predictions:
+        diff = word_diff(previous if previous is not None else p.prediction, p.prediction)
+        console.print(render.compare_entry(p, diff, exact_match(p.prediction, truth),
+                                           render.has_colour(console)))
+        previous = p.prediction
+    console.print(render.compare_footer(reply, truth))
+
+
+def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None:
+    """Per epoch: predictions, exact-match count and rate, latest step; and a sparkline.
+
+    Exact match: the prediction equals the ground truth once leading and trailing
+    whitespace is stripped from both; the rate is over the predictions that have a ground
+    truth. The sparkline is ASCII, one character per epoch from _ (0%) to @ (100%).
+    --json prints {"run": the Run, "epochs": one object per epoch with epoch,
+    prediction_count, with_ground_truth, exact_match_count, exact_match_rate (null without
+    ground truth) and latest_step, "sparkline": the sparkline}.
+    """
+    cli = cli_context(ctx)
+    with cli.client() as client:
+        run = client.run(run_id)
+        total = sum(e.prediction_count for e in client.epochs(run_id))
+        pages = progress_pages(prediction_pages(client, cli.settings, run_id), total,
+                               "reading", cli.settings, stderr_is_terminal())
+        stats = epoch_stats(pages)
+    line = render.sparkline(s.exact_match_rate for s in stats)
+    if as_json:
+        render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
+                           "sparkline": line})
+        return
+    console = Console()
+    console.print(render.run_header(run))
+    console.print(render.summary_table(stats))
+    console.print(render.sparkline_line(stats, line))
+    console.print(EXACT_RULE, style="dim")
+
+
+def watch(ctx: typer.Context, run_id: str = RUN,
+          interval: float | None = typer.Option(None, "--interval", min=0.01, help="Seconds "
+                                                "between polls (default "
+                                                "EPOCHLENS_CLI_WATCH_INTERVAL_S).")) -> None:
+    """Follow a run while it trains; exit 0 once it is no longer running.
+
+    Polls GetRun and ListEpochs every --interval seconds and prints each epoch as it lands
+    (a later epoch exists, the run ended, or its count held for one interval) with its
+    exact-match rate.
+    """
+    cli = cli_context(ctx)
+    period = interval or cli.settings.watch_interval_s
+    with cli.client() as client:
+        run = client.run(run_id)
+        follower = watching.EpochFollower(client, cli.settings, run_id)
+        typer.echo(f"watching run {run.id} ({run.name}) every {period:g}s (Ctrl-C stops)")
+        try:
+            state = _follow(follower, period)
+        except KeyboardInterrupt:
+            typer.echo("stopped watching", err=True)
+            raise typer.Exit(130) from None
+    typer.echo(f"run {run_id} {render.state_name(state)}")
+
+
+def _follow(follower: watching.EpochFollower, period: float) -> int:
+    """Polls until the run is over; returns its final state."""
+    while True:
+        state = follower.state()
+        finished = not watching.is_running(state)
+        for line in follower.poll(finished):
+            typer.echo(line)
+        if finished:
+            return state
+        time.sleep(period)
+
+
+def export(ctx: typer.Context, run_id: str = RUN,
+           fmt: exporting.ExportFormat = FORMAT, path: Path | None = OUTPUT) -> None:
+    """Stream every prediction of a run as JSON Lines or CSV, in constant memory.
+
+    One record per prediction with the fields of epochlens.v1.Prediction (unset optional
+    fields null in jsonl, empty in csv), in (step, sample) order. With -o, a progress bar
+    on stderr, and FILE appears only once complete.
+    """
+    cli = cli_context(ctx)
+    with cli.client() as client:
+        total = sum(e.prediction_count for e in client.epochs(run_id))
+        pages = progress_pages(prediction_pages(client, cli.settings, run_id), total,
+                               "exporting", cli.settings, path is not None)
+        with exporting.output(path, cli.settings.export_buffer_bytes) as out:
+            written = exporting.write_pages(pages, out, fmt)
+    if path is not None:
+        typer.echo(f"exported {written} predictions to {path}", err=True)
+
+
+COMMANDS = {"runs": runs, "epochs": epochs, "predictions": predictions, "compare": compare,
+            "summary": summary, "watch": watch, "export": export}
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the run views to the `epochlens` command."""
+    for name, command in COMMANDS.items():
+        app.command(name)(one_line_errors(command))

@@ -1,0 +1,1 @@
+"""Tests of the HTML report of `epochlens report`, rendered in headless Chromium."""

@@ -1,0 +1,203 @@
+"""`epochlens report` against the real in-process services on PostgreSQL, and the
+file it writes opened in a real headless Chromium (Debian chromium and
+chromium-driver, installed by `make browser`).
+
+The CLI is synchronous and the servers run on this thread's event loop, so the
+CLI runs in a worker thread.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+from typer.testing import CliRunner
+
+from epochlens.v1 import writer_pb2
+from services.cli.main import app
+from services.cli.report import embed_json
+from services.common.auth import mint_token
+from tests.helpers import create_run, item
+
+# The services on PostgreSQL only: the report is a client of the query service alone.
+ON_POSTGRES = pytest.mark.parametrize("stack", ["postgres"], indirect=True)
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+HTML_PREDICTION = "<script>window.__pwned = 1</script><b>bold</b>"
+TRUTHS = ["the answer is 0", "the answer is 1", "the answer is 2", None]
+PROMPTS = ["question 0: what is the answer?", "question 1: what is the answer?",
+           "<!--<script> question 2 </script>", "write a haiku"]
+# Per sample, its prediction at epochs 1, 2, ...; sample 2 has no epoch 4, sample 3 (no
+# ground truth) only epochs 1 and 2.
+PREDICTIONS = [
+    ["nonsense words here", "the answer maybe 0", "  the answer is 0\n", "the answer is 0"],
+    ["hmm", HTML_PREDICTION, "the answer is one", "the answer is 1"],
+    ["blah", "the answer is 2 or 3", "the answer is 2"],
+    ["first try", "second try"],
+]
+EPOCH_ROWS = [("1", "4", "0 / 3"), ("2", "4", "0 / 3"), ("3", "3", "2 / 3"), ("4", "2", "2 / 2")]
+SHOWN_TEXT_JS = """
+const card = document.querySelector(
+  '#prediction-list .pred-card[data-epoch="' + arguments[0] + '"] .pred-text');
+return Array.from(card.childNodes).filter((n) => n.nodeName !== 'DEL')
+  .map((n) => n.textContent).join('');
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium with a fresh profile; skipped only when it is not installed."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (install them with `make browser`)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--window-size=1280,1600",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+async def seeded_run(stack, writer_stub, user: str) -> str:
+    md = stack.metadata(user)
+    run = await create_run(writer_stub, md, name="report-test",
+                           config={"learning_rate": 0.001, "predictions": {"every": "epoch"}})
+    items = [item(epoch * 10, sample, epoch=epoch, prompt=PROMPTS[sample],
+                  prediction=text, completion_tokens=5)
+             for sample, texts in enumerate(PREDICTIONS)
+             for epoch, text in enumerate(texts, 1)]
+    for sent in items:
+        truth = TRUTHS[sent.sample_index]
+        if truth is None:
+            sent.ClearField("ground_truth")
+        else:
+            sent.ground_truth = truth
+    await writer_stub.WritePredictions(writer_pb2.WritePredictionsRequest(
+        run_id=run.id, predictions=items), metadata=md)
+    await writer_stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id), metadata=md)
+    return run.id
+
+
+async def run_cli(stack, user: str, *args: str):
+    env = {"EPOCHLENS_CLI_QUERY_ADDRESS": stack.query.address,
+           "EPOCHLENS_CLI_TOKEN": mint_token(stack.auth, user)}
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
+
+
+def texts(driver, selector: str, attribute: str | None = None) -> list[str]:
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return [e.get_attribute(attribute) if attribute else e.text for e in found]
+
+
+def assert_overview(driver) -> None:
+    assert driver.find_element(By.CSS_SELECTOR, "#run-header h1").text == "report-test"
+    assert '"learning_rate": 0.001' in driver.find_element(By.ID, "run-config").text
+    points = texts(driver, 'svg#chart circle.pt[data-series="exact_match"]', "data-epoch")
+    assert points == ["1", "2", "3", "4"]
+    assert len(driver.find_elements(By.CSS_SELECTOR, "svg#chart rect.bar")) == 4
+    rows = driver.find_elements(By.CSS_SELECTOR, "#epochs-table tbody tr")
+    assert [tuple(texts(row, f'td[data-col="{c}"]')[0] for c in ("epoch", "predictions", "exact"))
+            for row in rows] == EPOCH_ROWS
+
+
+def assert_sample_shown(driver, index: int) -> None:
+    assert driver.find_element(By.ID, "sample-prompt").text == PROMPTS[index].strip()
+    truth = TRUTHS[index]
+    assert driver.find_element(By.ID, "sample-truth").text == (truth or "(no ground truth)")
+    cards = texts(driver, "#prediction-list .pred-card", "data-epoch")
+    assert cards == [str(e) for e in range(1, len(PREDICTIONS[index]) + 1)]
+    markers = texts(driver, "#prediction-list .marker", "data-match")
+    assert markers == [None if truth is None else str(p.strip() == truth).lower()
+                       for p in PREDICTIONS[index]]
+
+
+def assert_model_text_is_inert(driver) -> None:
+    assert driver.execute_script(SHOWN_TEXT_JS, 2) == HTML_PREDICTION
+    assert driver.find_elements(By.CSS_SELECTOR, "#prediction-list ins")
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.execute_script("return document.querySelectorAll('b').length") == 0
+    assert driver.execute_script("return document.scripts.length") == 2
+
+
+@ON_POSTGRES
+async def test_report_renders_and_explores_samples(stack, writer_stub, browser, tmp_path):
+    user = f"report-{uuid.uuid4().hex[:6]}"
+    run_id = await seeded_run(stack, writer_stub, user)
+    output = tmp_path / "report.html"
+    result = await run_cli(stack, user, "report", run_id, "-o", str(output))
+    assert result.exit_code == 0, result.output
+    assert "4 epochs, 4 samples, 13 predictions" in result.stdout
+    browser.get(output.as_uri())
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, min(height + 200, 6000))
+    screenshot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert screenshot.stat().st_size > 20_000
+    assert_overview(browser)
+    assert_sample_shown(browser, 0)
+    browser.find_element(By.ID, "next-sample").click()
+    assert_sample_shown(browser, 1)
+    assert_model_text_is_inert(browser)
+    Select(browser.find_element(By.ID, "sample-select")).select_by_value("2")
+    assert_sample_shown(browser, 2)
+    browser.find_element(By.ID, "next-sample").click()
+    assert_sample_shown(browser, 3)
+    assert not browser.find_element(By.ID, "next-sample").is_enabled()
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+
+
+@ON_POSTGRES
+async def test_report_of_unknown_run_is_one_line_and_writes_nothing(stack, tmp_path):
+    output = tmp_path / "missing.html"
+    run_id = str(uuid.uuid4())
+    result = await run_cli(stack, "report-nobody", "report", run_id, "-o", str(output))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: run {run_id} not found"
+    assert not output.exists()
+
+
+@ON_POSTGRES
+async def test_report_with_rejected_token_is_one_line(stack, tmp_path):
+    env = {"EPOCHLENS_CLI_QUERY_ADDRESS": stack.query.address, "EPOCHLENS_CLI_TOKEN": "bogus"}
+    result = await asyncio.to_thread(CliRunner().invoke, app,
+                                     ["report", str(uuid.uuid4()), "-o", str(tmp_path / "x")],
+                                     env=env)
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: token rejected")
+
+
+@ON_POSTGRES
+async def test_report_of_a_run_without_predictions(stack, writer_stub, browser, tmp_path):
+    user = f"report-{uuid.uuid4().hex[:6]}"
+    run = await create_run(writer_stub, stack.metadata(user), name="empty")
+    output = tmp_path / "empty.html"
+    result = await run_cli(stack, user, "report", run.id, "-o", str(output))
+    assert result.exit_code == 0, result.output
+    browser.get(output.as_uri())
+    assert browser.find_element(By.CSS_SELECTOR, "#run-header h1").text == "empty"
+    assert browser.find_elements(By.ID, "chart") == []
+    assert "No samples recorded yet." in browser.find_element(By.ID, "explorer-box").text
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_embedded_json_cannot_close_or_comment_out_its_script_element():
+    payload = {"text": "</script><!--<script>a & b\u2028</SCRIPT>"}
+    embedded = embed_json(payload)
+    assert not set("<>&") & set(embedded)
+    assert embedded.isascii()
+    assert json.loads(embedded) == payload
