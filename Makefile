@@ -67,11 +67,13 @@ smoke: install .env
 demo: install .env
 	trap '$(BIN)/epochlens down' EXIT; $(BIN)/epochlens up && $(PY) -m trainer_client.demo
 
-bench: install pg
+bench: install pg browser
 	$(PY) bench/ingest.py
 	$(PY) bench/query.py
 	$(PY) bench/generation.py
 	$(PY) bench/trainer_overhead.py
+	$(PY) bench/export.py
+	$(PY) bench/report.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client
