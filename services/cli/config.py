@@ -27,6 +27,8 @@ class CliSettings(BaseSettings):
                                   "`summary` and `watch` stream (capped by page_size_max).")
     prefetch_pages: int = Field(4, ge=1, description="Pages fetched ahead in a thread while "
                                 "the current one is written or counted.")
+    prefetch_poll_s: float = Field(0.1, gt=0, description="How often the prefetch thread "
+                                   "re-checks a full queue for a consumer that stopped early.")
     export_buffer_bytes: int = Field(1024 * 1024, ge=4096,
                                      description="Write buffer of the file `export -o` writes.")
     progress_refresh_per_s: float = Field(4.0, gt=0, description="Redraws per second of the "

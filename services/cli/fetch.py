@@ -18,12 +18,11 @@ from services.cli.config import CliSettings
 
 T = TypeVar("T")
 _DONE = object()
-_PUT_POLL_S = 0.1
 
 
 class _Prefetcher:
-    def __init__(self, items: Iterator[T], size: int, depth: int) -> None:
-        self._items, self._size = items, size
+    def __init__(self, items: Iterator[T], size: int, depth: int, poll_s: float) -> None:
+        self._items, self._size, self._poll_s = items, size, poll_s
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="epochlens-prefetch",
@@ -43,7 +42,7 @@ class _Prefetcher:
     def _put(self, value: object) -> None:
         while not self._stop.is_set():
             try:
-                self._queue.put(value, timeout=_PUT_POLL_S)
+                self._queue.put(value, timeout=self._poll_s)
                 return
             except queue.Full:
                 continue
@@ -60,13 +59,16 @@ class _Prefetcher:
             self._thread.join()
 
 
-def prefetched(items: Iterator[T], size: int, depth: int) -> Iterator[list[T]]:
-    """`items` in lists of `size`, produced by a thread up to `depth` lists ahead."""
-    return _Prefetcher(items, size, depth).pages()
+def prefetched(items: Iterator[T], size: int, depth: int,
+               poll_s: float) -> Iterator[list[T]]:
+    """`items` in lists of `size`, produced by a thread up to `depth` lists ahead (a full
+    queue is re-checked every poll_s, so a consumer that stops early is noticed)."""
+    return _Prefetcher(items, size, depth, poll_s).pages()
 
 
 def prediction_pages(client: QueryClient, settings: CliSettings, run_id: str,
                      epoch: int | None = None) -> Iterator[list]:
     """Every prediction of the run (or of one epoch), page by page, prefetched."""
     items = client.predictions(run_id, epoch=epoch, page_size=settings.export_page_size)
-    return prefetched(items, settings.export_page_size, settings.prefetch_pages)
+    return prefetched(items, settings.export_page_size, settings.prefetch_pages,
+                      settings.prefetch_poll_s)
