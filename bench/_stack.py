@@ -30,7 +30,9 @@ from services.writer.config import MigrateSettings
 from services.writer.migrate import migrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ROLE_OPTIONS = {"writer": "writer_role", "query": "reader_role"}
+ROLE_OPTIONS = {"writer": "writer_role", "query": "reader_role", "judge": "judge_role"}
+ENV_PREFIXES = {"writer": "EPOCHLENS_WRITER_", "query": "EPOCHLENS_QUERY_",
+                "judge": "EPOCHLENS_JUDGE_"}
 
 
 def add_stack_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,8 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
                    help="login role of the writer service (default %(default)s)")
     g.add_argument("--reader-role", default="epochlens_reader",
                    help="login role of the query service (default %(default)s)")
+    g.add_argument("--judge-role", default="epochlens_judge",
+                   help="login role of the judge service (default %(default)s)")
     g.add_argument("--jwt-secret", default="bench-only-hs256-secret-0123456789abcdef",
                    help="HS256 secret of the services and the bench (default: a bench value)")
     g.add_argument("--page-token-secret", default="bench-only-page-token-secret",
@@ -167,12 +171,12 @@ async def migrate_database(args: argparse.Namespace, dbname: str) -> None:
     """The real migrate step: schema, tables, RLS policies and the two login roles."""
     await migrate(MigrateSettings(
         database_url=dsn(args, args.pg_admin_user, dbname, "postgresql+asyncpg"),
-        writer_role=args.writer_role, reader_role=args.reader_role))
+        writer_role=args.writer_role, reader_role=args.reader_role, judge_role=args.judge_role))
 
 
 def service_env(args: argparse.Namespace, kind: str, dbname: str, port: int) -> dict[str, str]:
     """The environment a service is configured by (see .env.example)."""
-    prefix = "EPOCHLENS_WRITER_" if kind == "writer" else "EPOCHLENS_QUERY_"
+    prefix = ENV_PREFIXES[kind]
     role = getattr(args, ROLE_OPTIONS[kind])
     env = dict(os.environ)
     env.update({
@@ -188,15 +192,17 @@ def service_env(args: argparse.Namespace, kind: str, dbname: str, port: int) -> 
     return env
 
 
-def start_service(args: argparse.Namespace, kind: str, dbname: str) -> Service:
-    """Starts `python -m services.<kind>.server` on a free loopback port."""
+def start_service(args: argparse.Namespace, kind: str, dbname: str,
+                  extra_env: dict[str, str] | None = None) -> Service:
+    """Starts `python -m services.<kind>.server` on a free loopback port; extra_env is added
+    to its environment (for example the writer's EPOCHLENS_WRITER_JUDGE_ADDRESS)."""
     port = free_port(args.service_host)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = args.log_dir / f"{dbname}_{kind}.log"
     with log_path.open("wb") as log_file:
         popen = subprocess.Popen(
             [sys.executable, "-m", f"services.{kind}.server"], cwd=REPO_ROOT,
-            env=service_env(args, kind, dbname, port), stdout=log_file,
+            env={**service_env(args, kind, dbname, port), **(extra_env or {})}, stdout=log_file,
             stderr=subprocess.STDOUT)
     return Service(kind, f"{args.service_host}:{port}", popen, log_path)
 
@@ -230,7 +236,8 @@ def stop_service(args: argparse.Namespace, service: Service) -> int:
 
 @contextlib.asynccontextmanager
 async def bench_stack(args: argparse.Namespace, kinds: Sequence[str]) -> AsyncIterator[Stack]:
-    """A migrated throwaway database with the given services ("writer", "query") running."""
+    """A migrated throwaway database with the given services ("writer", "query", "judge")
+    running."""
     dbname = await create_database(args)
     services: dict[str, Service] = {}
     try:

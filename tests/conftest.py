@@ -16,6 +16,8 @@ from epochlens.v1 import query_pb2_grpc, writer_pb2_grpc
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
 from services.common.server import RunningServer
+from services.judge.config import JudgeSettings
+from services.judge.server import start as start_judge
 from services.query.config import QuerySettings
 from services.query.server import start as start_query
 from services.writer.config import MigrateSettings, WriterSettings
@@ -26,6 +28,7 @@ PG_HOST = os.environ.get("EPOCHLENS_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("EPOCHLENS_TEST_PG_PORT", "5432"))
 PG_ADMIN = os.environ.get("EPOCHLENS_TEST_PG_ADMIN", "postgres")
 WRITER_ROLE, READER_ROLE = "epochlens_writer", "epochlens_reader"
+JUDGE_ROLE = "epochlens_judge"
 JWT_SECRET = "test-secret-for-hs256-at-least-32-bytes-long"
 PAGE_SECRET = "test-page-token-secret"
 
@@ -36,7 +39,7 @@ def pg_url(role: str, database: str) -> str:
 
 @dataclass
 class Stack:
-    """Running writer and query servers and how to call them."""
+    """Running writer, query and judge servers and how to call them."""
 
     backend: str
     writer: RunningServer
@@ -44,6 +47,7 @@ class Stack:
     database: str | None
     sqlite_dir: Path | None
     auth: AuthSettings
+    judge: RunningServer
 
     def metadata(self, user: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {mint_token(self.auth, user)}"),)
@@ -62,7 +66,8 @@ async def pg_database() -> AsyncIterator[str]:
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name),
-                                      writer_role=WRITER_ROLE, reader_role=READER_ROLE))
+                                      writer_role=WRITER_ROLE, reader_role=READER_ROLE,
+                                      judge_role=JUDGE_ROLE))
         yield name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -76,10 +81,16 @@ async def _start_stack(backend: str, auth: AuthSettings, database: str | None,
         common["sqlite_dir"] = sqlite_dir
     writer_url = pg_url(WRITER_ROLE, database) if database else None
     query_url = pg_url(READER_ROLE, database) if database else None
-    writer = await start_writer(WriterSettings(database_url=writer_url, **common), auth)
+    judge_url = pg_url(JUDGE_ROLE, database) if database else None
+    judge = await start_judge(JudgeSettings(database_url=judge_url, idle_poll_s=0.05,
+                                            **common), auth)
+    writer = await start_writer(WriterSettings(database_url=writer_url,
+                                               judge_address=judge.address, outbox_poll_s=0.05,
+                                               outbox_backoff_base_s=0.1,
+                                               outbox_backoff_max_s=1.0, **common), auth)
     query = await start_query(QuerySettings(database_url=query_url, page_token_secret=PAGE_SECRET,
                                             **common), auth)
-    return Stack(backend, writer, query, database, sqlite_dir, auth)
+    return Stack(backend, writer, query, database, sqlite_dir, auth, judge)
 
 
 @pytest.fixture(scope="session", params=["postgres", "sqlite"])
@@ -94,6 +105,7 @@ async def stack(request, auth_settings, pg_database, tmp_path_factory) -> AsyncI
     yield running
     await running.writer.stop(0.5)
     await running.query.stop(0.5)
+    await running.judge.stop(0.5)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
-from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
+from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.cli.config import CliSettings
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
@@ -98,6 +98,19 @@ class QueryClient:
     def compare(self, run_id: str, sample: int) -> query_pb2.CompareSampleResponse:
         return self.call(self._stub.CompareSample, query_pb2.CompareSampleRequest(
             run_id=run_id, sample_index=sample), f"sample {sample} of run {run_id}")
+
+    def judgments(self, run_id: str, epoch: int | None = None, criterion: str = "",
+                  judge_type: int = 0, page_size: int = 0) -> Iterator[judge_pb2.Judgment]:
+        """The run's judgments in (step, sample_index, criterion, judge type, judge model)
+        order, fetched page by page."""
+        request = query_pb2.ListJudgmentsRequest(run_id=run_id, epoch=epoch, criterion=criterion,
+                                                 judge_type=judge_type, page_size=page_size)
+        return self._pages(self._stub.ListJudgments, request, "judgments", f"run {run_id}")
+
+    def run_summary(self, run_id: str) -> query_pb2.RunSummary:
+        """Per epoch and criterion: mean score, pass rate, counts, tokens, cost; the budget."""
+        return self.call(self._stub.GetRunSummary, query_pb2.GetRunSummaryRequest(run_id=run_id),
+                         f"run {run_id}")
 
     def _pages(self, method: Callable, request: Any, field: str, what: str) -> Iterator:
         while True:

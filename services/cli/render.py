@@ -18,9 +18,16 @@ from rich.padding import Padding
 from rich.table import Column, Table
 from rich.text import Text
 
-from epochlens.v1 import common_pb2, query_pb2
+from epochlens.v1 import common_pb2, judge_pb2, query_pb2
 from services.cli.diff import Segment, plain
-from services.cli.stats import EpochStats, exact_match
+from services.cli.stats import (
+    CriterionSeries,
+    EpochCost,
+    EpochStats,
+    exact_match,
+    format_score,
+    normalized,
+)
 
 SPARK_LEVELS = "_.:-=+*#%@"
 DIFF_STYLES = {"equal": "", "delete": "red strike", "insert": "green"}
@@ -152,10 +159,32 @@ def compare_header(reply: query_pb2.CompareSampleResponse) -> Group:
 
 
 def compare_entry(p: query_pb2.SamplePrediction, diff: list[Segment], match: bool | None,
-                  colour: bool) -> Group:
-    """One epoch of `compare`: a title line with the match mark, then the diff indented."""
+                  colour: bool, limit: int) -> Group:
+    """One epoch of `compare`: a title line with the match mark, the diff indented, then
+    its judgments (when it has any), one line each."""
     title = Text.assemble((f"epoch {p.epoch}", "bold"), f"  step {p.step}  ", match_mark(match))
-    return Group(title, indented(diff_text(diff, colour)))
+    if not p.judgments:
+        return Group(title, indented(diff_text(diff, colour)))
+    return Group(title, indented(diff_text(diff, colour)),
+                 indented(judgments_table(p.judgments, limit)))
+
+
+def verdict_mark(j: judge_pb2.Judgment) -> Text:
+    if j.status != judge_pb2.JUDGMENT_STATUS_SCORED:
+        return Text("unscored", "dim")
+    return Text("pass", "bold green") if j.passed else Text("fail", "bold red")
+
+
+def judgments_table(judgments: Iterable[judge_pb2.Judgment], limit: int) -> Table:
+    """Criterion (judge), score, pass/fail/unscored, and the reasoning (or why unscored)
+    cut to `limit` characters; no header, no rules."""
+    table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), pad_edge=False)
+    for j in judgments:
+        scored = j.status == judge_pb2.JUDGMENT_STATUS_SCORED
+        table.add_row(Text(f"{j.criterion} ({j.judge_model})"),
+                      format_score(j.score if scored else None, j.judge_type), verdict_mark(j),
+                      preview(j.reasoning if scored else j.unscored_reason, limit))
+    return table
 
 
 def compare_footer(reply: query_pb2.CompareSampleResponse, truth: str | None) -> Text:
@@ -172,3 +201,73 @@ def sparkline_line(stats: list[EpochStats], line: str) -> Text:
     return Text(f"exact-match rate, epoch {stats[0].epoch} to {stats[-1].epoch}: {line}  "
                 f"({percent(stats[0].exact_match_rate)} -> {percent(stats[-1].exact_match_rate)}"
                 f"; levels {SPARK_LEVELS} low to high)")
+
+
+def judge_scores_table(series: list[CriterionSeries]) -> Table:
+    """Per criterion and epoch: mean score and pass rate over scored judgments, the counts."""
+    table = new_table(Column("criterion", overflow="fold"), Column("judge", overflow="fold"),
+                      "epoch", "mean", "pass rate", "scored", "unscored")
+    for s in series:
+        for epoch, row in sorted(s.by_epoch.items()):
+            table.add_row(Text(s.criterion), Text(s.judge_model), str(epoch),
+                          format_score(s.mean(epoch), s.judge_type),
+                          percent(s.pass_rate(epoch)), str(row.scored_count),
+                          str(row.unscored_count))
+    return table
+
+
+def judge_sparklines(series: list[CriterionSeries], epochs: list[int]) -> Group:
+    """One line per criterion: its mean score per epoch as a sparkline, first -> last."""
+    width = max(len(s.label) for s in series)
+    lines = [Text(f"mean score, epoch {epochs[0]} to {epochs[-1]} (levels {SPARK_LEVELS} low to "
+                  "high; LLM and human scores drawn as score/10; ? = none scored):")]
+    for s in series:
+        means = [s.mean(e) for e in epochs]
+        known = [m for m in means if m is not None]
+        ends = (f"{format_score(known[0], s.judge_type)} -> "
+                f"{format_score(known[-1], s.judge_type)}") if known else "-"
+        line = criterion_sparkline(s, epochs)
+        lines.append(Text(f"  {s.label.ljust(width)}  {line}  {ends}"))
+    return Group(*lines)
+
+
+def usd(value: float) -> str:
+    return f"${value:.4f}"
+
+
+def judge_cost_table(costs: Iterable[EpochCost]) -> Table:
+    table = new_table("epoch", "judge input tokens", "judge output tokens", "judge cost")
+    for c in costs:
+        table.add_row(str(c.epoch), str(c.input_tokens), str(c.output_tokens), usd(c.cost_usd))
+    return table
+
+
+def judge_status(summary: query_pb2.RunSummary) -> Group:
+    """The run's judge cost and budget (when it has judgments), whether LLM judging stopped
+    and why, and the predictions still waiting for the judge."""
+    budget = f" of a {usd(summary.budget_usd)} budget" if summary.budget_usd else ""
+    lines = [Text(f"judge cost: {usd(summary.total_cost_usd)} in total{budget}")
+             ] if summary.rows else []
+    if summary.budget_exhausted:
+        lines.append(Text("LLM judging: budget exhausted, no further paid calls are made",
+                          "bold red"))
+    if summary.llm_paused_reason:
+        lines.append(Text.assemble(("LLM judging paused: ", "bold red"),
+                                   summary.llm_paused_reason))
+    if summary.pending_predictions:
+        lines.append(Text(f"{summary.pending_predictions} predictions waiting for the judge"))
+    return Group(*lines)
+
+
+def criterion_sparkline(series: CriterionSeries, epochs: list[int]) -> str:
+    return sparkline(normalized(series.mean(e), series.judge_type) for e in epochs)
+
+
+def judges_json(summary: query_pb2.RunSummary, series: list[CriterionSeries],
+                epochs: list[int], costs: list[EpochCost]) -> dict:
+    """The "judges" object of `summary --json`."""
+    return {"criteria": [s.as_dict(epochs, criterion_sparkline(s, epochs)) for s in series],
+            "epochs": [c.as_dict() for c in costs], "total_cost_usd": summary.total_cost_usd,
+            "budget_usd": summary.budget_usd, "budget_exhausted": summary.budget_exhausted,
+            "llm_paused_reason": summary.llm_paused_reason,
+            "pending_predictions": summary.pending_predictions}

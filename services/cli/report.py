@@ -2,7 +2,9 @@
 a run evolving across epochs (services.cli.report_page is the page itself).
 
 Everything comes from the QueryService: GetRun, ListEpochs (for the size of the
-progress bar) and ListPredictions page by page, with a progress bar on stderr.
+progress bar), GetRunSummary (the judge scores per epoch and criterion), and
+ListPredictions page by page with ListJudgments merged in (both in step,
+sample_index order; see services.cli.export), with a progress bar on stderr.
 The page receives one JSON object:
 
 * run: id, name, user, model, dataset, config (an object), state, created,
@@ -10,15 +12,25 @@ The page receives one JSON object:
 * epochs: per epoch its predictions, exact matches among those that have a
   ground truth (with_truth), the exact-match rate (null without any), the latest
   step and the first and last write time, all computed from the predictions in
-  the file so every part of the page agrees;
-* chart: `rates`, series of values in [0, 1] with one value per epoch (today the
-  exact-match rate; a judge criterion adds its mean score and pass rate here),
-  and `counts`, the predictions per epoch;
+  the file so every part of the page agrees; and from GetRunSummary `judges`,
+  per criterion id its mean score and pass rate over scored judgments (null
+  when none is scored) and counts, and `judge_cost` (tokens and US dollars);
+* judges: `criteria` (id "c0", "c1", ...: criterion, type rule/llm/human,
+  model, scale, label), the run's total judge cost, budget, whether it is
+  exhausted, why LLM judging paused (empty if not) and the predictions still
+  waiting for the judge;
+* chart: `rates`, series of values in [0, 1] with one value per epoch (null
+  where there is none): the exact-match rate, then per criterion its mean score
+  normalized to 0..1 (rule scores as they are, LLM and human scores divided by
+  10; `raw` keeps the means) and its pass rate; and `counts`, the predictions
+  per epoch;
 * samples: per sample index its prompt and ground truth (from its first
   prediction, as CompareSample does) and its predictions in step order: epoch,
   step, text, exact (ground truth and prediction equal once whitespace is
-  stripped; null without a ground truth), ms (generation time) and tokens
-  (completion tokens, null when not counted);
+  stripped; null without a ground truth), ms (generation time), tokens
+  (completion tokens, null when not counted) and judgments (criterion, type,
+  model, score and passed (null when unscored), threshold, reasoning,
+  unscored_reason);
 * totals and the time the file was generated.
 """
 
@@ -34,11 +46,21 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from epochlens.v1 import common_pb2
+from epochlens.v1 import common_pb2, judge_pb2, query_pb2
 from services.cli.client import CliError, QueryClient
+from services.cli.config import CliSettings
 from services.cli.context import cli_context, one_line_errors
+from services.cli.export import judgment_stream, with_judgments
+from services.cli.fetch import prefetched
 from services.cli.report_page import render_page
-from services.cli.stats import exact_match
+from services.cli.stats import (
+    CriterionSeries,
+    criteria_series,
+    epoch_costs,
+    exact_match,
+    judge_type_name,
+    normalized,
+)
 
 TimeKey = tuple[int, int]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
@@ -98,25 +120,74 @@ class EpochTally:
                 "first_write": format_time(self.first), "last_write": format_time(self.last)}
 
 
-def chart_series(epochs: list[dict]) -> dict:
+def judge_series(series: list[CriterionSeries], epochs: list[dict]) -> list[dict]:
+    """Per criterion: its mean score normalized to 0..1 (raw means kept) and its pass rate."""
+    numbers = [row["epoch"] for row in epochs]
+    rates = []
+    for k, s in enumerate(series):
+        scaled = "" if s.scale == 1 else f" / {s.scale:g}"
+        rates.append({"id": f"mean:c{k}", "criterion": f"c{k}", "kind": "mean",
+                      "label": f"{s.label} mean score{scaled}",
+                      "values": [normalized(s.mean(e), s.judge_type) for e in numbers],
+                      "raw": [s.mean(e) for e in numbers]})
+        rates.append({"id": f"pass:c{k}", "criterion": f"c{k}", "kind": "pass",
+                      "label": f"{s.label} pass rate",
+                      "values": [s.pass_rate(e) for e in numbers]})
+    return rates
+
+
+def chart_series(epochs: list[dict], series: list[CriterionSeries]) -> dict:
     """Rate series (one value in [0, 1] or null per epoch) and the prediction counts."""
     rates = []
     if any(row["with_truth"] for row in epochs):
-        rates.append({"id": "exact_match", "label": "exact-match rate",
+        rates.append({"id": "exact_match", "label": "exact-match rate", "kind": "exact",
                       "values": [row["rate"] for row in epochs]})
-    return {"rates": rates,
+    return {"rates": rates + judge_series(series, epochs),
             "counts": {"label": "predictions", "values": [row["predictions"] for row in epochs]}}
 
 
-class ReportCollector:
-    """Folds the stream of predictions into the report's epochs and samples."""
+def judgment_entry(j: judge_pb2.Judgment) -> dict:
+    """A judgment as the sample explorer shows it."""
+    scored = j.status == judge_pb2.JUDGMENT_STATUS_SCORED
+    return {"criterion": j.criterion, "type": judge_type_name(j.judge_type),
+            "model": j.judge_model, "score": j.score if scored else None,
+            "passed": j.passed if scored else None, "threshold": j.threshold,
+            "reasoning": j.reasoning, "unscored_reason": "" if scored else j.unscored_reason}
 
-    def __init__(self) -> None:
+
+def judges_payload(summary: query_pb2.RunSummary, series: list[CriterionSeries]) -> dict:
+    criteria = [{"id": f"c{k}", "criterion": s.criterion, "type": judge_type_name(s.judge_type),
+                 "model": s.judge_model, "scale": s.scale, "label": s.label}
+                for k, s in enumerate(series)]
+    return {"criteria": criteria, "total_cost_usd": summary.total_cost_usd,
+            "budget_usd": summary.budget_usd, "budget_exhausted": summary.budget_exhausted,
+            "paused_reason": summary.llm_paused_reason,
+            "pending": summary.pending_predictions}
+
+
+def add_judge_columns(row: dict, series: list[CriterionSeries], costs: dict) -> dict:
+    """The epoch row with each criterion's mean and pass rate, and the judge cost."""
+    epoch = row["epoch"]
+    row["judges"] = {f"c{k}": {"mean": s.mean(epoch), "pass": s.pass_rate(epoch),
+                               "scored": s.by_epoch[epoch].scored_count,
+                               "unscored": s.by_epoch[epoch].unscored_count}
+                     for k, s in enumerate(series) if epoch in s.by_epoch}
+    cost = costs.get(epoch)
+    row["judge_cost"] = cost.as_dict() if cost is not None else None
+    return row
+
+
+class ReportCollector:
+    """Folds the stream of predictions (with their judgments) into the report's epochs
+    and samples; the run's judge summary gives the per-criterion columns."""
+
+    def __init__(self, summary: query_pb2.RunSummary | None = None) -> None:
+        self.summary = summary if summary is not None else query_pb2.RunSummary()
         self.epochs: dict[int, EpochTally] = {}
         self.samples: dict[int, dict] = {}
         self.count = 0
 
-    def add(self, p: common_pb2.Prediction) -> None:
+    def add(self, p: common_pb2.Prediction, judgments: list[judge_pb2.Judgment]) -> None:
         truth = p.ground_truth if p.HasField("ground_truth") else None
         exact = exact_match(p.prediction, truth)
         sample = self.samples.get(p.sample_index)
@@ -127,39 +198,50 @@ class ReportCollector:
         sample["predictions"].append({
             "epoch": p.epoch, "step": p.step, "text": p.prediction, "exact": exact,
             "ms": round(ms, 1) if math.isfinite(ms) else None,
-            "tokens": p.completion_tokens if p.HasField("completion_tokens") else None})
+            "tokens": p.completion_tokens if p.HasField("completion_tokens") else None,
+            "judgments": [judgment_entry(j) for j in judgments]})
         tally = self.epochs.get(p.epoch) or self.epochs.setdefault(p.epoch, EpochTally(p.epoch))
         tally.add(p.step, exact, (p.create_time.seconds, p.create_time.nanos))
         self.count += 1
 
     def payload(self) -> dict:
-        epochs = [self.epochs[e].row() for e in sorted(self.epochs)]
-        return {"epochs": epochs, "chart": chart_series(epochs),
+        series = criteria_series(self.summary)
+        costs = {c.epoch: c for c in epoch_costs(self.summary)}
+        epochs = [add_judge_columns(self.epochs[e].row(), series, costs)
+                  for e in sorted(self.epochs)]
+        return {"epochs": epochs, "chart": chart_series(epochs, series),
+                "judges": judges_payload(self.summary, series),
                 "samples": [self.samples[i] for i in sorted(self.samples)],
                 "totals": {"predictions": self.count, "samples": len(self.samples),
                            "epochs": len(epochs)}}
 
 
-def fetch_predictions(client: QueryClient, run_id: str, page_size: int, total: int,
+def fetch_predictions(client: QueryClient, settings: CliSettings, run_id: str, total: int,
                       collector: ReportCollector) -> None:
-    """Every prediction of the run into collector, page by page, with a bar on stderr."""
+    """Every prediction of the run with its judgments into collector, page by page, with a
+    bar on stderr. Judgments are fetched only when the run's summary has some."""
+    size = settings.report_page_size
+    pages = prefetched(client.predictions(run_id, page_size=size), size,
+                       settings.prefetch_pages, settings.prefetch_poll_s)
+    judgments = (judgment_stream(client, settings, run_id, size) if collector.summary.rows
+                 else iter(()))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task("fetching predictions", total=total or None)
-        for prediction in client.predictions(run_id, page_size=page_size):
-            collector.add(prediction)
-            if collector.count % page_size == 0:
-                progress.update(task, completed=collector.count)
+        for page in with_judgments(pages, judgments):
+            for prediction, judged in page:
+                collector.add(prediction, judged)
+            progress.update(task, completed=collector.count)
         progress.update(task, completed=collector.count, total=max(total, collector.count))
 
 
-def collect(client: QueryClient, run_id: str, page_size: int) -> dict:
+def collect(client: QueryClient, run_id: str, settings: CliSettings) -> dict:
     """The report's data (see the module docstring)."""
     run = client.run(run_id)
     total = sum(e.prediction_count for e in client.epochs(run_id))
-    collector = ReportCollector()
-    fetch_predictions(client, run_id, page_size, total, collector)
+    collector = ReportCollector(client.run_summary(run_id))
+    fetch_predictions(client, settings, run_id, total, collector)
     return {"format": 1, "generated": format_time(datetime.now(UTC)), "run": run_summary(run),
             **collector.payload()}
 
@@ -192,7 +274,7 @@ def report(ctx: typer.Context,
     """Write a self-contained HTML report of RUN: chart, epochs and a sample explorer."""
     context = cli_context(ctx)
     with context.client() as client:
-        payload = collect(client, run, context.settings.report_page_size)
+        payload = collect(client, run, context.settings)
     size = write_report(output, payload)
     totals = payload["totals"]
     typer.echo(f"wrote {output} ({size / 1e6:.1f} MB): {totals['epochs']} epochs, "

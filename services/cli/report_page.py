@@ -23,6 +23,7 @@ STYLE = r"""
 body { margin: 0; padding: 24px; background: var(--bg); color: var(--fg);
   font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 main { display: grid; gap: 20px; margin-top: 20px; }
+main > .card { min-width: 0; }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
   padding: 16px 20px; }
 h1 { margin: 0 0 12px; font-size: 22px; word-break: break-word; }
@@ -50,6 +51,8 @@ pre { margin: 0; white-space: pre-wrap; word-break: break-word;
 .swatch { display: inline-block; width: 14px; height: 10px; margin-right: 6px;
   vertical-align: middle; border-radius: 2px; }
 .swatch.bar { background: #cbd5e1; } .swatch.line { height: 3px; }
+.swatch.line.dashed { height: 0; background: none; border-top: 3px dashed; }
+.chart-note { color: var(--muted); margin: 8px 0 0; font-size: 12px; }
 .scroll { max-height: 420px; overflow: auto; }
 table { border-collapse: collapse; width: 100%; }
 th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left;
@@ -77,6 +80,15 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .marker.miss { color: var(--bad); background: #fee2e2; }
 .marker.none { color: var(--muted); background: var(--bg); }
 .pred-text:empty::after { content: "(empty prediction)"; color: var(--muted); }
+.judgments { list-style: none; margin: 8px 0 0; padding: 8px 0 0; display: grid; gap: 4px;
+  border-top: 1px dashed var(--line); font-size: 12px; }
+.judgment { display: grid; grid-template-columns: minmax(120px, max-content) 4.5em 5.5em 1fr;
+  gap: 8px; align-items: baseline; }
+.j-name { font-weight: 600; word-break: break-word; }
+.j-score { text-align: right; font-variant-numeric: tabular-nums; }
+.j-verdict.pass { color: var(--ok); } .j-verdict.fail { color: var(--bad); }
+.j-verdict.unscored { color: var(--muted); }
+.j-reason { white-space: pre-wrap; word-break: break-word; }
 ins { background: #bbf7d0; text-decoration: none; }
 del { background: #fecaca; color: #7f1d1d; }
 """
@@ -85,7 +97,7 @@ BODY = r"""
 <header id="run-header" class="card"></header>
 <main>
 <section id="chart-section" class="card">
-<h2>Exact-match rate and predictions per epoch</h2>
+<h2>Exact match, judge scores and predictions per epoch</h2>
 <div id="chart-box"></div>
 </section>
 <section id="epochs-section" class="card">
@@ -96,7 +108,9 @@ BODY = r"""
 <h2>Sample explorer</h2>
 <p class="hint">Pick a sample to see its prediction at every epoch. Words
 <ins>inserted</ins> and <del>deleted</del> since the previous epoch are highlighted;
-&#10003; marks a prediction equal to the ground truth (whitespace stripped).</p>
+&#10003; marks a prediction equal to the ground truth (whitespace stripped). Under each
+prediction, its judgments: criterion (judge), score, pass or fail against the criterion's
+threshold (or unscored, with why), and the judge's reasoning.</p>
 <div id="explorer-box"></div>
 </section>
 </main>
@@ -107,8 +121,11 @@ SCRIPT_DOM = r"""
 "use strict";
 const DATA = JSON.parse(document.getElementById("report-data").textContent);
 const SVG_NS = "http://www.w3.org/2000/svg";
-const COLORS = ["#2563eb", "#db2777", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+const COLORS = ["#2563eb", "#db2777", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
+  "#4f46e5", "#be123c", "#0d9488"];
 const DASH = "\u2013";
+const JUDGES = DATA.judges || {criteria: [], total_cost_usd: 0, budget_usd: 0,
+  budget_exhausted: false, paused_reason: "", pending: 0};
 
 function setAttributes(node, attrs) {
   for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
@@ -130,6 +147,16 @@ function svgEl(tag, attrs, text) {
 function percent(value) {
   return value === null || value === undefined ? DASH : (value * 100).toFixed(1) + "%";
 }
+
+// Rule scores (0-1) with three decimals, LLM and human scores (1-10) with two.
+function fmtScore(value, type) {
+  if (value === null || value === undefined) return DASH;
+  return type === "rule" ? value.toFixed(3) : value.toFixed(2);
+}
+
+function usd(value) {
+  return "$" + Number(value || 0).toFixed(4);
+}
 """
 
 SCRIPT_HEADER = r"""
@@ -139,10 +166,11 @@ function renderHeader(host) {
   const facts = [["Run", run.id], ["Model", run.model], ["Dataset", run.dataset],
     ["State", run.state], ["Created", run.created], ["Finished", run.finished || "not finished"],
     ["Duration", run.duration || DASH], ["Owner", run.user], ["Epochs", DATA.epochs.length],
-    ["Samples", DATA.samples.length], ["Predictions", DATA.totals.predictions]];
+    ["Samples", DATA.samples.length], ["Predictions", DATA.totals.predictions],
+    ...judgeFacts()];
   const list = el("dl", {class: "facts"});
   for (const [label, value] of facts) {
-    const cell = el("dd", null, value === "" ? DASH : value);
+    const cell = el("dd", {"data-fact": label}, value === "" ? DASH : value);
     if (label === "State") cell.replaceChildren(el("span", {class: "state state-" + value}, value));
     list.append(el("dt", null, label), cell);
   }
@@ -153,29 +181,73 @@ function renderHeader(host) {
     " by epochlens from the query service."));
 }
 
+function judgeFacts() {
+  const facts = [], judged = JUDGES.criteria.length > 0;
+  if (judged) facts.push(["Judge criteria", JUDGES.criteria.map((c) => c.label).join(", ")]);
+  if (judged || JUDGES.budget_usd) {
+    facts.push(["Judge cost", usd(JUDGES.total_cost_usd) +
+      (JUDGES.budget_usd ? " of a " + usd(JUDGES.budget_usd) + " budget" : "")]);
+  }
+  if (JUDGES.budget_exhausted) facts.push(["LLM budget", "exhausted: no further paid calls"]);
+  if (JUDGES.paused_reason) facts.push(["LLM judging", "paused: " + JUDGES.paused_reason]);
+  if (JUDGES.pending) facts.push(["Waiting for the judge", JUDGES.pending + " predictions"]);
+  return facts;
+}
+
+// [key, label, numeric, title]: per criterion its mean score and pass rate over scored
+// judgments (unscored ones are left out), then the epoch's judge cost.
+function epochColumns() {
+  const columns = [["epoch", "Epoch", true], ["latest_step", "Latest step", true],
+    ["predictions", "Predictions", true], ["exact", "Exact matches", true],
+    ["rate", "Exact-match rate", true]];
+  const shared = (name) => JUDGES.criteria.filter((c) => c.criterion === name).length > 1;
+  for (const c of JUDGES.criteria) {
+    const name = shared(c.criterion) ? c.label : c.criterion;
+    columns.push(["mean:" + c.id, name + " mean", true,
+      c.label + ": mean score over scored judgments"],
+    ["pass:" + c.id, name + " pass", true, c.label + ": pass rate over scored judgments"]);
+  }
+  if (JUDGES.criteria.length) columns.push(["judge_cost", "Judge cost", true]);
+  return columns.concat([["first_write", "First write", false],
+    ["last_write", "Last write", false]]);
+}
+
+function epochCells(row) {
+  const shown = {...row, rate: percent(row.rate),
+    exact: row.with_truth ? row.exact + " / " + row.with_truth : DASH,
+    judge_cost: row.judge_cost ? usd(row.judge_cost.cost_usd) : DASH};
+  for (const c of JUDGES.criteria) {
+    const judged = (row.judges || {})[c.id];
+    shown["mean:" + c.id] = judged ? fmtScore(judged.mean, c.type) : DASH;
+    shown["pass:" + c.id] = judged ? percent(judged.pass) : DASH;
+  }
+  return shown;
+}
+
 function renderEpochs(host) {
   const table = el("table", {id: "epochs-table"});
   const head = table.appendChild(el("thead")).appendChild(el("tr"));
-  const columns = [["epoch", "Epoch"], ["latest_step", "Latest step"],
-    ["predictions", "Predictions"], ["exact", "Exact matches"], ["rate", "Exact-match rate"],
-    ["first_write", "First write"], ["last_write", "Last write"]];
-  for (const [, label] of columns) head.append(el("th", {scope: "col"}, label));
+  const columns = epochColumns();
+  for (const [key, label, , title] of columns) {
+    head.append(el("th", {scope: "col", "data-col": key, title: title || label}, label));
+  }
   const body = table.appendChild(el("tbody"));
   for (const row of DATA.epochs) {
     const tr = body.appendChild(el("tr", {"data-epoch": row.epoch}));
-    const shown = {...row, rate: percent(row.rate),
-      exact: row.with_truth ? row.exact + " / " + row.with_truth : DASH};
-    columns.forEach(([key], k) => tr.append(
-      el("td", {"data-col": key, class: k < 5 ? "num" : ""}, shown[key])));
+    const shown = epochCells(row);
+    for (const [key, , numeric] of columns) {
+      tr.append(el("td", {"data-col": key, class: numeric ? "num" : ""}, shown[key]));
+    }
   }
   host.append(DATA.epochs.length ? table : el("p", {class: "empty"}, "No epochs recorded yet."));
 }
 """
 
 SCRIPT_CHART = r"""
-// Rate series (DATA.chart.rates) share the left axis, 0-100%: today the exact-match rate,
-// later one mean score and one pass rate per judge criterion, each with one point per epoch.
-// Prediction counts (DATA.chart.counts) are bars on the right axis.
+// Rate series (DATA.chart.rates) share the left axis, 0-100%: the exact-match rate, then per
+// judge criterion its mean score normalized to 0..1 (solid) and its pass rate (dashed), in
+// the criterion's colour, each with one point per epoch. Prediction counts
+// (DATA.chart.counts) are bars on the right axis.
 const CHART = {width: 760, height: 260, left: 52, right: 60, top: 14, bottom: 36};
 
 function chartScales(counts) {
@@ -221,22 +293,34 @@ function drawCounts(root, epochs, values, s) {
   });
 }
 
+function seriesColor(series) {
+  const k = series.criterion ? Number(series.criterion.slice(1)) + 1 : 0;
+  return COLORS[k % COLORS.length];
+}
+
+function pointLabel(series, i, v) {
+  const criterion = JUDGES.criteria.find((c) => c.id === series.criterion);
+  const shown = series.kind === "mean" && criterion ?
+    fmtScore(series.raw[i], criterion.type) : percent(v);
+  return series.label + ", epoch " + DATA.epochs[i].epoch + ": " + shown;
+}
+
 function drawRateSeries(root, epochs, series, color, s) {
-  const group = svgEl("g", {class: "series", "data-series": series.id});
+  const group = svgEl("g", {class: "series " + (series.kind || ""), "data-series": series.id});
   let path = "", pen = "M";
   series.values.forEach((v, i) => {
     if (v === null) { pen = "M"; return; }
     path += pen + s.x(i).toFixed(1) + "," + s.rate(v).toFixed(1) + " ";
     pen = "L";
   });
+  const dash = series.kind === "pass" ? {"stroke-dasharray": "6 4"} : {};
   if (path) group.append(svgEl("path", {d: path.trim(), fill: "none", stroke: color,
-    "stroke-width": 2}));
+    "stroke-width": 2, ...dash}));
   series.values.forEach((v, i) => {
     if (v === null) return;
     const dot = svgEl("circle", {class: "pt", cx: s.x(i).toFixed(1), cy: s.rate(v).toFixed(1),
       r: 3.5, fill: color, "data-series": series.id, "data-epoch": epochs[i].epoch});
-    dot.append(svgEl("title", null, series.label + ", epoch " + epochs[i].epoch + ": " +
-      percent(v)));
+    dot.append(svgEl("title", null, pointLabel(series, i, v)));
     group.append(dot);
   });
   root.append(group);
@@ -246,14 +330,15 @@ function chartLegend(rates, counts) {
   const list = el("ul", {class: "legend"});
   const item = (kind, color, label) => {
     const swatch = el("span", {class: "swatch " + kind});
-    if (color) swatch.style.background = color;
+    if (color && kind.endsWith("dashed")) swatch.style.borderTopColor = color;
+    else if (color) swatch.style.background = color;
     const li = el("li");
     li.append(swatch, document.createTextNode(label));
     return li;
   };
   list.append(item("bar", null, counts.label + " (bars, right axis)"));
-  rates.forEach((series, k) => list.append(
-    item("line", COLORS[k % COLORS.length], series.label + " (left axis)")));
+  rates.forEach((series) => list.append(item(series.kind === "pass" ? "line dashed" : "line",
+    seriesColor(series), series.label + " (left axis)")));
   return list;
 }
 
@@ -265,13 +350,18 @@ function renderChart(host) {
   }
   const s = chartScales(counts.values);
   const root = svgEl("svg", {id: "chart", viewBox: "0 0 " + CHART.width + " " + CHART.height,
-    role: "img", "aria-label": "Exact-match rate and predictions per epoch"});
+    role: "img", "aria-label": "Exact match, judge scores and predictions per epoch"});
   drawAxes(root, DATA.epochs, s);
   drawCounts(root, DATA.epochs, counts.values, s);
-  rates.forEach((series, k) => drawRateSeries(root, DATA.epochs, series,
-    COLORS[k % COLORS.length], s));
+  rates.forEach((series) => drawRateSeries(root, DATA.epochs, series, seriesColor(series), s));
   host.append(root, chartLegend(rates, counts));
-  if (!rates.length) host.append(el("p", {class: "empty"},
+  if (JUDGES.criteria.length) host.append(el("p", {class: "chart-note", id: "chart-note"},
+    "Judge scores share the left axis as 0-100%: rule criteria score 0-1 and are drawn as " +
+    "they are; LLM and human criteria score 1-10 and are drawn divided by 10 (so 7/10 is " +
+    "70%). Solid lines are mean scores over scored judgments, dashed lines pass rates; " +
+    "unscored judgments are left out of both."));
+  if (!rates.some((series) => series.id === "exact_match")) host.append(el("p",
+    {class: "empty"},
     "No prediction in this run has a ground truth, so there is no exact-match rate."));
 }
 """
@@ -365,6 +455,24 @@ function predictionMeta(p, previous) {
   return parts.join(" \u00b7 ");
 }
 
+function judgmentItem(j) {
+  const verdict = j.score === null ? "unscored" : j.passed ? "pass" : "fail";
+  const marks = {pass: "\u2713 pass", fail: "\u2717 fail", unscored: "unscored"};
+  const li = el("li", {class: "judgment", "data-criterion": j.criterion,
+    "data-verdict": verdict, title: "threshold " + j.threshold});
+  li.append(el("span", {class: "j-name"}, j.criterion + " (" + j.model + ")"),
+    el("span", {class: "j-score"}, fmtScore(j.score, j.type)),
+    el("span", {class: "j-verdict " + verdict}, marks[verdict]),
+    el("span", {class: "j-reason"}, verdict === "unscored" ? j.unscored_reason : j.reasoning));
+  return li;
+}
+
+function judgmentList(judgments) {
+  const list = el("ul", {class: "judgments"});
+  for (const j of judgments) list.append(judgmentItem(j));
+  return list;
+}
+
 function predictionCard(p, previous) {
   const verdict = p.exact === null ? "none" : p.exact ? "match" : "miss";
   const card = el("li", {class: "pred-card " + verdict, "data-epoch": p.epoch,
@@ -379,6 +487,7 @@ function predictionCard(p, previous) {
       null, chunk));
   }
   card.append(head, text);
+  if (p.judgments && p.judgments.length) card.append(judgmentList(p.judgments));
   return card;
 }
 

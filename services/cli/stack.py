@@ -1,7 +1,7 @@
 """`epochlens up` / `epochlens down`: the docker-compose stack as local processes.
 
-The same steps as docker-compose.yml: migrate, then writer and query, each
-waited on through its health service. Pid files and logs go to the state dir.
+The same steps as docker-compose.yml: migrate, then judge, writer and query,
+each waited on through its health service. Pid files and logs go to the state dir.
 """
 
 import os
@@ -16,10 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import ENV_FILE
 from services.common.health import wait_until_serving
+from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
 from services.writer.config import WriterSettings
 
-SERVICES = (("writer", "services.writer.server"), ("query", "services.query.server"))
+SERVICES = (("judge", "services.judge.server"), ("writer", "services.writer.server"),
+            ("query", "services.query.server"))
 
 
 class StackSettings(BaseSettings):
@@ -43,7 +45,8 @@ def up(settings: StackSettings) -> dict[str, str]:
                              capture_output=True, text=True)
     if migrate.returncode != 0:
         raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
-    addresses = {"writer": _address(WriterSettings()), "query": _address(QuerySettings())}
+    addresses = {"judge": _address(JudgeSettings()), "writer": _address(WriterSettings()),
+                 "query": _address(QuerySettings())}
     for name, module in SERVICES:
         if _running_pid(settings, name) is not None:
             raise StackError(f"{name} is already running (pid file {_pid_file(settings, name)})")
@@ -69,7 +72,7 @@ def down(settings: StackSettings) -> list[str]:
     return stopped
 
 
-def _address(settings: WriterSettings | QuerySettings) -> str:
+def _address(settings: JudgeSettings | WriterSettings | QuerySettings) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
     return f"{host}:{settings.port}"
 

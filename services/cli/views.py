@@ -16,7 +16,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from epochlens.v1 import query_pb2
 from services.cli import export as exporting
 from services.cli import render
 from services.cli import watch as watching
@@ -25,7 +27,14 @@ from services.cli.context import cli_context, one_line_errors
 from services.cli.diff import word_diff
 from services.cli.fetch import prediction_pages
 from services.cli.progress import progress_pages, stderr_is_terminal
-from services.cli.stats import epoch_stats, exact_match
+from services.cli.stats import (
+    CriterionSeries,
+    EpochCost,
+    criteria_series,
+    epoch_costs,
+    epoch_stats,
+    exact_match,
+)
 
 RUN = typer.Argument(..., metavar="RUN", help="Run id (see `epochlens runs`).")
 JSON = typer.Option(False, "--json", help="Print JSON, and nothing else, on stdout.")
@@ -101,10 +110,14 @@ def compare(ctx: typer.Context, run_id: str = RUN,
     the previous epoch (inserted words green, removed words red and struck through; without
     colour they are written as [-removed-] and {+inserted+}), marked match,
     miss or no truth against the ground truth (compared with leading and trailing
-    whitespace stripped). --json adds "exact_match" to each prediction: true, false, or
-    null when there is no ground truth.
+    whitespace stripped). Under each epoch its judgments, one line each: criterion (judge),
+    score, pass/fail (or unscored) and the reasoning (or why it is unscored), cut to
+    EPOCHLENS_CLI_PREVIEW_CHARS. --json adds "exact_match" to each prediction: true,
+    false, or null when there is no ground truth; each prediction's "judgments" are the
+    epochlens.v1.Judgment messages.
     """
-    with cli_context(ctx).client() as client:
+    cli = cli_context(ctx)
+    with cli.client() as client:
         reply = client.compare(run_id, sample)
     truth = reply.ground_truth if reply.HasField("ground_truth") else None
     if as_json:
@@ -119,20 +132,31 @@ def compare(ctx: typer.Context, run_id: str = RUN,
     for p in reply.predictions:
         diff = word_diff(previous if previous is not None else p.prediction, p.prediction)
         console.print(render.compare_entry(p, diff, exact_match(p.prediction, truth),
-                                           render.has_colour(console)))
+                                           render.has_colour(console),
+                                           cli.settings.preview_chars))
         previous = p.prediction
     console.print(render.compare_footer(reply, truth))
 
 
 def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None:
-    """Per epoch: predictions, exact-match count and rate, latest step; and a sparkline.
+    """Per epoch: predictions, exact-match count and rate, latest step; a sparkline; and,
+    when the run has judgments, each criterion's scores per epoch and the judge's cost.
 
     Exact match: the prediction equals the ground truth once leading and trailing
     whitespace is stripped from both; the rate is over the predictions that have a ground
     truth. The sparkline is ASCII, one character per epoch from _ (0%) to @ (100%).
+    Judge criteria (criterion and judge): mean score and pass rate per epoch over the
+    scored judgments (unscored ones are counted apart), a sparkline of the mean score
+    (rule scores 0-1, LLM and human scores 1-10 drawn as score/10; ? where an epoch has no
+    scored judgment), judge tokens and cost per epoch, the run's total cost, and whether
+    the LLM budget is exhausted or LLM judging paused.
     --json prints {"run": the Run, "epochs": one object per epoch with epoch,
     prediction_count, with_ground_truth, exact_match_count, exact_match_rate (null without
-    ground truth) and latest_step, "sparkline": the sparkline}.
+    ground truth) and latest_step, "sparkline": the sparkline, "judges": {"criteria": per
+    criterion its criterion, judge_type, judge_model, scale, sparkline and epochs (epoch,
+    mean_score, pass_rate, scored_count, unscored_count), "epochs": per epoch
+    input_tokens, output_tokens and cost_usd, total_cost_usd, budget_usd,
+    budget_exhausted, llm_paused_reason, pending_predictions}}.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
@@ -141,16 +165,37 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
         pages = progress_pages(prediction_pages(client, cli.settings, run_id), total,
                                "reading", cli.settings, stderr_is_terminal())
         stats = epoch_stats(pages)
+        judged = client.run_summary(run_id)
     line = render.sparkline(s.exact_match_rate for s in stats)
+    series, costs = criteria_series(judged), epoch_costs(judged)
+    epochs = sorted({s.epoch for s in stats} | {c.epoch for c in costs})
     if as_json:
         render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
-                           "sparkline": line})
+                           "sparkline": line,
+                           "judges": render.judges_json(judged, series, epochs, costs)})
         return
     console = Console()
     console.print(render.run_header(run))
     console.print(render.summary_table(stats))
     console.print(render.sparkline_line(stats, line))
     console.print(EXACT_RULE, style="dim")
+    _print_judges(console, judged, series, epochs, costs)
+
+
+def _print_judges(console: Console, judged: query_pb2.RunSummary,
+                  series: list[CriterionSeries], epochs: list[int],
+                  costs: list[EpochCost]) -> None:
+    """The judge part of `summary`: nothing at all for a run without judgments (but a
+    stopped LLM judge or predictions waiting for the judge are said)."""
+    if series:
+        console.print(Text("\njudge scores per epoch (mean and pass rate over scored "
+                           "judgments; unscored ones are counted apart)", "bold"))
+        console.print(render.judge_scores_table(series))
+        console.print(render.judge_sparklines(series, epochs))
+        console.print(render.judge_cost_table(costs))
+    status = render.judge_status(judged)
+    if status.renderables:
+        console.print(status)
 
 
 def watch(ctx: typer.Context, run_id: str = RUN,
@@ -191,19 +236,27 @@ def _follow(follower: watching.EpochFollower, period: float) -> int:
 
 def export(ctx: typer.Context, run_id: str = RUN,
            fmt: exporting.ExportFormat = FORMAT, path: Path | None = OUTPUT) -> None:
-    """Stream every prediction of a run as JSON Lines or CSV, in constant memory.
+    """Stream every prediction of a run, with its judgments, as JSON Lines or CSV, in
+    constant memory.
 
     One record per prediction with the fields of epochlens.v1.Prediction (unset optional
-    fields null in jsonl, empty in csv), in (step, sample) order. With -o, a progress bar
-    on stderr, and FILE appears only once complete.
+    fields null in jsonl, empty in csv), in (step, sample) order. jsonl adds "judgments",
+    a list of the prediction's judgments (score and passed null when unscored); csv adds
+    one "score:<criterion>" column per criterion the run has (empty when not scored).
+    With -o, a progress bar on stderr, and FILE appears only once complete.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
         total = sum(e.prediction_count for e in client.epochs(run_id))
+        judged = client.run_summary(run_id)
         pages = progress_pages(prediction_pages(client, cli.settings, run_id), total,
                                "exporting", cli.settings, path is not None)
+        judgments = (exporting.judgment_stream(client, cli.settings, run_id,
+                                               cli.settings.export_page_size)
+                     if judged.rows else iter(()))
         with exporting.output(path, cli.settings.export_buffer_bytes) as out:
-            written = exporting.write_pages(pages, out, fmt)
+            written = exporting.write_pages(exporting.with_judgments(pages, judgments), out,
+                                            fmt, exporting.score_columns(judged))
     if path is not None:
         typer.echo(f"exported {written} predictions to {path}", err=True)
 

@@ -1,4 +1,5 @@
-"""Reads over schema `writer`, always scoped to one user (and, on PostgreSQL, under RLS)."""
+"""Reads over schemas `writer` and `judge`, always scoped to one user (and, on PostgreSQL,
+under RLS). The judge statements are in services.query.judgments."""
 
 import uuid
 from collections.abc import Sequence
@@ -7,8 +8,10 @@ from datetime import datetime
 from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from epochlens.v1 import query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
+from services.query import judgments
 from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
@@ -67,9 +70,10 @@ class QueryRepository:
                 await _owned_run(conn, user_id, run_id)
             return rows
 
-    async def sample_history(self, user_id: str, run_id: uuid.UUID,
-                             sample_index: int) -> Sequence[Row]:
-        """Every prediction of one sample, in step order; NOT_FOUND when there is none."""
+    async def sample_history(self, user_id: str, run_id: uuid.UUID, sample_index: int
+                             ) -> tuple[Sequence[Row], dict[int, list[Row]]]:
+        """Every prediction of one sample in step order, and its judgments by step;
+        NOT_FOUND when there is no prediction."""
         stmt = (select(*_PREDICTION_COLUMNS)
                 .where(P.c.run_id == run_id, P.c.user_id == user_id,
                        P.c.sample_index == sample_index)
@@ -80,7 +84,26 @@ class QueryRepository:
                 await _owned_run(conn, user_id, run_id)
                 raise NotFound(f"run {run_id} has no predictions for sample {sample_index}",
                                {"run_id": str(run_id), "sample_index": str(sample_index)})
+            return rows, await judgments.sample_judgments(conn, user_id, run_id, sample_index)
+
+    async def list_judgments(self, user_id: str, run_id: uuid.UUID,
+                             filters: judgments.JudgmentFilter, after: tuple | None,
+                             limit: int) -> Sequence[Row]:
+        """A page of the run's judgments in judgments.JUDGMENT_ORDER."""
+        async with user_transaction(self._engine, user_id) as conn:
+            rows = await judgments.judgment_page(conn, user_id, run_id, filters, after, limit)
+            if not rows:
+                await _owned_run(conn, user_id, run_id)
             return rows
+
+    async def run_summary(self, user_id: str, run_id: uuid.UUID) -> query_pb2.RunSummary:
+        """The run's judge summary (a RunSummary message); NOT_FOUND for another's run."""
+        async with user_transaction(self._engine, user_id) as conn:
+            await _owned_run(conn, user_id, run_id)
+            rows = await judgments.summary_rows(conn, user_id, run_id)
+            state = await judgments.llm_state(conn, user_id, run_id)
+            pending = await judgments.pending_count(conn, user_id, run_id)
+        return judgments.summary_to_proto(run_id, rows, state, pending)
 
 
 async def _owned_run(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> Row:

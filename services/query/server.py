@@ -11,6 +11,7 @@ from services.common.server import (
     create_server,
     serve_until_signalled,
 )
+from services.judge.models import SCHEMA as JUDGE_SCHEMA
 from services.query.config import QuerySettings
 from services.query.repository import QueryRepository
 from services.query.servicer import QueryServicer
@@ -21,7 +22,7 @@ SERVICE_NAME = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 
 async def start(settings: QuerySettings, auth: AuthSettings) -> RunningServer:
     """Starts the query service on settings.host:settings.port (0 = a free port)."""
-    engine = create_engine(settings, (WRITER_SCHEMA,), read_only=True,
+    engine = create_engine(settings, (WRITER_SCHEMA, JUDGE_SCHEMA), read_only=True,
                            application_name="epochlens-query")
     servicer = QueryServicer(QueryRepository(engine), settings)
     running = await create_server(

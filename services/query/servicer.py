@@ -5,11 +5,12 @@ from datetime import datetime
 
 import grpc
 
-from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
+from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, run_to_proto, timestamp, utc
 from services.common.errors import FieldViolation, InvalidArgument
 from services.query.config import QuerySettings
+from services.query.judgments import JudgmentFilter, add_judgments
 from services.query.pagination import PageTokens, resolve_page_size
 from services.query.repository import QueryRepository
 
@@ -20,6 +21,15 @@ def prediction_to_proto(row) -> common_pb2.Prediction:
         prompt=row.prompt, ground_truth=row.ground_truth, prediction=row.prediction,
         generation_time_ms=row.generation_time_ms, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, create_time=timestamp(row.create_time))
+
+
+def _judgment_filter(request: query_pb2.ListJudgmentsRequest) -> JudgmentFilter:
+    epoch = request.epoch if request.HasField("epoch") else None
+    _check_non_negative("epoch", epoch)
+    if request.judge_type not in judge_pb2.JudgeType.values():
+        raise InvalidArgument([FieldViolation(
+            "judge_type", f"unknown judge type {request.judge_type}")])
+    return JudgmentFilter(epoch, request.criterion, request.judge_type)
 
 
 def _check_non_negative(name: str, value: int | None) -> None:
@@ -98,11 +108,39 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                             ) -> query_pb2.CompareSampleResponse:
         run_id = parse_run_id(request.run_id)
         _check_non_negative("sample_index", request.sample_index)
-        rows = await self._repo.sample_history(current_user(), run_id, request.sample_index)
+        rows, judged = await self._repo.sample_history(current_user(), run_id,
+                                                       request.sample_index)
         first = rows[0]
-        return query_pb2.CompareSampleResponse(
+        response = query_pb2.CompareSampleResponse(
             run_id=str(run_id), sample_index=request.sample_index, prompt=first.prompt,
-            ground_truth=first.ground_truth, predictions=[query_pb2.SamplePrediction(
+            ground_truth=first.ground_truth)
+        for r in rows:
+            entry = response.predictions.add(
                 epoch=r.epoch, step=r.step, prediction=r.prediction,
                 generation_time_ms=r.generation_time_ms, completion_tokens=r.completion_tokens,
-                create_time=timestamp(r.create_time)) for r in rows])
+                create_time=timestamp(r.create_time))
+            add_judgments(entry.judgments, judged.get(r.step, ()))
+        return response
+
+    async def ListJudgments(self, request: query_pb2.ListJudgmentsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> query_pb2.ListJudgmentsResponse:
+        run_id = parse_run_id(request.run_id)
+        filters = _judgment_filter(request)
+        size = self._page_size(request.page_size)
+        fingerprint = {"method": "ListJudgments", "run_id": str(run_id), "epoch": filters.epoch,
+                       "criterion": filters.criterion, "judge_type": filters.judge_type}
+        key = self._tokens.decode(request.page_token, fingerprint)
+        rows = await self._repo.list_judgments(current_user(), run_id, filters,
+                                               None if key is None else tuple(key), size + 1)
+        response = query_pb2.ListJudgmentsResponse()
+        add_judgments(response.judgments, rows[:size])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = self._tokens.encode(fingerprint, [
+                last.step, last.sample_index, last.criterion, last.judge_type, last.judge_model])
+        return response
+
+    async def GetRunSummary(self, request: query_pb2.GetRunSummaryRequest,
+                            context: grpc.aio.ServicerContext) -> query_pb2.RunSummary:
+        return await self._repo.run_summary(current_user(), parse_run_id(request.run_id))

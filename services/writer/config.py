@@ -24,6 +24,38 @@ class WriterSettings(ServiceSettings):
     stream_commit_concurrency: int = Field(
         2, ge=1, description="Groups of one stream committed at once, each in its own "
         "transaction; acks still go out in sequence order.")
+    judge_address: str | None = Field(
+        None, description="host:port of the judge service. Set: every new prediction gets a "
+        "judge outbox row in its transaction and the dispatcher hands them to the judge. "
+        "Unset: judging is off.")
+    outbox_batch: int = Field(
+        500, ge=1, description="Most outbox rows one dispatcher pass claims (keep it at or "
+        "below the judge's most items per EnqueueJudging).")
+    outbox_concurrency: int = Field(
+        2, ge=1, description="Dispatcher passes run at once on PostgreSQL, each claiming its "
+        "own rows (SKIP LOCKED); SQLite always runs one.")
+    outbox_poll_s: float = Field(
+        0.5, gt=0, description="Pause of the dispatcher after a pass that found less than "
+        "a full batch, seconds.")
+    outbox_backoff_base_s: float = Field(
+        1.0, gt=0, description="First retry delay of outbox rows the judge did not accept "
+        "(doubles per attempt, with jitter), seconds.")
+    outbox_backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest retry delay of outbox rows, seconds.")
+    outbox_rpc_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one EnqueueJudging call, seconds.")
+    outbox_rpc_max_attempts: int = Field(
+        3, ge=1, le=5, description="Attempts of one EnqueueJudging call on UNAVAILABLE, by the "
+        "channel's retry policy, before the rows wait for the next backoff.")
+    outbox_ingest_quiet_s: float = Field(
+        1.0, ge=0, description="Ingest comes first: the dispatcher starts no pass while "
+        "predictions were committed in the last this many seconds (0: never defers).")
+    outbox_max_defer_s: float = Field(
+        30.0, gt=0, description="Longest the dispatcher defers to a continuous ingest; then "
+        "it hands off until the outbox is drained, and defers again.")
+    outbox_parked_delay_s: float = Field(
+        3600.0, gt=0, description="Delay before outbox rows the judge refused as "
+        "INVALID_ARGUMENT (a bad judge config in the run) are tried again, seconds.")
 
 
 class MigrateSettings(DatabaseSettings):
@@ -41,3 +73,6 @@ class MigrateSettings(DatabaseSettings):
     reader_role: str = Field("epochlens_reader", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
                              description="PostgreSQL read-only login role of the query service.")
     reader_role_password: str | None = Field(None, description="Password set on reader_role.")
+    judge_role: str = Field("epochlens_judge", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                            description="PostgreSQL login role of the judge service.")
+    judge_role_password: str | None = Field(None, description="Password set on judge_role.")

@@ -1,5 +1,6 @@
 """The migrate step: brings schema `writer` to the newest revision, then (on
-PostgreSQL) makes sure the service roles exist with the grants they need.
+PostgreSQL) makes sure the service roles exist with the grants they need; then does the
+same for schema `judge` (services.judge.migrate).
 
 Run as `epochlens-migrate` (or `python -m services.writer.migrate`) with an
 admin database URL in EPOCHLENS_MIGRATE_DATABASE_URL; without one it migrates
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.db import create_engine, is_postgres
 from services.common.server import configure_logging
+from services.judge.migrate import migrate_judge
 from services.writer.config import MigrateSettings
 from services.writer.models import SCHEMA
 
@@ -47,11 +49,13 @@ async def migrate(settings: MigrateSettings) -> None:
     finally:
         await engine.dispose()
     log.info("schema %s is at head", SCHEMA)
+    await migrate_judge(settings)
 
 
 # Table privileges per role kind. Predictions are immutable: the writer may not update them.
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
-                 "epochs": "SELECT, INSERT, UPDATE"}
+                 "epochs": "SELECT, INSERT, UPDATE",
+                 "judge_outbox": "SELECT, INSERT, UPDATE, DELETE"}
 READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT"}
 
 
@@ -70,6 +74,17 @@ async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> Non
         await conn.execute(text(f'GRANT USAGE ON SCHEMA {SCHEMA} TO "{role}"'))
         for table, privileges in grants.items():
             await conn.execute(text(f'GRANT {privileges} ON {SCHEMA}.{table} TO "{role}"'))
+    await _ensure_dispatcher_policies(conn, settings.writer_role)
+
+
+async def _ensure_dispatcher_policies(conn: AsyncConnection, role: str) -> None:
+    """The writer's outbox dispatcher claims every user's rows: on judge_outbox only, the
+    writer role may read, update and delete any row (inserts stay under the owner policy)."""
+    for command_name in ("SELECT", "UPDATE", "DELETE"):
+        policy = f"judge_outbox_dispatcher_{command_name.lower()}"
+        await conn.execute(text(f"DROP POLICY IF EXISTS {policy} ON {SCHEMA}.judge_outbox"))
+        await conn.execute(text(f'CREATE POLICY {policy} ON {SCHEMA}.judge_outbox '
+                                f'FOR {command_name} TO "{role}" USING (true)'))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Tables of schema `writer`: runs and predictions."""
+"""Tables of schema `writer`: runs, predictions, per-epoch summaries and the judge outbox."""
 
 import uuid
 from datetime import datetime
@@ -96,6 +96,27 @@ class EpochRow(WriterBase):
     last_create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class JudgeOutboxRow(WriterBase):
+    """A committed prediction not yet handed to the judge service. Written in the same
+    transaction (and statement) as the prediction; deleted once EnqueueJudging accepted it."""
+
+    __tablename__ = "judge_outbox"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sample_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Failed hand-offs so far; the backoff grows with it.
+    attempts: Mapped[int] = mapped_column(Integer)
+    # Not claimed by the dispatcher before this time.
+    next_attempt_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "next_attempt_time"),)
+
+
 runs_table = RunRow.__table__
 predictions_table = PredictionRow.__table__
 epochs_table = EpochRow.__table__
+judge_outbox_table = JudgeOutboxRow.__table__

@@ -1,5 +1,6 @@
 """Writes to schema `writer`. Every method runs in a transaction acting for one user."""
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,13 +14,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from epochlens.v1 import common_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
-from services.writer.models import SCHEMA, epochs_table, predictions_table, runs_table
+from services.writer.models import (
+    SCHEMA,
+    epochs_table,
+    judge_outbox_table,
+    predictions_table,
+    runs_table,
+)
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
 # the same order) skipping identities already stored, and the rows actually inserted
-# update the per-epoch summary. The statement returns how many were inserted.
-_PG_BULK_INSERT = text(f"""
+# update the per-epoch summary (and, with judging on, get a judge outbox row). The
+# statement returns how many were inserted.
+_PG_INSERT_CTE = f"""
 WITH ins AS (
     INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index, prompt,
         ground_truth, prediction, generation_time_ms, prompt_tokens, completion_tokens,
@@ -31,7 +39,7 @@ WITH ins AS (
                 CAST(:ctoks AS INT[])) AS u(r, e, s, i, p, g, o, t, pt, ct)
     ORDER BY r, s, i
     ON CONFLICT (run_id, step, sample_index) DO NOTHING
-    RETURNING run_id, epoch, step
+    RETURNING run_id, epoch, step, sample_index
 ), per_epoch AS (
     SELECT run_id, epoch, count(*) AS n, max(step) AS latest FROM ins GROUP BY run_id, epoch
 ), summary AS (
@@ -43,9 +51,20 @@ WITH ins AS (
         prediction_count = e.prediction_count + EXCLUDED.prediction_count,
         latest_step = GREATEST(e.latest_step, EXCLUDED.latest_step),
         last_create_time = GREATEST(e.last_create_time, EXCLUDED.last_create_time)
-)
-SELECT COALESCE(SUM(n), 0) FROM per_epoch
-""")
+)"""
+# Only predictions actually inserted (not duplicates) are handed to the judge.
+_PG_OUTBOX_CTE = f""", outbox AS (
+    INSERT INTO {SCHEMA}.judge_outbox (run_id, step, sample_index, user_id, create_time,
+        attempts, next_attempt_time, last_error)
+    SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL FROM ins
+    ORDER BY run_id, step, sample_index
+)"""
+_PG_COUNT = "\nSELECT COALESCE(SUM(n), 0) FROM per_epoch\n"
+
+
+_PG_BULK_INSERT = text(_PG_INSERT_CTE + _PG_COUNT)
+# Judging on: the inserted predictions get their outbox rows in the same statement.
+_PG_BULK_INSERT_JUDGED = text(_PG_INSERT_CTE + _PG_OUTBOX_CTE + _PG_COUNT)
 
 
 @dataclass(frozen=True)
@@ -71,8 +90,17 @@ def _insert(conn: AsyncConnection, table):
 
 
 class WriterRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, judging: bool = False) -> None:
+        """judging: new predictions also get a judge outbox row, in the same transaction."""
         self._engine = engine
+        self._judging = judging
+        self._pg_bulk_insert = _PG_BULK_INSERT_JUDGED if judging else _PG_BULK_INSERT
+        self._last_commit = float("-inf")
+
+    def seconds_since_commit(self) -> float:
+        """Seconds since predictions were last committed (inf: never); the outbox dispatcher
+        defers to ingest with it."""
+        return time.monotonic() - self._last_commit
 
     async def create_run(self, user_id: str, fields: dict[str, Any]) -> Row:
         """Inserts a run; with a request_id, returns the run an earlier call created."""
@@ -115,42 +143,56 @@ class WriterRepository:
             ).with_for_update(key_share=True, read=True))).scalars())
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
             inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
+        if inserted:
+            self._last_commit = time.monotonic()
         return CommitResult(inserted, len(rows) - inserted), run_ids - owned
 
     async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
                                   rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
         if is_postgres(conn):
-            return int(await conn.scalar(_PG_BULK_INSERT, _pg_arrays(user_id, rows)))
-        return await _sqlite_insert(conn, user_id, rows)
+            return int(await conn.scalar(self._pg_bulk_insert, _pg_arrays(user_id, rows)))
+        return await _sqlite_insert(conn, user_id, rows, self._judging)
 
 
 async def _sqlite_insert(conn: AsyncConnection, user_id: str,
-                         rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
-    """The embedded path: insert skipping stored identities, then update the epoch summary."""
+                         rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]],
+                         judging: bool) -> int:
+    """The embedded path: insert skipping stored identities, then update the epoch summary
+    and (judging) write the outbox rows of what was inserted."""
     now = _now()
     stmt = (sqlite.insert(predictions_table).on_conflict_do_nothing()
             .returning(predictions_table.c.run_id, predictions_table.c.epoch,
-                       predictions_table.c.step))
+                       predictions_table.c.step, predictions_table.c.sample_index))
     inserted = (await conn.execute(stmt, [_row_dict(user_id, run_id, item, now)
                                           for run_id, item in rows])).all()
+    if inserted:
+        await _sqlite_update_epochs(conn, user_id, inserted, now)
+    if inserted and judging:
+        await conn.execute(sqlite.insert(judge_outbox_table), [
+            {"run_id": run_id, "step": step, "sample_index": index, "user_id": user_id,
+             "create_time": now, "attempts": 0, "next_attempt_time": now, "last_error": None}
+            for run_id, _, step, index in inserted])
+    return len(inserted)
+
+
+async def _sqlite_update_epochs(conn: AsyncConnection, user_id: str, inserted: Sequence[Row],
+                                now: datetime) -> None:
     per_epoch: dict[tuple[uuid.UUID, int], list[int]] = {}
-    for run_id, epoch, step in inserted:
+    for run_id, epoch, step, _ in inserted:
         count_and_step = per_epoch.setdefault((run_id, epoch), [0, step])
         count_and_step[0] += 1
         count_and_step[1] = max(count_and_step[1], step)
-    if per_epoch:
-        upsert = sqlite.insert(epochs_table)
-        await conn.execute(upsert.on_conflict_do_update(
-            index_elements=["run_id", "epoch"],
-            set_={"prediction_count": epochs_table.c.prediction_count
-                  + upsert.excluded.prediction_count,
-                  "latest_step": func.max(epochs_table.c.latest_step,
-                                          upsert.excluded.latest_step),
-                  "last_create_time": upsert.excluded.last_create_time}),
-            [{"run_id": run_id, "epoch": epoch, "user_id": user_id, "prediction_count": n,
-              "latest_step": step, "first_create_time": now, "last_create_time": now}
-             for (run_id, epoch), (n, step) in per_epoch.items()])
-    return len(inserted)
+    upsert = sqlite.insert(epochs_table)
+    await conn.execute(upsert.on_conflict_do_update(
+        index_elements=["run_id", "epoch"],
+        set_={"prediction_count": epochs_table.c.prediction_count
+              + upsert.excluded.prediction_count,
+              "latest_step": func.max(epochs_table.c.latest_step,
+                                      upsert.excluded.latest_step),
+              "last_create_time": upsert.excluded.last_create_time}),
+        [{"run_id": run_id, "epoch": epoch, "user_id": user_id, "prediction_count": n,
+          "latest_step": step, "first_create_time": now, "last_create_time": now}
+         for (run_id, epoch), (n, step) in per_epoch.items()])
 
 
 def _optional(item: common_pb2.PredictionInput, name: str) -> Any:

@@ -13,6 +13,7 @@ from services.common.server import (
 )
 from services.writer.config import WriterSettings
 from services.writer.models import SCHEMA
+from services.writer.outbox import OutboxDispatcher
 from services.writer.repository import WriterRepository
 from services.writer.servicer import WriterServicer
 
@@ -20,15 +21,28 @@ SERVICE_NAME = writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"]
 
 
 async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
-    """Starts the writer on settings.host:settings.port (0 = a free port)."""
+    """Starts the writer on settings.host:settings.port (0 = a free port); with a
+    judge_address, also the judge outbox dispatcher (stopped after the server)."""
     engine = create_engine(settings, (SCHEMA,), application_name="epochlens-writer")
-    servicer = WriterServicer(WriterRepository(engine), settings)
+    judging = settings.judge_address is not None
+    repository = WriterRepository(engine, judging=judging)
+    servicer = WriterServicer(repository, settings)
+    dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit)
+                  if judging else None)
     running = await create_server(
         settings, auth,
         lambda server: writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(
             servicer, server),
         [SERVICE_NAME])
-    running.on_stop = engine.dispose
+
+    async def on_stop() -> None:
+        if dispatcher is not None:
+            await dispatcher.stop()
+        await engine.dispose()
+
+    if dispatcher is not None:
+        dispatcher.start()
+    running.on_stop = on_stop
     return running
 
 

@@ -1,7 +1,9 @@
 """The run views of the `epochlens` command against the real in-process services
 (PostgreSQL and SQLite): listings, --json, paging, compare diffs, the summary's
 exact-match counts, watch while a run trains, export round trips, and every
-error path as one line and an exit status.
+error path as one line and an exit status. Judgments (inserted into schema
+`judge` directly, see tests/integration/test_query_judgments.py) show in
+summary, compare and export.
 
 The servers run on the session event loop of this thread, so each CLI call runs
 in a worker thread (asyncio.to_thread) while the loop keeps serving.
@@ -17,13 +19,24 @@ import uuid
 
 from typer.testing import CliRunner
 
-from epochlens.v1 import common_pb2, writer_pb2
+from epochlens.v1 import common_pb2, judge_pb2, writer_pb2
 from services.cli.diff import Segment, plain, word_diff
 from services.cli.main import app
 from services.cli.render import sparkline
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
+from services.judge.models import judgments_table, run_llm_state_table
 from tests.helpers import create_run
+from tests.integration.test_query_judgments import (
+    HUMAN,
+    LLM_MODEL,
+    NO_JUDGING,
+    insert_rows,
+    judgment_row,
+    llm_state_row,
+    seed_rows,
+    settled,
+)
 
 EPOCHS, SAMPLES, GRADED = 3, 5, 4  # sample 4 has no ground truth
 
@@ -54,8 +67,11 @@ async def write(stack, writer_stub, user: str, run_id: str, items) -> None:
 
 
 async def seeded(stack, writer_stub, user: str = "viewer") -> str:
-    run = await create_run(writer_stub, stack.metadata(user), name="seeded")
+    """A run of seeded_inputs() with the rule judges off, once the judge has finished it:
+    it has no judgment unless a test inserts some."""
+    run = await create_run(writer_stub, stack.metadata(user), name="seeded", config=NO_JUDGING)
     await write(stack, writer_stub, user, run.id, seeded_inputs())
+    await settled(stack, run.id)
     return run.id
 
 
@@ -218,13 +234,20 @@ async def test_watch_of_a_finished_run_prints_everything_and_exits(stack, writer
         for e in range(1, EPOCHS + 1)] + [f"run {run_id} failed"]
 
 
-def expected_records(run_id: str) -> dict[tuple[int, int], dict]:
-    return {(p.step, p.sample_index): {
+def expected_records(run_id: str, judgments: dict | None = None
+                     ) -> dict[tuple[int, int], dict]:
+    """The seeded predictions as export writes them; with `judgments` (identity -> list)
+    each has its "judgments" list (empty for an identity not in it)."""
+    records = {(p.step, p.sample_index): {
         "run_id": run_id, "epoch": p.epoch, "step": p.step, "sample_index": p.sample_index,
         "prompt": p.prompt, "ground_truth": p.ground_truth if p.HasField("ground_truth") else None,
         "prediction": p.prediction, "generation_time_ms": p.generation_time_ms,
         "prompt_tokens": None, "completion_tokens": p.completion_tokens}
         for p in seeded_inputs()}
+    if judgments is not None:
+        for key, record in records.items():
+            record["judgments"] = judgments.get(key, [])
+    return records
 
 
 def keyed(records: list[dict]) -> dict[tuple[int, int], dict]:
@@ -249,7 +272,7 @@ async def test_export_jsonl_to_a_file_round_trips_every_row_once(stack, writer_s
     assert len(lines) == EPOCHS * SAMPLES
     records = [json.loads(line) for line in lines]
     assert [(r["step"], r["sample_index"]) for r in records] == sorted(expected_records(run_id))
-    assert keyed(records) == expected_records(run_id)
+    assert keyed(records) == expected_records(run_id, {})
     assert list(tmp_path.iterdir()) == [target]
 
 
@@ -265,6 +288,131 @@ async def test_export_csv_to_stdout_round_trips_every_row_once(stack, writer_stu
         r.update({k: r[k] or None for k in ("ground_truth", "prompt_tokens")})
     assert keyed(records) == expected_records(run_id)
     assert records[SAMPLES + 1]["prediction"] == "answer 1 \n"
+
+
+JUDGED = "judged-viewer"
+PAUSED = "openai: 401 invalid api key"
+
+
+async def judged(stack, writer_stub) -> str:
+    """The seeded run with seed_rows() judgments: chrf 0.1 * (epoch + sample), pass at 0.4;
+    helpfulness epoch + sample + 4, pass at 7, sample 4's unscored and each billed."""
+    run_id = await seeded(stack, writer_stub, JUDGED)
+    await insert_rows(stack, judgments_table, seed_rows(run_id, JUDGED, EPOCHS, SAMPLES))
+    return run_id
+
+
+def scores(epochs: list[dict]) -> list[tuple]:
+    return [(e["epoch"], round(e["mean_score"], 6), round(e["pass_rate"], 6), e["scored_count"],
+             e["unscored_count"]) for e in epochs]
+
+
+async def test_summary_shows_each_criterions_scores_cost_and_budget(stack, writer_stub):
+    run_id = await judged(stack, writer_stub)
+    await insert_rows(stack, run_llm_state_table, [llm_state_row(run_id, JUDGED, 0.15, True,
+                                                                 PAUSED)])
+    data = json.loads(ok(await cli(stack, JUDGED, "summary", run_id, "--json")))
+    judges = data["judges"]
+    chrf, helpful = judges["criteria"]
+    assert [(c["criterion"], c["judge_type"], c["judge_model"], c["scale"], c["sparkline"])
+            for c in (chrf, helpful)] == [("chrf", "JUDGE_TYPE_RULE", "rules", 1.0, "-=+"),
+                                          ("helpfulness", "JUDGE_TYPE_LLM", LLM_MODEL, 10.0,
+                                           "*#%")]
+    assert scores(chrf["epochs"]) == [(1, 0.3, 0.4, 5, 0), (2, 0.4, 0.6, 5, 0),
+                                      (3, 0.5, 0.8, 5, 0)]
+    assert scores(helpful["epochs"]) == [(1, 6.5, 0.5, 4, 1), (2, 7.5, 0.75, 4, 1),
+                                         (3, 8.5, 1.0, 4, 1)]
+    assert [(c["epoch"], c["input_tokens"], c["output_tokens"], round(c["cost_usd"], 6))
+            for c in judges["epochs"]] == [(e, 500, 100, 0.05) for e in (1, 2, 3)]
+    assert (round(judges["total_cost_usd"], 6), judges["budget_usd"], judges["budget_exhausted"],
+            judges["llm_paused_reason"], judges["pending_predictions"]) == (0.15, 0.15, True,
+                                                                            PAUSED, 0)
+    assert data["sparkline"] == ":+#" and len(data["epochs"]) == EPOCHS
+    out = ok(await cli(stack, JUDGED, "summary", run_id))
+    assert rows(out, "chrf") == [["chrf", "rules", str(e), f"{0.1 * (e + 2):.3f}", rate, "5", "0"]
+                                 for e, rate in ((1, "40.0%"), (2, "60.0%"), (3, "80.0%"))]
+    assert rows(out, "helpfulness") == [
+        ["helpfulness", LLM_MODEL, str(e), f"{e + 5.5:.2f}", rate, "4", "1"]
+        for e, rate in ((1, "50.0%"), (2, "75.0%"), (3, "100.0%"))]
+    assert rows(out, "chrf (rules)") == [["chrf (rules)", "-=+", "0.300 -> 0.500"]]
+    assert rows(out, f"helpfulness ({LLM_MODEL})") == [
+        [f"helpfulness ({LLM_MODEL})", "*#%", "6.50 -> 8.50"]]
+    assert [r for e in "123" for r in rows(out, e) if len(r) == 4] == [
+        [e, "500", "100", "$0.0500"] for e in "123"]
+    for line in ("judge cost: $0.1500 in total of a $0.1500 budget",
+                 "LLM judging: budget exhausted, no further paid calls are made",
+                 f"LLM judging paused: {PAUSED}"):
+        assert line in out
+
+
+async def test_compare_shows_each_epochs_judgments(stack, writer_stub):
+    run_id = await judged(stack, writer_stub)
+    await insert_rows(stack, judgments_table, [judgment_row(
+        run_id, JUDGED, 2, 20, 4, "tone", HUMAN, 3.0, 5.0, judge_model="reviewer",
+        reasoning="[bold red]not markup[/] " + "x" * 300)])
+    out = ok(await cli(stack, JUDGED, "compare", run_id, "4", EPOCHLENS_CLI_PREVIEW_CHARS="40"))
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    shown = [c for c in cells if c[0].startswith(("epoch ", "chrf (", "helpfulness (", "tone ("))]
+    expected = []
+    for e in range(1, EPOCHS + 1):
+        expected += [[f"epoch {e}", f"step {e * 10}", "[no truth]"],
+                     ["chrf (rules)", f"{0.1 * (e + 4):.3f}", "pass", f"chrf of {e * 10}/4"],
+                     [f"helpfulness ({LLM_MODEL})", "-", "unscored", "reply could not be parsed"]]
+        if e == 2:
+            expected.append(["tone (reviewer)", "3.00", "fail",
+                             "[bold red]not markup[/] " + "x" * 13 + "..."])
+    assert shown == expected
+    data = json.loads(ok(await cli(stack, JUDGED, "compare", run_id, "4", "--json")))
+    assert [[(j["criterion"], j["score"], j["status"], j["prediction"]["step"])
+             for j in p["judgments"]] for p in data["predictions"]] == [
+        [("chrf", round(0.1 * (e + 4), 3), "JUDGMENT_STATUS_SCORED", e * 10),
+         ("helpfulness", 0.0, "JUDGMENT_STATUS_UNSCORED", e * 10)]
+        + ([("tone", 3.0, "JUDGMENT_STATUS_SCORED", 20)] if e == 2 else [])
+        for e in range(1, EPOCHS + 1)]
+
+
+def exported_judgment(row: dict) -> dict:
+    """A seeded judge.judgments row as export writes it (create_time checked apart)."""
+    scored = row["status"] == 1
+    return {"criterion": row["criterion"],
+            "judge_type": judge_pb2.JudgeType.Name(row["judge_type"]),
+            "judge_model": row["judge_model"], "score": row["score"] if scored else None,
+            "passed": row["passed"] if scored else None, "threshold": row["threshold"],
+            "status": judge_pb2.JudgmentStatus.Name(row["status"]),
+            "unscored_reason": row["unscored_reason"], "reasoning": row["reasoning"],
+            "confidence": 0.0, "input_tokens": row["input_tokens"],
+            "output_tokens": row["output_tokens"], "cost_usd": row["cost_usd"],
+            "prompt_version": "v1"}
+
+
+async def test_export_merges_each_predictions_judgments(stack, writer_stub):
+    run_id = await judged(stack, writer_stub)
+    reviewer = judgment_row(run_id, JUDGED, 1, 10, 0, "helpfulness", HUMAN, 9.0, 7.0,
+                            judge_model="reviewer")
+    await insert_rows(stack, judgments_table, [reviewer])
+    seeded_rows = sorted(seed_rows(run_id, JUDGED, EPOCHS, SAMPLES) + [reviewer], key=lambda r: (
+        r["step"], r["sample_index"], r["criterion"], r["judge_type"], r["judge_model"]))
+    by_key: dict[tuple[int, int], list[dict]] = {}
+    for row in seeded_rows:
+        by_key.setdefault((row["step"], row["sample_index"]), []).append(exported_judgment(row))
+    small_pages = {"EPOCHLENS_CLI_EXPORT_PAGE_SIZE": "3", "EPOCHLENS_CLI_PREFETCH_PAGES": "1"}
+    records = [json.loads(line) for line in ok(await cli(
+        stack, JUDGED, "export", run_id, **small_pages)).splitlines()]
+    for record in records:
+        for j in record["judgments"]:
+            assert j.pop("create_time").endswith("Z")
+    assert keyed(records) == expected_records(run_id, by_key)
+    result = await cli(stack, JUDGED, "export", run_id, "--format", "csv", **small_pages)
+    reader = csv.DictReader(io.StringIO(ok(result), newline=""))
+    table = list(reader)
+    assert reader.fieldnames[-3:] == ["score:chrf", f"score:helpfulness:{LLM_MODEL}",
+                                      "score:helpfulness:reviewer"]
+    got = {(int(r["step"]), int(r["sample_index"])): tuple(r[f] for f in reader.fieldnames[-3:])
+           for r in table}
+    assert got == {(e * 10, s): (str(round(0.1 * (e + s), 3)),
+                                 "" if s == SAMPLES - 1 else str(float(e + s + 4)),
+                                 "9.0" if (e, s) == (1, 0) else "")
+                   for e in range(1, EPOCHS + 1) for s in range(SAMPLES)}
 
 
 def closed_port() -> int:

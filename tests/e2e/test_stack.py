@@ -37,21 +37,24 @@ def run(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
 def stack_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     data = str(root / "data")
-    writer, query = free_port(), free_port()
+    writer, query, judge = free_port(), free_port(), free_port()
     env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
            "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
            "EPOCHLENS_WRITER_PORT": str(writer), "EPOCHLENS_QUERY_PORT": str(query),
            "EPOCHLENS_WRITER_SQLITE_DIR": data, "EPOCHLENS_QUERY_SQLITE_DIR": data,
            "EPOCHLENS_MIGRATE_SQLITE_DIR": data, "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
+           "EPOCHLENS_JUDGE_PORT": str(judge), "EPOCHLENS_JUDGE_SQLITE_DIR": data,
+           "EPOCHLENS_WRITER_JUDGE_ADDRESS": f"127.0.0.1:{judge}",
            "EPOCHLENS_CLI_WRITER_ADDRESS": f"127.0.0.1:{writer}",
            "EPOCHLENS_CLI_QUERY_ADDRESS": f"127.0.0.1:{query}", "EPOCHLENS_CLI_USER": "e2e"}
     env.pop("EPOCHLENS_WRITER_DATABASE_URL", None)
     env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
+    env.pop("EPOCHLENS_JUDGE_DATABASE_URL", None)
     up = run([str(BIN / "epochlens"), "up"], env, root)
     assert f"writer: serving on 127.0.0.1:{writer}" in up.stdout
     yield env, root, writer, query
     down = run([str(BIN / "epochlens"), "down"], env, root)
-    assert "stopped: writer, query" in down.stdout
+    assert "stopped: judge, writer, query" in down.stdout
 
 
 def grpcurl() -> str:

@@ -1,6 +1,9 @@
 """`epochlens report` against the real in-process services on PostgreSQL, and the
 file it writes opened in a real headless Chromium (Debian chromium and
-chromium-driver, installed by `make browser`).
+chromium-driver, installed by `make browser`). The run's judgments (a rule
+criterion and an LLM one, inserted into schema `judge` directly) show in the
+header, the chart (normalized), the epochs table and the sample explorer, where
+a reasoning written in HTML stays text.
 
 The CLI is synchronous and the servers run on this thread's event loop, so the
 CLI runs in a worker thread.
@@ -23,13 +26,24 @@ from epochlens.v1 import writer_pb2
 from services.cli.main import app
 from services.cli.report import embed_json
 from services.common.auth import mint_token
+from services.judge.models import judgments_table
 from tests.helpers import create_run, item
+from tests.integration.test_query_judgments import (
+    LLM_MODEL,
+    NO_JUDGING,
+    RULE,
+    insert_rows,
+    judgment_row,
+    llm_row,
+    settled,
+)
 
 # The services on PostgreSQL only: the report is a client of the query service alone.
 ON_POSTGRES = pytest.mark.parametrize("stack", ["postgres"], indirect=True)
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HTML_PREDICTION = "<script>window.__pwned = 1</script><b>bold</b>"
+HTML_REASONING = '<img src=x onerror="window.__pwned = 2"><b>bold</b> & <i>so on</i>'
 TRUTHS = ["the answer is 0", "the answer is 1", "the answer is 2", None]
 PROMPTS = ["question 0: what is the answer?", "question 1: what is the answer?",
            "<!--<script> question 2 </script>", "write a haiku"]
@@ -42,6 +56,12 @@ PREDICTIONS = [
     ["first try", "second try"],
 ]
 EPOCH_ROWS = [("1", "4", "0 / 3"), ("2", "4", "0 / 3"), ("3", "3", "2 / 3"), ("4", "2", "2 / 2")]
+# Judgments: chrf (rules) 0.25 * epoch, pass at 0.5; helpfulness (LLM) 2 * epoch + 1, pass at 7,
+# billed $0.01 each, unscored for sample 3. Per epoch: chrf mean, helpfulness mean and pass
+# rate, judge cost (LLM judgments: 4, 4, 3, 2).
+JUDGE_ROWS = [("0.250", "3.00", "0.0%", "$0.0400"), ("0.500", "5.00", "0.0%", "$0.0400"),
+              ("0.750", "7.00", "100.0%", "$0.0300"), ("1.000", "9.00", "100.0%", "$0.0200")]
+CHART_TOP, CHART_PLOT_HEIGHT = 14, 210  # CHART.top, CHART.height - top - bottom in the page
 SHOWN_TEXT_JS = """
 const card = document.querySelector(
   '#prediction-list .pred-card[data-epoch="' + arguments[0] + '"] .pred-text');
@@ -73,7 +93,8 @@ def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
 async def seeded_run(stack, writer_stub, user: str) -> str:
     md = stack.metadata(user)
     run = await create_run(writer_stub, md, name="report-test",
-                           config={"learning_rate": 0.001, "predictions": {"every": "epoch"}})
+                           config={"learning_rate": 0.001, "predictions": {"every": "epoch"},
+                                   **NO_JUDGING})
     items = [item(epoch * 10, sample, epoch=epoch, prompt=PROMPTS[sample],
                   prediction=text, completion_tokens=5)
              for sample, texts in enumerate(PREDICTIONS)
@@ -87,7 +108,20 @@ async def seeded_run(stack, writer_stub, user: str) -> str:
     await writer_stub.WritePredictions(writer_pb2.WritePredictionsRequest(
         run_id=run.id, predictions=items), metadata=md)
     await writer_stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id), metadata=md)
+    await settled(stack, run.id)
+    await insert_rows(stack, judgments_table, judge_rows(run.id, user, items))
     return run.id
+
+
+def judge_rows(run_id: str, user: str, items) -> list[dict]:
+    rows = []
+    for sent in items:
+        e, s = sent.epoch, sent.sample_index
+        rows.append(judgment_row(run_id, user, e, sent.step, s, "chrf", RULE, 0.25 * e, 0.5))
+        reasoning = HTML_REASONING if (e, s) == (2, 1) else f"helpful at epoch {e}"
+        rows.append(llm_row(run_id, user, e, sent.step, s, 0 if s == 3 else 2 * e + 1,
+                            reasoning=reasoning))
+    return rows
 
 
 async def run_cli(stack, user: str, *args: str):
@@ -110,6 +144,33 @@ def assert_overview(driver) -> None:
     rows = driver.find_elements(By.CSS_SELECTOR, "#epochs-table tbody tr")
     assert [tuple(texts(row, f'td[data-col="{c}"]')[0] for c in ("epoch", "predictions", "exact"))
             for row in rows] == EPOCH_ROWS
+    assert [tuple(texts(row, f'td[data-col="{c}"]')[0]
+                  for c in ("mean:c0", "mean:c1", "pass:c1", "judge_cost"))
+            for row in rows] == JUDGE_ROWS
+    assert texts(driver, '[data-fact="Judge cost"]') == ["$0.1300"]
+    assert texts(driver, '[data-fact="Judge criteria"]') == [
+        f"chrf (rules), helpfulness ({LLM_MODEL})"]
+
+
+def assert_judge_chart(driver) -> None:
+    """Both criteria drawn per epoch; the LLM mean score divided by 10, the rule one as it
+    is (a point's height is CHART_TOP + (1 - value) * CHART_PLOT_HEIGHT)."""
+    for series in ("mean:c0", "pass:c0", "mean:c1", "pass:c1"):
+        points = texts(driver, f'svg#chart circle.pt[data-series="{series}"]', "data-epoch")
+        assert points == ["1", "2", "3", "4"], series
+    heights = texts(driver, 'svg#chart circle.pt[data-epoch="3"]', "cy")
+    series = texts(driver, 'svg#chart circle.pt[data-epoch="3"]', "data-series")
+    expected = {"mean:c0": 0.75, "pass:c0": 1.0, "mean:c1": 0.7, "pass:c1": 1.0}
+    assert {k: v for k, v in zip(series, heights, strict=True) if k in expected} == {
+        k: f"{CHART_TOP + (1 - v) * CHART_PLOT_HEIGHT:.1f}" for k, v in expected.items()}
+    assert len(driver.find_elements(By.CSS_SELECTOR, "svg#chart g.series.pass path")) == 2
+    titles = [t.get_attribute("textContent") for t in driver.find_elements(
+        By.CSS_SELECTOR, 'svg#chart circle.pt[data-series="mean:c1"] title')]
+    assert titles[2] == f"helpfulness ({LLM_MODEL}) mean score / 10, epoch 3: 7.00"
+    legend = driver.find_element(By.CSS_SELECTOR, "#chart-box .legend").text
+    assert f"helpfulness ({LLM_MODEL}) mean score / 10 (left axis)" in legend
+    assert "chrf (rules) mean score (left axis)" in legend
+    assert "drawn divided by 10" in driver.find_element(By.ID, "chart-note").text
 
 
 def assert_sample_shown(driver, index: int) -> None:
@@ -121,14 +182,30 @@ def assert_sample_shown(driver, index: int) -> None:
     markers = texts(driver, "#prediction-list .marker", "data-match")
     assert markers == [None if truth is None else str(p.strip() == truth).lower()
                        for p in PREDICTIONS[index]]
+    verdicts = [texts(card, ".judgment", "data-verdict") for card in driver.find_elements(
+        By.CSS_SELECTOR, "#prediction-list .pred-card")]
+    assert verdicts == [["pass" if e >= 2 else "fail",
+                         "unscored" if index == 3 else "pass" if e >= 3 else "fail"]
+                        for e in range(1, len(PREDICTIONS[index]) + 1)]
 
 
 def assert_model_text_is_inert(driver) -> None:
     assert driver.execute_script(SHOWN_TEXT_JS, 2) == HTML_PREDICTION
     assert driver.find_elements(By.CSS_SELECTOR, "#prediction-list ins")
+    reasons = texts(driver, '#prediction-list .pred-card[data-epoch="2"] .j-reason',
+                    "textContent")
+    assert reasons == ["chrf of 20/1", HTML_REASONING]
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
-    assert driver.execute_script("return document.querySelectorAll('b').length") == 0
+    assert driver.execute_script("return document.querySelectorAll('b, i, img').length") == 0
     assert driver.execute_script("return document.scripts.length") == 2
+
+
+def assert_unscored_says_why(driver) -> None:
+    item = driver.find_element(By.CSS_SELECTOR, '#prediction-list .pred-card[data-epoch="1"] '
+                                                '.judgment[data-criterion="helpfulness"]')
+    assert item.get_attribute("data-verdict") == "unscored"
+    assert texts(item, ".j-score") == ["\u2013"]
+    assert texts(item, ".j-reason") == ["reply could not be parsed"]
 
 
 @ON_POSTGRES
@@ -147,6 +224,7 @@ async def test_report_renders_and_explores_samples(stack, writer_stub, browser, 
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 20_000
     assert_overview(browser)
+    assert_judge_chart(browser)
     assert_sample_shown(browser, 0)
     browser.find_element(By.ID, "next-sample").click()
     assert_sample_shown(browser, 1)
@@ -155,6 +233,7 @@ async def test_report_renders_and_explores_samples(stack, writer_stub, browser, 
     assert_sample_shown(browser, 2)
     browser.find_element(By.ID, "next-sample").click()
     assert_sample_shown(browser, 3)
+    assert_unscored_says_why(browser)
     assert not browser.find_element(By.ID, "next-sample").is_enabled()
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []

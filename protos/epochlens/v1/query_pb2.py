@@ -23,38 +23,49 @@ _sym_db = _symbol_database.Default()
 
 
 from epochlens.v1 import common_pb2 as epochlens_dot_v1_dot_common__pb2
+from epochlens.v1 import judge_pb2 as epochlens_dot_v1_dot_judge__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pochlens/v1/query.proto\x12\x0c\x65pochlens.v1\x1a\x19\x65pochlens/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.epochlens.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x99\x01\n\x16ListPredictionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0csample_index\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\x08\n\x06_epochB\x0f\n\r_sample_index\"a\n\x17ListPredictionsResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.epochlens.v1.Prediction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x11ListEpochsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xb9\x01\n\x0c\x45pochSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x18\n\x10prediction_count\x18\x02 \x01(\x03\x12\x13\n\x0blatest_step\x18\x03 \x01(\x03\x12\x35\n\x11\x66irst_create_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_create_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12ListEpochsResponse\x12*\n\x06\x65pochs\x18\x01 \x03(\x0b\x32\x1a.epochlens.v1.EpochSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x14\x43ompareSampleRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x03\"\xc6\x01\n\x10SamplePrediction\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x1a\n\x12generation_time_ms\x18\x04 \x01(\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x14\n\x12_completion_tokens\"\xae\x01\n\x15\x43ompareSampleResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x0cground_truth\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1e.epochlens.v1.SamplePredictionB\x0f\n\r_ground_truth2\x9e\x03\n\x0cQueryService\x12I\n\x08ListRuns\x12\x1d.epochlens.v1.ListRunsRequest\x1a\x1e.epochlens.v1.ListRunsResponse\x12\x38\n\x06GetRun\x12\x1b.epochlens.v1.GetRunRequest\x1a\x11.epochlens.v1.Run\x12^\n\x0fListPredictions\x12$.epochlens.v1.ListPredictionsRequest\x1a%.epochlens.v1.ListPredictionsResponse\x12O\n\nListEpochs\x12\x1f.epochlens.v1.ListEpochsRequest\x1a .epochlens.v1.ListEpochsResponse\x12X\n\rCompareSample\x12\".epochlens.v1.CompareSampleRequest\x1a#.epochlens.v1.CompareSampleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pochlens/v1/query.proto\x12\x0c\x65pochlens.v1\x1a\x19\x65pochlens/v1/common.proto\x1a\x18\x65pochlens/v1/judge.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.epochlens.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x99\x01\n\x16ListPredictionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0csample_index\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\x08\n\x06_epochB\x0f\n\r_sample_index\"a\n\x17ListPredictionsResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.epochlens.v1.Prediction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x11ListEpochsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xb9\x01\n\x0c\x45pochSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x18\n\x10prediction_count\x18\x02 \x01(\x03\x12\x13\n\x0blatest_step\x18\x03 \x01(\x03\x12\x35\n\x11\x66irst_create_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_create_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12ListEpochsResponse\x12*\n\x06\x65pochs\x18\x01 \x03(\x0b\x32\x1a.epochlens.v1.EpochSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x14\x43ompareSampleRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x03\"\xf1\x01\n\x10SamplePrediction\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x1a\n\x12generation_time_ms\x18\x04 \x01(\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\tjudgments\x18\x07 \x03(\x0b\x32\x16.epochlens.v1.JudgmentB\x14\n\x12_completion_tokens\"\xae\x01\n\x15\x43ompareSampleResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x0cground_truth\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1e.epochlens.v1.SamplePredictionB\x0f\n\r_ground_truth\"\xab\x01\n\x14ListJudgmentsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tcriterion\x18\x03 \x01(\t\x12+\n\njudge_type\x18\x04 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\tB\x08\n\x06_epoch\"[\n\x15ListJudgmentsResponse\x12)\n\tjudgments\x18\x01 \x03(\x0b\x32\x16.epochlens.v1.Judgment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x14GetRunSummaryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x8f\x02\n\x15\x43riterionEpochSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x11\n\tcriterion\x18\x02 \x01(\t\x12+\n\njudge_type\x18\x03 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x13\n\x0bjudge_model\x18\x04 \x01(\t\x12\x12\n\nmean_score\x18\x05 \x01(\x01\x12\x11\n\tpass_rate\x18\x06 \x01(\x01\x12\x14\n\x0cscored_count\x18\x07 \x01(\x03\x12\x16\n\x0eunscored_count\x18\x08 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\t \x01(\x03\x12\x15\n\routput_tokens\x18\n \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\x01\"\xcd\x01\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x31\n\x04rows\x18\x02 \x03(\x0b\x32#.epochlens.v1.CriterionEpochSummary\x12\x16\n\x0etotal_cost_usd\x18\x03 \x01(\x01\x12\x12\n\nbudget_usd\x18\x04 \x01(\x01\x12\x18\n\x10\x62udget_exhausted\x18\x05 \x01(\x08\x12\x19\n\x11llm_paused_reason\x18\x06 \x01(\t\x12\x1b\n\x13pending_predictions\x18\x07 \x01(\x03\x32\xc7\x04\n\x0cQueryService\x12I\n\x08ListRuns\x12\x1d.epochlens.v1.ListRunsRequest\x1a\x1e.epochlens.v1.ListRunsResponse\x12\x38\n\x06GetRun\x12\x1b.epochlens.v1.GetRunRequest\x1a\x11.epochlens.v1.Run\x12^\n\x0fListPredictions\x12$.epochlens.v1.ListPredictionsRequest\x1a%.epochlens.v1.ListPredictionsResponse\x12O\n\nListEpochs\x12\x1f.epochlens.v1.ListEpochsRequest\x1a .epochlens.v1.ListEpochsResponse\x12X\n\rCompareSample\x12\".epochlens.v1.CompareSampleRequest\x1a#.epochlens.v1.CompareSampleResponse\x12X\n\rListJudgments\x12\".epochlens.v1.ListJudgmentsRequest\x1a#.epochlens.v1.ListJudgmentsResponse\x12M\n\rGetRunSummary\x12\".epochlens.v1.GetRunSummaryRequest\x1a\x18.epochlens.v1.RunSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epochlens.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTRUNSREQUEST']._serialized_start=102
-  _globals['_LISTRUNSREQUEST']._serialized_end=158
-  _globals['_LISTRUNSRESPONSE']._serialized_start=160
-  _globals['_LISTRUNSRESPONSE']._serialized_end=236
-  _globals['_GETRUNREQUEST']._serialized_start=238
-  _globals['_GETRUNREQUEST']._serialized_end=269
-  _globals['_LISTPREDICTIONSREQUEST']._serialized_start=272
-  _globals['_LISTPREDICTIONSREQUEST']._serialized_end=425
-  _globals['_LISTPREDICTIONSRESPONSE']._serialized_start=427
-  _globals['_LISTPREDICTIONSRESPONSE']._serialized_end=524
-  _globals['_LISTEPOCHSREQUEST']._serialized_start=526
-  _globals['_LISTEPOCHSREQUEST']._serialized_end=600
-  _globals['_EPOCHSUMMARY']._serialized_start=603
-  _globals['_EPOCHSUMMARY']._serialized_end=788
-  _globals['_LISTEPOCHSRESPONSE']._serialized_start=790
-  _globals['_LISTEPOCHSRESPONSE']._serialized_end=879
-  _globals['_COMPARESAMPLEREQUEST']._serialized_start=881
-  _globals['_COMPARESAMPLEREQUEST']._serialized_end=941
-  _globals['_SAMPLEPREDICTION']._serialized_start=944
-  _globals['_SAMPLEPREDICTION']._serialized_end=1142
-  _globals['_COMPARESAMPLERESPONSE']._serialized_start=1145
-  _globals['_COMPARESAMPLERESPONSE']._serialized_end=1319
-  _globals['_QUERYSERVICE']._serialized_start=1322
-  _globals['_QUERYSERVICE']._serialized_end=1736
+  _globals['_LISTRUNSREQUEST']._serialized_start=128
+  _globals['_LISTRUNSREQUEST']._serialized_end=184
+  _globals['_LISTRUNSRESPONSE']._serialized_start=186
+  _globals['_LISTRUNSRESPONSE']._serialized_end=262
+  _globals['_GETRUNREQUEST']._serialized_start=264
+  _globals['_GETRUNREQUEST']._serialized_end=295
+  _globals['_LISTPREDICTIONSREQUEST']._serialized_start=298
+  _globals['_LISTPREDICTIONSREQUEST']._serialized_end=451
+  _globals['_LISTPREDICTIONSRESPONSE']._serialized_start=453
+  _globals['_LISTPREDICTIONSRESPONSE']._serialized_end=550
+  _globals['_LISTEPOCHSREQUEST']._serialized_start=552
+  _globals['_LISTEPOCHSREQUEST']._serialized_end=626
+  _globals['_EPOCHSUMMARY']._serialized_start=629
+  _globals['_EPOCHSUMMARY']._serialized_end=814
+  _globals['_LISTEPOCHSRESPONSE']._serialized_start=816
+  _globals['_LISTEPOCHSRESPONSE']._serialized_end=905
+  _globals['_COMPARESAMPLEREQUEST']._serialized_start=907
+  _globals['_COMPARESAMPLEREQUEST']._serialized_end=967
+  _globals['_SAMPLEPREDICTION']._serialized_start=970
+  _globals['_SAMPLEPREDICTION']._serialized_end=1211
+  _globals['_COMPARESAMPLERESPONSE']._serialized_start=1214
+  _globals['_COMPARESAMPLERESPONSE']._serialized_end=1388
+  _globals['_LISTJUDGMENTSREQUEST']._serialized_start=1391
+  _globals['_LISTJUDGMENTSREQUEST']._serialized_end=1562
+  _globals['_LISTJUDGMENTSRESPONSE']._serialized_start=1564
+  _globals['_LISTJUDGMENTSRESPONSE']._serialized_end=1655
+  _globals['_GETRUNSUMMARYREQUEST']._serialized_start=1657
+  _globals['_GETRUNSUMMARYREQUEST']._serialized_end=1695
+  _globals['_CRITERIONEPOCHSUMMARY']._serialized_start=1698
+  _globals['_CRITERIONEPOCHSUMMARY']._serialized_end=1969
+  _globals['_RUNSUMMARY']._serialized_start=1972
+  _globals['_RUNSUMMARY']._serialized_end=2177
+  _globals['_QUERYSERVICE']._serialized_start=2180
+  _globals['_QUERYSERVICE']._serialized_end=2763
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from epochlens.v1 import common_pb2 as _common_pb2
+from epochlens.v1 import judge_pb2 as _judge_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -307,6 +308,7 @@ class SamplePrediction(_message.Message):
     GENERATION_TIME_MS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    JUDGMENTS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """Training epoch the prediction was generated at."""
     step: _builtins.int
@@ -321,6 +323,10 @@ class SamplePrediction(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the writer stored it."""
 
+    @_builtins.property
+    def judgments(self) -> _containers.RepeatedCompositeFieldContainer[_judge_pb2.Judgment]:
+        """Its judgments, ordered by criterion, judge type, judge model."""
+
     def __init__(
         self,
         *,
@@ -330,10 +336,11 @@ class SamplePrediction(_message.Message):
         generation_time_ms: _builtins.float = ...,
         completion_tokens: _builtins.int | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        judgments: _abc.Iterable[_judge_pb2.Judgment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens", "completion_tokens", b"completion_tokens", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens", "completion_tokens", b"completion_tokens", "create_time", b"create_time", "epoch", b"epoch", "generation_time_ms", b"generation_time_ms", "prediction", b"prediction", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens", "completion_tokens", b"completion_tokens", "create_time", b"create_time", "epoch", b"epoch", "generation_time_ms", b"generation_time_ms", "judgments", b"judgments", "prediction", b"prediction", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__completion_tokens: _TypeAlias = _typing.Literal["completion_tokens"]  # noqa: Y015
     _WhichOneofArgType__completion_tokens: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens"]  # noqa: Y015
@@ -382,3 +389,207 @@ class CompareSampleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ground_truth) -> _WhichOneofReturnType__ground_truth | None: ...
 
 Global___CompareSampleResponse: _TypeAlias = CompareSampleResponse  # noqa: Y015
+
+@_typing.final
+class ListJudgmentsRequest(_message.Message):
+    """Request for ListJudgments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_TYPE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    epoch: _builtins.int
+    """Only judgments of predictions of this epoch, when set."""
+    criterion: _builtins.str
+    """Only this criterion, when non-empty."""
+    judge_type: _judge_pb2.JudgeType.ValueType
+    """Only this judge type; UNSPECIFIED means all."""
+    page_size: _builtins.int
+    """Maximum number of judgments to return."""
+    page_token: _builtins.str
+    """Token from a previous ListJudgmentsResponse with the same run and filters."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        epoch: _builtins.int | None = ...,
+        criterion: _builtins.str = ...,
+        judge_type: _judge_pb2.JudgeType.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "criterion", b"criterion", "epoch", b"epoch", "judge_type", b"judge_type", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___ListJudgmentsRequest: _TypeAlias = ListJudgmentsRequest  # noqa: Y015
+
+@_typing.final
+class ListJudgmentsResponse(_message.Message):
+    """Response of ListJudgments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JUDGMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def judgments(self) -> _containers.RepeatedCompositeFieldContainer[_judge_pb2.Judgment]:
+        """The judgments of this page."""
+
+    def __init__(
+        self,
+        *,
+        judgments: _abc.Iterable[_judge_pb2.Judgment] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["judgments", b"judgments", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJudgmentsResponse: _TypeAlias = ListJudgmentsResponse  # noqa: Y015
+
+@_typing.final
+class GetRunSummaryRequest(_message.Message):
+    """Request for GetRunSummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunSummaryRequest: _TypeAlias = GetRunSummaryRequest  # noqa: Y015
+
+@_typing.final
+class CriterionEpochSummary(_message.Message):
+    """One criterion in one epoch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_TYPE_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    MEAN_SCORE_FIELD_NUMBER: _builtins.int
+    PASS_RATE_FIELD_NUMBER: _builtins.int
+    SCORED_COUNT_FIELD_NUMBER: _builtins.int
+    UNSCORED_COUNT_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch."""
+    criterion: _builtins.str
+    """Criterion name."""
+    judge_type: _judge_pb2.JudgeType.ValueType
+    """Who judged."""
+    judge_model: _builtins.str
+    """"rules", "<provider>/<model>", or "human"."""
+    mean_score: _builtins.float
+    """Mean score over scored judgments (unscored ones are left out)."""
+    pass_rate: _builtins.float
+    """Share of scored judgments that passed, 0..1."""
+    scored_count: _builtins.int
+    """Judgments with a score."""
+    unscored_count: _builtins.int
+    """Judgments without a score."""
+    input_tokens: _builtins.int
+    """Prompt tokens billed."""
+    output_tokens: _builtins.int
+    """Completion tokens billed."""
+    cost_usd: _builtins.float
+    """Cost in US dollars."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        criterion: _builtins.str = ...,
+        judge_type: _judge_pb2.JudgeType.ValueType = ...,
+        judge_model: _builtins.str = ...,
+        mean_score: _builtins.float = ...,
+        pass_rate: _builtins.float = ...,
+        scored_count: _builtins.int = ...,
+        unscored_count: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "criterion", b"criterion", "epoch", b"epoch", "input_tokens", b"input_tokens", "judge_model", b"judge_model", "judge_type", b"judge_type", "mean_score", b"mean_score", "output_tokens", b"output_tokens", "pass_rate", b"pass_rate", "scored_count", b"scored_count", "unscored_count", b"unscored_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CriterionEpochSummary: _TypeAlias = CriterionEpochSummary  # noqa: Y015
+
+@_typing.final
+class RunSummary(_message.Message):
+    """Response of GetRunSummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    BUDGET_USD_FIELD_NUMBER: _builtins.int
+    BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    LLM_PAUSED_REASON_FIELD_NUMBER: _builtins.int
+    PENDING_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    total_cost_usd: _builtins.float
+    """LLM judging cost of the whole run, US dollars."""
+    budget_usd: _builtins.float
+    """Budget of the run's LLM judging (0: none)."""
+    budget_exhausted: _builtins.bool
+    """True once the budget is spent: no further paid calls are made."""
+    llm_paused_reason: _builtins.str
+    """Why LLM judging is paused for this run (for example an auth or quota error); empty if not."""
+    pending_predictions: _builtins.int
+    """Predictions handed to the judge and not judged yet."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___CriterionEpochSummary]:
+        """Rows ordered by epoch, then criterion, judge type, judge model."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        rows: _abc.Iterable[Global___CriterionEpochSummary] | None = ...,
+        total_cost_usd: _builtins.float = ...,
+        budget_usd: _builtins.float = ...,
+        budget_exhausted: _builtins.bool = ...,
+        llm_paused_reason: _builtins.str = ...,
+        pending_predictions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_usd", b"budget_usd", "llm_paused_reason", b"llm_paused_reason", "pending_predictions", b"pending_predictions", "rows", b"rows", "run_id", b"run_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSummary: _TypeAlias = RunSummary  # noqa: Y015

@@ -64,6 +64,16 @@ class QueryServiceStub:
                 request_serializer=epochlens_dot_v1_dot_query__pb2.CompareSampleRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_query__pb2.CompareSampleResponse.FromString,
                 _registered_method=True)
+        self.ListJudgments = channel.unary_unary(
+                '/epochlens.v1.QueryService/ListJudgments',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentsRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentsResponse.FromString,
+                _registered_method=True)
+        self.GetRunSummary = channel.unary_unary(
+                '/epochlens.v1.QueryService/GetRunSummary',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.RunSummary.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -108,6 +118,20 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJudgments(self, request, context):
+        """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunSummary(self, request, context):
+        """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +159,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.CompareSample,
                     request_deserializer=epochlens_dot_v1_dot_query__pb2.CompareSampleRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_query__pb2.CompareSampleResponse.SerializeToString,
+            ),
+            'ListJudgments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJudgments,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentsRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentsResponse.SerializeToString,
+            ),
+            'GetRunSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunSummary,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.RunSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +310,60 @@ class QueryService:
             '/epochlens.v1.QueryService/CompareSample',
             epochlens_dot_v1_dot_query__pb2.CompareSampleRequest.SerializeToString,
             epochlens_dot_v1_dot_query__pb2.CompareSampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJudgments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.QueryService/ListJudgments',
+            epochlens_dot_v1_dot_query__pb2.ListJudgmentsRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.ListJudgmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.QueryService/GetRunSummary',
+            epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.RunSummary.FromString,
             options,
             channel_credentials,
             insecure,

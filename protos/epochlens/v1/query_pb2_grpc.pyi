@@ -48,6 +48,10 @@ class QueryServiceStub:
     """Lists a run's epochs with per-epoch counts and times, in epoch order."""
     CompareSample: _grpc.UnaryUnaryMultiCallable[_query_pb2.CompareSampleRequest, _query_pb2.CompareSampleResponse]
     """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+    ListJudgments: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentsRequest, _query_pb2.ListJudgmentsResponse]
+    """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model."""
+    GetRunSummary: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetRunSummaryRequest, _query_pb2.RunSummary]
+    """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -68,6 +72,10 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """Lists a run's epochs with per-epoch counts and times, in epoch order."""
     CompareSample: _aio.UnaryUnaryMultiCallable[_query_pb2.CompareSampleRequest, _query_pb2.CompareSampleResponse]  # type: ignore[assignment]
     """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+    ListJudgments: _aio.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentsRequest, _query_pb2.ListJudgmentsResponse]  # type: ignore[assignment]
+    """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model."""
+    GetRunSummary: _aio.UnaryUnaryMultiCallable[_query_pb2.GetRunSummaryRequest, _query_pb2.RunSummary]  # type: ignore[assignment]
+    """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
@@ -115,5 +123,21 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.CompareSampleResponse, _abc.Awaitable[_query_pb2.CompareSampleResponse]]:
         """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+
+    @_abc_1.abstractmethod
+    def ListJudgments(
+        self,
+        request: _query_pb2.ListJudgmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ListJudgmentsResponse, _abc.Awaitable[_query_pb2.ListJudgmentsResponse]]:
+        """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model."""
+
+    @_abc_1.abstractmethod
+    def GetRunSummary(
+        self,
+        request: _query_pb2.GetRunSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.RunSummary, _abc.Awaitable[_query_pb2.RunSummary]]:
+        """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

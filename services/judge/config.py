@@ -1,0 +1,205 @@
+"""Settings of the judge service (env prefix EPOCHLENS_JUDGE_) and the check of a judge config
+against them.
+
+JudgeSettings = the common service settings + the LLM settings (services.judge.llm.settings)
++ the queue, limits, rule defaults and ceilings below. validate_judge_config() turns the
+"judge" section of a run's config (a Struct as a dict) into a JudgeConfig, or raises
+InvalidArgument naming each bad field (`config.llm.concurrency`, ...).
+"""
+
+import json
+import math
+import re
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ENV_FILE, ServiceSettings
+from services.common.errors import Violations
+from services.judge.llm.prompts import rubric_of
+from services.judge.llm.settings import LlmSettings
+from services.judge.rules import RULE_NAMES, RuleDefaults
+from services.judge.schema import JudgeConfig
+
+DEFAULT_RULE_THRESHOLDS = {
+    "exact_match": 1.0, "chrf": 0.5, "edit_similarity": 0.8, "length": 1.0, "structure": 1.0,
+    "keywords": 1.0, "citation": 1.0, "output_format": 1.0, "policy_scope": 1.0,
+}
+# Bracketed numbers [1], author-year (Smith, 2020) / (Smith et al. 2020), or a URL.
+DEFAULT_CITATION_PATTERN = r"\[\d+(?:[,-]\s*\d+)*\]|\([A-Z][^()]{0,80}?,? \d{4}[a-z]?\)|https?://\S+"
+
+
+class JudgeSettings(ServiceSettings, LlmSettings):
+    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_JUDGE_", env_file=ENV_FILE,
+                                      extra="ignore")
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    worker_count: int = Field(2, ge=0, description="Queue workers (asyncio tasks) in the "
+                              "server; 0: the server only accepts tasks.")
+    claim_batch: int = Field(512, ge=1, description="Most tasks one worker claims at once.")
+    lease_s: float = Field(120.0, gt=0, description="Lease of a claimed task, seconds; a task "
+                           "whose lease passed (its worker died) is claimed again.")
+    retry_backoff_base_s: float = Field(2.0, gt=0, description="Delay before a failed task is "
+                                        "tried again (doubles per attempt, with jitter).")
+    retry_backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay of a "
+                                       "failed task, seconds.")
+    max_attempts: int = Field(5, ge=1, description="Attempts of a task before it is marked "
+                              "failed.")
+    idle_poll_s: float = Field(0.5, gt=0, description="Pause of a worker that found no task, "
+                               "seconds (new tasks enqueued here wake it at once).")
+    error_backoff_max_s: float = Field(10.0, gt=0, description="Longest pause of a worker "
+                                       "after repeated database errors (exponential from "
+                                       "idle_poll_s, with jitter), seconds.")
+    rule_processes: int = Field(0, ge=0, description="Processes that compute rule judgments "
+                                "(spawned); 0: a thread of the server process.")
+    max_items: int = Field(1000, ge=1, description="Most items in one JudgePredictions or "
+                           "EnqueueJudging call.")
+    max_text_chars: int = Field(32768, ge=1, description="Longest prompt, ground truth or "
+                                "prediction, characters.")
+    max_name_chars: int = Field(256, ge=1, description="Longest criterion name, characters.")
+    max_config_bytes: int = Field(65536, ge=2, description="Largest judge config, JSON bytes.")
+    max_pattern_chars: int = Field(512, ge=1, description="Longest regular expression in a "
+                                   "judge config (pattern).")
+    page_size_default: int = Field(50, ge=1, description="ListCriteria page size when a "
+                                   "request asks for 0.")
+    page_size_max: int = Field(500, ge=1, description="Larger ListCriteria page sizes are "
+                               "clamped to this.")
+    rule_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_RULE_THRESHOLDS),
+        description="Pass thresholds of the rule criteria (score 0..1), JSON; missing "
+        "criteria keep the built-in default.")
+    rule_min_chars: int = Field(1, ge=0, description="Shortest prediction the length rule "
+                                "passes when the run sets no min_chars.")
+    rule_max_chars: int = Field(8192, ge=1, description="Longest prediction the length rule "
+                                "passes when the run sets no max_chars.")
+    rule_repetition_ngram: int = Field(3, ge=1, description="Word n-gram size of the "
+                                       "structure rule's repetition check.")
+    rule_max_repeated_share: float = Field(
+        0.5, ge=0, le=1, description="Share of repeated word n-grams above which the structure "
+        "rule calls a prediction degenerate.")
+    rule_citation_pattern: str = Field(DEFAULT_CITATION_PATTERN, description="Regular "
+                                       "expression (re.search) the citation rule looks for.")
+    llm_sample_rate_ceiling: float = Field(1.0, gt=0, le=1, description="Highest LLM "
+                                           "sample_rate a judge config may ask for.")
+    llm_budget_ceiling_usd: float = Field(100.0, ge=0, description="Highest LLM budget per "
+                                          "run a judge config may ask for, US dollars.")
+
+    def rule_defaults(self) -> RuleDefaults:
+        return RuleDefaults(
+            thresholds={**DEFAULT_RULE_THRESHOLDS, **self.rule_thresholds},
+            min_chars=self.rule_min_chars, max_chars=self.rule_max_chars,
+            repetition_ngram=self.rule_repetition_ngram,
+            max_repeated_share=self.rule_max_repeated_share,
+            citation_pattern=self.rule_citation_pattern)
+
+    def llm_judging_on(self, config: JudgeConfig) -> bool:
+        """LLM judging runs only when the config asks for it and its provider has a key
+        (openai_compatible: a base URL) configured here."""
+        return config.llm is not None and self.llm_enabled(config.llm.provider,
+                                                           config.llm.base_url)
+
+
+def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
+                          path: str = "config") -> JudgeConfig:
+    """The judge config in `data`, or InvalidArgument naming every bad field under `path`."""
+    violations = Violations()
+    size = len(json.dumps(data))
+    if size > settings.max_config_bytes:
+        violations.add(path, f"{size} bytes exceed the maximum of {settings.max_config_bytes}")
+        violations.raise_if_any()
+    try:
+        config = JudgeConfig.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            violations.add(f"{path}.{where}" if where else path, error["msg"])
+        violations.raise_if_any()
+        raise
+    _check_rules(settings, config, path, violations)
+    _check_llm(settings, config, path, violations)
+    violations.raise_if_any()
+    return config
+
+
+def _check_rules(settings: JudgeSettings, config: JudgeConfig, path: str,
+                 violations: Violations) -> None:
+    rules, where = config.rules, f"{path}.rules"
+    for name in rules.criteria or []:
+        if name not in RULE_NAMES:
+            violations.add(f"{where}.criteria", f"unknown rule criterion {name!r}; "
+                           f"known: {', '.join(RULE_NAMES)}")
+    _check_thresholds(rules.thresholds, set(RULE_NAMES), 0.0, 1.0, f"{where}.thresholds",
+                      violations)
+    for name in ("min_chars", "max_chars"):
+        value = getattr(rules, name)
+        if value is not None and value < 0:
+            violations.add(f"{where}.{name}", f"must be >= 0, got {value}")
+    if rules.min_chars is not None and rules.max_chars is not None and (
+            rules.min_chars > rules.max_chars):
+        violations.add(f"{where}.min_chars", "must be <= max_chars")
+    if rules.pattern is not None:
+        _check_pattern(settings, rules.pattern, f"{where}.pattern", violations)
+    for name in ("required_keywords", "forbidden_keywords", "forbidden_topics"):
+        for index, term in enumerate(getattr(rules, name)):
+            if not term.strip():
+                violations.add(f"{where}.{name}[{index}]", "must not be empty")
+
+
+def _check_pattern(settings: JudgeSettings, pattern: str, where: str,
+                   violations: Violations) -> None:
+    if len(pattern) > settings.max_pattern_chars:
+        violations.add(where, f"{len(pattern)} characters exceed the maximum of "
+                       f"{settings.max_pattern_chars}")
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        violations.add(where, f"not a valid regular expression: {exc}")
+
+
+def _check_thresholds(thresholds: dict[str, float], known: set[str], low: float, high: float,
+                      where: str, violations: Violations) -> None:
+    for name, value in thresholds.items():
+        if name not in known:
+            violations.add(f"{where}.{name}", "not a criterion this config judges")
+        elif not (math.isfinite(value) and low <= value <= high):
+            violations.add(f"{where}.{name}", f"must be within {low:g}..{high:g}, got {value}")
+
+
+def _check_llm(settings: JudgeSettings, config: JudgeConfig, path: str,
+               violations: Violations) -> None:
+    llm, where = config.llm, f"{path}.llm"
+    if llm is None:
+        return
+    if not llm.model.strip():
+        violations.add(f"{where}.model", "required (empty)")
+    if llm.provider == "openai_compatible" and not llm.base_url:
+        violations.add(f"{where}.base_url", "required for provider openai_compatible")
+    for index, name in enumerate(llm.criteria):
+        if rubric_of(llm, name) is None:
+            violations.add(f"{where}.criteria[{index}]", f"unknown criterion {name!r}: not a "
+                           "standard one and not in custom_criteria")
+    for name, rubric in llm.custom_criteria.items():
+        if not name.strip() or len(name) > settings.max_name_chars:
+            violations.add(f"{where}.custom_criteria", f"criterion name {name[:64]!r} must "
+                           f"be 1..{settings.max_name_chars} characters")
+        if not rubric.strip():
+            violations.add(f"{where}.custom_criteria.{name}", "rubric text required")
+    known = set(llm.criteria) | set(llm.custom_criteria)
+    _check_thresholds(llm.thresholds, known, 1.0, 10.0, f"{where}.thresholds", violations)
+    _check_llm_ceilings(settings, config, where, violations)
+
+
+def _check_llm_ceilings(settings: JudgeSettings, config: JudgeConfig, where: str,
+                        violations: Violations) -> None:
+    llm = config.llm
+    assert llm is not None
+    limits = (("concurrency", llm.concurrency, settings.llm_max_concurrency),
+              ("max_retries", llm.max_retries, settings.llm_max_retries_ceiling),
+              ("budget_usd", llm.budget_usd, settings.llm_budget_ceiling_usd),
+              ("sample_rate", llm.sample_rate, settings.llm_sample_rate_ceiling))
+    for name, value, ceiling in limits:
+        if value is not None and value > ceiling:
+            violations.add(f"{where}.{name}", f"{value} is above this service's ceiling "
+                           f"of {ceiling}")

@@ -1,0 +1,331 @@
+"""LLM-as-judge: one call per (sampled item, criterion), cached, rate- and budget-limited.
+
+judge_items() picks the items by sample_rate (deterministic by prediction identity, so the same
+samples are judged at every epoch), answers what it can from the cache (0 tokens, 0 cost), and
+calls the provider for the rest under the run's concurrency limit and budget. Errors are
+classified before any retry (services.judge.llm.errors); after the retries the run's on_error
+decides: skip -> an unscored verdict with the reason; retry -> retried up to the service's
+retry ceiling, then fail; fail -> LlmJudgingFailed (raised once every started call has settled,
+so no spending goes unrecorded).
+"""
+
+import asyncio
+import hashlib
+import logging
+import random
+import re
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from epochlens.v1 import judge_pb2
+from services.judge.llm import cache, providers
+from services.judge.llm.budget import RunBudget
+from services.judge.llm.cost import PRICED_PROVIDERS, call_cost, missing_price_message
+from services.judge.llm.errors import SDK_ERRORS, CallError, ErrorKind, LlmJudgingFailed, classify
+from services.judge.llm.limiter import AimdLimiter
+from services.judge.llm.prompts import RenderedPrompt, criteria_of, render, rubric_of
+from services.judge.llm.providers import ParsedVerdict, ProviderClients, Reply
+from services.judge.llm.settings import LlmSettings, ModelPrice
+from services.judge.schema import Item, LlmJudgeConfig, Verdict
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SPACE = 2**64
+# The class of an unscored reason is its text before the first ':' or '(' (for the logs).
+REASON_CLASS = re.compile(r"[:(]")
+
+
+def is_sampled(item: Item, sample_rate: float) -> bool:
+    """Whether sample_rate picks this prediction: sha256 of "run_id:sample_index" mapped to
+    [0, 1) < rate, so a sample is picked at every epoch or never. Ad hoc items always are."""
+    if item.run_id is None or sample_rate >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{item.run_id}:{item.sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / SAMPLE_SPACE < sample_rate
+
+
+@dataclass(frozen=True)
+class _Job:
+    item: Item
+    criterion: str
+    rubric: str | None
+    key: str
+
+
+@dataclass
+class _RunContext:
+    limiter: AimdLimiter
+    budget: RunBudget
+
+
+@dataclass
+class _Request:
+    """What the jobs of one judge_items() call share."""
+
+    config: LlmJudgeConfig
+    price: ModelPrice | None
+    retries: int
+    failure: str | None = None
+
+    def blocked_reason(self, ctx: _RunContext) -> str | None:
+        if self.failure is not None:
+            return f"not judged: another judgment of this batch failed ({self.failure})"
+        return ctx.budget.state.blocked_reason()
+
+
+class LlmJudge:
+    """Judges items with the LLM a run's config names. One instance per process."""
+
+    def __init__(self, settings: LlmSettings, engine: AsyncEngine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._clients = ProviderClients(settings)
+        self._runs: OrderedDict[tuple[str, uuid.UUID], _RunContext] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+
+    async def aclose(self) -> None:
+        """Waits for spending still being written, then closes the SDK clients."""
+        for ctx in list(self._runs.values()):
+            await ctx.budget.drain()
+        await self._clients.aclose()
+
+    def concurrency(self, user_id: str, run_id: uuid.UUID) -> int | None:
+        """The run's current concurrency limit (lowered by 429s), None if not tracked."""
+        ctx = self._runs.get((user_id, run_id))
+        return ctx.limiter.limit if ctx is not None else None
+
+    async def judge(self, user_id: str, items: Sequence[Item],
+                    config: LlmJudgeConfig) -> list[Verdict]:
+        """Verdicts of the sampled items, item by item (in `items` order), criteria in
+        criteria_of(config) order. Use judge_items() to get each verdict's item."""
+        return [verdict for _, verdict in await self.judge_items(user_id, items, config)]
+
+    async def judge_items(self, user_id: str, items: Sequence[Item],
+                          config: LlmJudgeConfig) -> list[tuple[Item, Verdict]]:
+        jobs = self._jobs(items, config)
+        if not jobs:
+            return []
+        problem = self._config_problem(config)
+        if problem is not None:
+            self._count("unscored_config", len(jobs), f"{problem} ({len(jobs)} verdicts)")
+            return [(job.item, self._unscored(config, job.criterion, problem)) for job in jobs]
+        request = _Request(config, self._settings.price_for(config.provider, config.model),
+                           self._retries(config))
+        cached = await cache.lookup(self._engine, user_id, [j.key for j in jobs if j.rubric])
+        contexts = await self._contexts(user_id, config, jobs)
+        verdicts = await asyncio.gather(*(
+            self._judge_job(request, contexts[job.item.run_id], job, cached) for job in jobs))
+        self._log_unscored(jobs, verdicts)
+        if request.failure is not None:
+            raise LlmJudgingFailed(request.failure)
+        return [(job.item, verdict) for job, verdict in zip(jobs, verdicts, strict=True)]
+
+    def _log_unscored(self, jobs: list[_Job], verdicts: Sequence[Verdict]) -> None:
+        """One line per batch with unscored verdicts: how many, and why (reason classes)."""
+        reasons = Counter(REASON_CLASS.split(v.unscored_reason, maxsplit=1)[0].strip()
+                          for v in verdicts if v.status == judge_pb2.JUDGMENT_STATUS_UNSCORED)
+        if not reasons:
+            return
+        self.counters["unscored"] += sum(reasons.values())
+        runs = sorted({str(job.item.run_id) for job in jobs})
+        log.warning("%d of %d LLM verdicts unscored (runs %s): %s [unscored: %d so far]",
+                    sum(reasons.values()), len(verdicts), ", ".join(runs), dict(reasons),
+                    self.counters["unscored"])
+
+    def _jobs(self, items: Sequence[Item], config: LlmJudgeConfig) -> list[_Job]:
+        version = self._settings.llm_prompt_version
+        jobs = []
+        for item in items:
+            if not is_sampled(item, config.sample_rate):
+                continue
+            for criterion in criteria_of(config):
+                rubric = rubric_of(config, criterion)
+                key = "" if rubric is None else cache.cache_key(config, version, criterion,
+                                                                  rubric, item)
+                jobs.append(_Job(item, criterion, rubric, key))
+        return jobs
+
+    def _config_problem(self, config: LlmJudgeConfig) -> str | None:
+        if not self._settings.llm_enabled(config.provider, config.base_url):
+            if config.provider == "openai_compatible":
+                return "llm judging is off: provider openai_compatible needs a base_url"
+            return (f"llm judging is off: no API key configured for provider {config.provider} "
+                    f"(EPOCHLENS_JUDGE_{config.provider.upper()}_API_KEY)")
+        price = self._settings.price_for(config.provider, config.model)
+        if price is None and config.provider in PRICED_PROVIDERS:
+            return f"llm judging is off: {missing_price_message(config)}"
+        return None
+
+    def _retries(self, config: LlmJudgeConfig) -> int:
+        ceiling = self._settings.llm_max_retries_ceiling
+        if config.on_error == "retry":
+            return ceiling
+        wanted = self._settings.llm_max_retries if config.max_retries is None \
+            else config.max_retries
+        return min(wanted, ceiling)
+
+    async def _contexts(self, user_id: str, config: LlmJudgeConfig,
+                        jobs: list[_Job]) -> dict[uuid.UUID | None, _RunContext]:
+        contexts: dict[uuid.UUID | None, _RunContext] = {}
+        for run_id in dict.fromkeys(job.item.run_id for job in jobs):
+            ctx = self._run_context(user_id, run_id, config)
+            await ctx.budget.load()
+            contexts[run_id] = ctx
+        return contexts
+
+    def _run_context(self, user_id: str, run_id: uuid.UUID | None,
+                     config: LlmJudgeConfig) -> _RunContext:
+        if run_id is None:
+            return self._new_context(user_id, None, config)
+        key = (user_id, run_id)
+        ctx = self._runs.pop(key, None) or self._new_context(user_id, run_id, config)
+        self._runs[key] = ctx
+        while len(self._runs) > self._settings.llm_tracked_runs:
+            self._runs.popitem(last=False)
+        return ctx
+
+    def _new_context(self, user_id: str, run_id: uuid.UUID | None,
+                     config: LlmJudgeConfig) -> _RunContext:
+        s = self._settings
+        ceiling = min(config.concurrency or s.llm_default_concurrency, s.llm_max_concurrency)
+        budget = s.llm_default_budget_usd if config.budget_usd is None else config.budget_usd
+        return _RunContext(AimdLimiter(ceiling, s.llm_concurrency_increase_after),
+                           RunBudget(self._engine, user_id, run_id, budget))
+
+    async def _judge_job(self, request: _Request, ctx: _RunContext, job: _Job,
+                         cached: dict[str, ParsedVerdict]) -> Verdict:
+        config = request.config
+        if job.rubric is None:
+            reason = (f"unknown criterion {job.criterion!r}: not a standard criterion and no "
+                      "rubric in custom_criteria")
+            self._count("unscored_unknown_criterion", 1, reason)
+            return self._unscored(config, job.criterion, reason)
+        hit = cached.get(job.key)
+        if hit is not None:
+            self.counters["cache_hits"] += 1
+            return self._scored(config, job.criterion, hit, 0, 0, 0.0)
+        return await self._paid(request, ctx, job)
+
+    async def _paid(self, request: _Request, ctx: _RunContext, job: _Job) -> Verdict:
+        """Calls the provider, retrying as the error's class allows."""
+        prompt = render(self._settings.llm_prompt_version, job.criterion, job.rubric or "",
+                        job.item)
+        error: CallError | None = None
+        for attempt in range(request.retries + 1):
+            if (blocked := request.blocked_reason(ctx)) is not None:
+                return self._blocked(request.config, job, blocked)
+            async with ctx.limiter.slot() as generation:
+                if (blocked := request.blocked_reason(ctx)) is not None:
+                    return self._blocked(request.config, job, blocked)
+                outcome = await self._attempt(request, ctx, job, prompt)
+            if isinstance(outcome, CallError):
+                error = outcome
+                if not await self._after_error(ctx, job, error, generation, attempt, request):
+                    break
+                continue
+            verdict, stored = outcome
+            await stored  # the cost and the cache row are committed before the verdict returns
+            return verdict
+        return self._give_up(request, job, error)
+
+    async def _attempt(self, request: _Request, ctx: _RunContext, job: _Job,
+                       prompt: RenderedPrompt) -> CallError | tuple[Verdict, Awaitable[None]]:
+        """One call, inside the run's concurrency slot; a completed call is charged before the
+        slot is freed, so the next call's budget check sees its cost."""
+        try:
+            self.counters["calls"] += 1
+            reply = await providers.call(self._clients, self._settings, request.config, prompt)
+        except SDK_ERRORS as exc:
+            return classify(request.config.provider, exc)
+        ctx.limiter.on_success()
+        return self._settle(request, ctx, job, reply)
+
+    async def _after_error(self, ctx: _RunContext, job: _Job, error: CallError,
+                           generation: int, attempt: int, request: _Request) -> bool:
+        """Handles a failed call; True when another attempt may follow."""
+        self._count(f"error_{error.kind.value}", 1,
+                    f"LLM call failed (run {job.item.run_id}, criterion {job.criterion}, "
+                    f"attempt {attempt + 1}): {error.message}")
+        if error.kind is ErrorKind.PAUSE:
+            await ctx.budget.pause(error.message)
+            return False
+        if error.kind is ErrorKind.FATAL or attempt >= request.retries:
+            return False
+        wait = None
+        if error.kind is ErrorKind.RATE_LIMIT:
+            if error.retry_after_s is not None:
+                wait = min(error.retry_after_s, self._settings.llm_retry_after_max_s)
+            ctx.limiter.on_rate_limited(generation, wait)
+        if wait is None:
+            await asyncio.sleep(self._backoff(attempt))
+        return True
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half the step fixed, half random."""
+        s = self._settings
+        step = min(s.llm_backoff_max_s, s.llm_backoff_base_s * 2 ** attempt)
+        return step / 2 + random.uniform(0, step / 2)
+
+    def _give_up(self, request: _Request, job: _Job, error: CallError | None) -> Verdict:
+        config = request.config
+        message = error.message if error is not None else "no attempt made"
+        if error is not None and error.kind is ErrorKind.PAUSE:
+            return self._unscored(config, job.criterion, f"llm judging paused: {message}")
+        reason = f"gave up: {message}"
+        fatal = error is not None and error.kind is ErrorKind.FATAL
+        if config.on_error == "skip" or (fatal and config.on_error == "retry"):
+            self._count("unscored_gave_up", 1, f"{reason} (run {job.item.run_id}, criterion "
+                                                  f"{job.criterion}, on_error {config.on_error})")
+            return self._unscored(config, job.criterion, reason)
+        request.failure = request.failure or f"{job.criterion}: {message}"
+        self._count("failed", 1, f"LLM judging failed (run {job.item.run_id}, on_error "
+                                 f"{config.on_error}): {message}")
+        return self._unscored(config, job.criterion, reason)
+
+    def _settle(self, request: _Request, ctx: _RunContext, job: _Job,
+                reply: Reply) -> tuple[Verdict, Awaitable[None]]:
+        """The verdict of a completed call, and its charge (cost, tokens, cache row) queued."""
+        cost = call_cost(request.price, reply.input_tokens, reply.output_tokens)
+        entry = (job.key, reply.verdict) if reply.verdict is not None else None
+        stored = ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, entry)
+        usage = (reply.input_tokens, reply.output_tokens, cost)
+        if reply.verdict is None:
+            reason = f"unparseable reply: {reply.parse_error}"
+            self._count("unscored_unparseable", 1,
+                        f"{reason} (run {job.item.run_id}, criterion {job.criterion})")
+            return self._unscored(request.config, job.criterion, reason, *usage), stored
+        return self._scored(request.config, job.criterion, reply.verdict, *usage), stored
+
+    def _blocked(self, config: LlmJudgeConfig, job: _Job, reason: str) -> Verdict:
+        self.counters["unscored_blocked"] += 1
+        return self._unscored(config, job.criterion, reason)
+
+    def _threshold(self, config: LlmJudgeConfig, criterion: str) -> float:
+        return config.thresholds.get(criterion, self._settings.threshold_for(criterion))
+
+    def _scored(self, config: LlmJudgeConfig, criterion: str, verdict: ParsedVerdict,
+                input_tokens: int, output_tokens: int, cost_usd: float) -> Verdict:
+        threshold = self._threshold(config, criterion)
+        return Verdict(
+            criterion=criterion, judge_type=judge_pb2.JUDGE_TYPE_LLM,
+            judge_model=f"{config.provider}/{config.model}", score=verdict.score,
+            passed=verdict.score >= threshold, threshold=threshold, reasoning=verdict.reasoning,
+            status=judge_pb2.JUDGMENT_STATUS_SCORED,
+            prompt_version=self._settings.llm_prompt_version, confidence=verdict.confidence,
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+
+    def _unscored(self, config: LlmJudgeConfig, criterion: str, reason: str,
+                  input_tokens: int = 0, output_tokens: int = 0,
+                  cost_usd: float = 0.0) -> Verdict:
+        return Verdict.unscored(
+            criterion, judge_pb2.JUDGE_TYPE_LLM, f"{config.provider}/{config.model}",
+            self._threshold(config, criterion), reason, self._settings.llm_prompt_version,
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+
+    def _count(self, counter: str, n: int, message: str) -> None:
+        self.counters[counter] += n
+        log.warning("%s [%s: %d so far]", message, counter, self.counters[counter])

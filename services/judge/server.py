@@ -1,0 +1,60 @@
+"""Entry point of the judge service: `epochlens-judge`. The queue workers start with the server
+and stop after it: in-flight RPCs finish, batches in progress get shutdown_grace_s to settle."""
+
+import asyncio
+
+from epochlens.v1 import judge_pb2, judge_pb2_grpc
+from services.common.config import AuthSettings
+from services.common.db import create_engine
+from services.common.server import (
+    RunningServer,
+    configure_logging,
+    create_server,
+    serve_until_signalled,
+)
+from services.judge.config import JudgeSettings
+from services.judge.models import SCHEMA
+from services.judge.queue import JudgeWorkers, Judging
+from services.judge.servicer import JudgeServicer
+from services.judge.store import JudgeStore
+
+SERVICE_NAME = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
+
+
+async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
+    """Starts the judge on settings.host:settings.port (0 = a free port) with its workers."""
+    engine = create_engine(settings, (SCHEMA,), application_name="epochlens-judge")
+    store = JudgeStore(engine)
+    judging = Judging(settings, engine)
+    workers = JudgeWorkers(settings, store, judging)
+    servicer = JudgeServicer(settings, store, judging, workers)
+    running = await create_server(
+        settings, auth,
+        lambda server: judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME])
+    workers.start()
+
+    async def on_stop() -> None:
+        try:
+            await workers.stop(settings.shutdown_grace_s)
+            await judging.close()
+        finally:
+            await engine.dispose()
+
+    running.on_stop = on_stop
+    return running
+
+
+async def _serve() -> None:
+    settings, auth = JudgeSettings(), AuthSettings()
+    configure_logging(settings.log_level)
+    running = await start(settings, auth)
+    await serve_until_signalled(running, settings.shutdown_grace_s)
+
+
+def main() -> None:
+    asyncio.run(_serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""JudgeService: ad hoc judging, the durable hand-off from the writer, the criteria list, cost
+estimates and human judgments. Every method acts for the token's user."""
+
+import base64
+import binascii
+import logging
+import math
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from epochlens.v1 import judge_pb2, judge_pb2_grpc
+from services.common.auth import current_user
+from services.common.convert import parse_run_id, struct_to_dict, timestamp
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from services.judge.config import JudgeSettings, validate_judge_config
+from services.judge.llm.cost import estimate
+from services.judge.llm.prompts import STANDARD_RUBRICS
+from services.judge.queue import JudgeWorkers, Judging
+from services.judge.rules import RULE_CRITERIA
+from services.judge.schema import STANDARD_LLM_CRITERIA, Item, JudgeConfig, Verdict
+from services.judge.store import JudgeStore, human_verdict
+
+log = logging.getLogger(__name__)
+
+_TOKEN_PREFIX = "after:"
+
+
+def criteria_catalog(settings: JudgeSettings) -> list[judge_pb2.Criterion]:
+    """Rule criteria, then the standard LLM criteria, with their default thresholds."""
+    thresholds = settings.rule_defaults().thresholds
+    rules = [judge_pb2.Criterion(
+        name=c.name, judge_type=judge_pb2.JUDGE_TYPE_RULE, description=c.description,
+        default_threshold=thresholds[c.name], min_score=0.0, max_score=1.0,
+        needs_ground_truth=c.needs_ground_truth) for c in RULE_CRITERIA]
+    llm = [judge_pb2.Criterion(
+        name=name, judge_type=judge_pb2.JUDGE_TYPE_LLM, description=STANDARD_RUBRICS[name],
+        default_threshold=settings.threshold_for(name), min_score=1.0, max_score=10.0,
+        needs_ground_truth=False) for name in STANDARD_LLM_CRITERIA]
+    return rules + llm
+
+
+def verdict_to_proto(verdict: Verdict, ref: judge_pb2.PredictionRef | None,
+                     epoch: int) -> judge_pb2.Judgment:
+    return judge_pb2.Judgment(
+        prediction=ref, epoch=epoch, criterion=verdict.criterion,
+        judge_type=verdict.judge_type, judge_model=verdict.judge_model, score=verdict.score,
+        passed=verdict.passed, threshold=verdict.threshold, reasoning=verdict.reasoning,
+        confidence=verdict.confidence, status=verdict.status,
+        unscored_reason=verdict.unscored_reason, input_tokens=verdict.input_tokens,
+        output_tokens=verdict.output_tokens, cost_usd=verdict.cost_usd,
+        prompt_version=verdict.prompt_version)
+
+
+def row_to_proto(row: Any) -> judge_pb2.Judgment:
+    """A Judgment from a row of judge.judgments (attribute access)."""
+    ref = judge_pb2.PredictionRef(run_id=str(row.run_id), step=row.step,
+                                  sample_index=row.sample_index)
+    message = verdict_to_proto(Verdict(
+        criterion=row.criterion, judge_type=row.judge_type, judge_model=row.judge_model,
+        score=row.score, passed=row.passed, threshold=row.threshold, reasoning=row.reasoning,
+        status=row.status, prompt_version=row.prompt_version, confidence=row.confidence,
+        unscored_reason=row.unscored_reason, input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens, cost_usd=row.cost_usd), ref, row.epoch)
+    message.create_time.CopyFrom(timestamp(row.create_time))
+    return message
+
+
+def check_items(items: Sequence[judge_pb2.JudgeItem], settings: JudgeSettings,
+                run_id: uuid.UUID | None, violations: Violations) -> list[Item]:
+    """The items as Items (run_id None unless run_id is given, which every item's prediction
+    must name); problems go to `violations` as `items[i].field`."""
+    if not items:
+        violations.add("items", "at least one item is required")
+    elif len(items) > settings.max_items:
+        violations.add("items", f"{len(items)} items exceed the maximum of {settings.max_items}")
+        return []
+    out = []
+    for index, item in enumerate(items):
+        path = f"items[{index}]"
+        if item.epoch < 0:
+            violations.add(f"{path}.epoch", f"must be >= 0, got {item.epoch}")
+        if not item.prompt:
+            violations.add(f"{path}.prompt", "required (empty)")
+        for name in ("prompt", "prediction_text", "ground_truth"):
+            size = len(getattr(item, name))
+            if size > settings.max_text_chars:
+                violations.add(f"{path}.{name}", f"{size} characters exceed the maximum of "
+                               f"{settings.max_text_chars}")
+        if run_id is not None:
+            _check_ref(item, path, run_id, violations)
+        out.append(Item(run_id=run_id, step=item.prediction.step,
+                        sample_index=item.prediction.sample_index, epoch=item.epoch,
+                        prompt=item.prompt, prediction=item.prediction_text,
+                        ground_truth=item.ground_truth if item.HasField("ground_truth")
+                        else None))
+    return out
+
+
+def _check_ref(item: judge_pb2.JudgeItem, path: str, run_id: uuid.UUID,
+               violations: Violations) -> None:
+    if not item.HasField("prediction"):
+        violations.add(f"{path}.prediction", "required: the stored prediction this item is")
+        return
+    ref = item.prediction
+    if _uuid_or_none(ref.run_id) != run_id:
+        violations.add(f"{path}.prediction.run_id", f"must equal run_id {run_id}")
+    for name in ("step", "sample_index"):
+        if getattr(ref, name) < 0:
+            violations.add(f"{path}.prediction.{name}", f"must be >= 0, got {getattr(ref, name)}")
+
+
+def _config(settings: JudgeSettings, request: Any, violations: Violations) -> JudgeConfig | None:
+    """The request's judge config; its violations are added to the others."""
+    try:
+        return validate_judge_config(settings, struct_to_dict(request.config))
+    except InvalidArgument as exc:
+        violations.items.extend(exc.violations)
+        return None
+
+
+def resolve_page_size(requested: int, settings: JudgeSettings) -> int:
+    if requested < 0:
+        raise InvalidArgument([FieldViolation("page_size", f"must be >= 0, got {requested}")])
+    return min(requested or settings.page_size_default, settings.page_size_max)
+
+
+def _page_start(token: str, names: list[str]) -> int:
+    """Index of the first criterion after the one a page token names (0 without a token)."""
+    if not token:
+        return 0
+    try:
+        decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument([FieldViolation("page_token", "malformed page token")]) from exc
+    name = decoded.removeprefix(_TOKEN_PREFIX)
+    if not decoded.startswith(_TOKEN_PREFIX) or name not in names:
+        raise InvalidArgument([FieldViolation("page_token", "not a page token of ListCriteria")])
+    return names.index(name) + 1
+
+
+def _page_token(name: str) -> str:
+    return base64.urlsafe_b64encode(f"{_TOKEN_PREFIX}{name}".encode()).decode().rstrip("=")
+
+
+def _uuid_or_none(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
+    def __init__(self, settings: JudgeSettings, store: JudgeStore, judging: Judging,
+                 workers: JudgeWorkers) -> None:
+        self._settings = settings
+        self._store = store
+        self._judging = judging
+        self._workers = workers
+        self._criteria = criteria_catalog(settings)
+        self.counts: Counter[str] = Counter()
+
+    async def JudgePredictions(self, request: judge_pb2.JudgePredictionsRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> judge_pb2.JudgePredictionsResponse:
+        """Rules (and the LLM judge when configured) on the items now; nothing is stored and
+        no run's budget is charged (the items are judged as run-less)."""
+        violations = Violations()
+        config = _config(self._settings, request, violations)
+        items = check_items(request.items, self._settings, None, violations)
+        violations.raise_if_any()
+        assert config is not None
+        verdicts = await self._judging.rules(items, [config.rules] * len(items))
+        if self._judging.llm_on(config):
+            extra = await self._llm_now(items, config)
+            verdicts = [[*own, *more] for own, more in zip(verdicts, extra, strict=True)]
+        response = judge_pb2.JudgePredictionsResponse()
+        for item, own in zip(request.items, verdicts, strict=True):
+            ref = item.prediction if item.HasField("prediction") else None
+            response.judgments.extend(verdict_to_proto(v, ref, item.epoch) for v in own)
+        return response
+
+    async def _llm_now(self, items: list[Item], config: JudgeConfig) -> list[list[Verdict]]:
+        # Imported here: it loads the provider SDKs, only needed once an LLM judge runs.
+        from services.judge.llm.errors import LlmJudgingFailed
+        try:
+            return await self._judging.llm(current_user(), items, config)
+        except LlmJudgingFailed as exc:
+            raise FailedPrecondition(f"LLM judging failed and the config's on_error is "
+                                     f"'fail': {exc}", {"cause": "llm_failed"}) from exc
+
+    async def EnqueueJudging(self, request: judge_pb2.EnqueueJudgingRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> judge_pb2.EnqueueJudgingResponse:
+        """Stores the items as tasks for the caller (durable before the reply), skipping
+        identities already queued. The writer vouches that the predictions exist."""
+        violations = Violations()
+        run_id = parse_run_id(request.run_id, violations=violations)
+        config = _config(self._settings, request, violations)
+        items = check_items(request.items, self._settings, run_id, violations)
+        violations.raise_if_any()
+        assert run_id is not None and config is not None
+        enqueued, duplicates = await self._store.enqueue(
+            current_user(), run_id, items, config.model_dump(mode="json", exclude_defaults=True))
+        self.counts["enqueued"] += enqueued
+        self.counts["duplicates"] += duplicates
+        if enqueued:
+            self._workers.notify()
+        return judge_pb2.EnqueueJudgingResponse(enqueued_count=enqueued,
+                                                duplicate_count=duplicates)
+
+    async def ListCriteria(self, request: judge_pb2.ListCriteriaRequest,
+                           context: grpc.aio.ServicerContext) -> judge_pb2.ListCriteriaResponse:
+        size = resolve_page_size(request.page_size, self._settings)
+        names = [c.name for c in self._criteria]
+        start = _page_start(request.page_token, names)
+        page = self._criteria[start:start + size]
+        more = start + size < len(self._criteria)
+        return judge_pb2.ListCriteriaResponse(
+            criteria=page, next_page_token=_page_token(page[-1].name) if more and page else "")
+
+    async def EstimateCost(self, request: judge_pb2.EstimateCostRequest,
+                           context: grpc.aio.ServicerContext) -> judge_pb2.EstimateCostResponse:
+        violations = Violations()
+        for name in ("prediction_count", "average_item_tokens"):
+            if getattr(request, name) < 0:
+                violations.add(name, f"must be >= 0, got {getattr(request, name)}")
+        config = _config(self._settings, request, violations)
+        violations.raise_if_any()
+        assert config is not None
+        return judge_pb2.EstimateCostResponse(**estimate(
+            self._settings, config.llm, request.prediction_count, request.average_item_tokens))
+
+    async def RecordHumanJudgment(self, request: judge_pb2.RecordHumanJudgmentRequest,
+                                  context: grpc.aio.ServicerContext) -> judge_pb2.Judgment:
+        """Stores the caller's judgment of a prediction handed to the judge for the caller;
+        any other prediction (unknown, or another user's) is NOT_FOUND."""
+        user = current_user()
+        run_id = self._check_human(request)
+        ref = request.prediction
+        row = await self._store.record_human(user, run_id, ref.step, ref.sample_index,
+                                             human_verdict(user, request.criterion, request.score,
+                                                           request.threshold, request.reasoning))
+        log.info("human judgment by %s of %s/%d/%d on %r stored", user, run_id, ref.step,
+                 ref.sample_index, request.criterion)
+        return row_to_proto(row)
+
+    def _check_human(self, request: judge_pb2.RecordHumanJudgmentRequest) -> uuid.UUID:
+        violations = Violations()
+        if not request.HasField("prediction"):
+            violations.add("prediction", "required")
+        run_id = parse_run_id(request.prediction.run_id, "prediction.run_id", violations)
+        for name in ("step", "sample_index"):
+            if getattr(request.prediction, name) < 0:
+                violations.add(f"prediction.{name}", "must be >= 0")
+        if not request.criterion.strip() or len(request.criterion) > self._settings.max_name_chars:
+            violations.add("criterion", f"must be 1..{self._settings.max_name_chars} characters")
+        for name in ("score", "threshold"):
+            if not math.isfinite(getattr(request, name)):
+                violations.add(name, "must be a finite number")
+        if len(request.reasoning) > self._settings.max_text_chars:
+            violations.add("reasoning", f"exceeds {self._settings.max_text_chars} characters")
+        violations.raise_if_any()
+        assert run_id is not None
+        return run_id

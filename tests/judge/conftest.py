@@ -1,0 +1,107 @@
+"""Fixtures of the judge tests: a judge database of this package's own (the shared stack's
+judge server runs workers that would claim these tests' tasks), on PostgreSQL as the judge
+role and on embedded SQLite, emptied before each test."""
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.common.config import DatabaseSettings
+from services.common.db import create_engine
+from services.judge.config import JudgeSettings
+from services.judge.models import SCHEMA
+from services.judge.schema import Item
+from services.writer.config import MigrateSettings
+from services.writer.migrate import migrate
+from tests.conftest import JUDGE_ROLE, PG_ADMIN, PG_HOST, PG_PORT, pg_url
+
+TABLES = ("judgments", "tasks", "llm_cache", "run_llm_state")
+
+
+@dataclass
+class JudgeDb:
+    """A migrated judge schema: settings for a judge on it, and an admin engine to inspect
+    (and empty) it without row-level security."""
+
+    backend: str
+    database: str | None
+    sqlite_dir: Path | None
+    admin: AsyncEngine
+
+    def settings(self, **overrides: Any) -> JudgeSettings:
+        where: dict[str, Any] = ({"database_url": pg_url(JUDGE_ROLE, self.database)}
+                                 if self.database else {"sqlite_dir": self.sqlite_dir})
+        return JudgeSettings(**{"port": 0, "_env_file": None, "worker_count": 0,
+                                "shutdown_grace_s": 0.5, **where, **overrides})
+
+    def engine(self) -> AsyncEngine:
+        """An engine as the judge service has it (the judge role on PostgreSQL)."""
+        return create_engine(self.settings(), (SCHEMA,))
+
+    async def rows(self, sql: str, **params: Any) -> list[Any]:
+        async with self.admin.connect() as conn:
+            return list((await conn.execute(text(sql), params)).all())
+
+    async def scalar(self, sql: str, **params: Any) -> Any:
+        async with self.admin.connect() as conn:
+            return await conn.scalar(text(sql), params)
+
+
+@pytest.fixture(scope="session")
+async def judge_pg_database() -> AsyncIterator[str]:
+    name = f"epochlens_test_judge_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name), judge_role=JUDGE_ROLE,
+                                      _env_file=None))
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def judge_sqlite_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("judge-sqlite")
+    await migrate(MigrateSettings(sqlite_dir=path, _env_file=None))
+    return path
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def judge_db(request, judge_pg_database, judge_sqlite_dir) -> AsyncIterator[JudgeDb]:
+    """The judge schema on each backend, empty at the start of the test."""
+    if request.param == "postgres":
+        settings = DatabaseSettings(database_url=pg_url(PG_ADMIN, judge_pg_database),
+                                    _env_file=None)
+        db = JudgeDb("postgres", judge_pg_database, None, create_engine(settings, (SCHEMA,)))
+    else:
+        settings = DatabaseSettings(sqlite_dir=judge_sqlite_dir, _env_file=None)
+        db = JudgeDb("sqlite", None, judge_sqlite_dir, create_engine(settings, (SCHEMA,)))
+    async with db.admin.begin() as conn:
+        for table in TABLES:
+            await conn.execute(text(f"DELETE FROM {SCHEMA}.{table}"))
+    yield db
+    await db.admin.dispose()
+
+
+def make_items(count: int, run_id: uuid.UUID | None = None, epoch: int = 1,
+               **overrides: Any) -> list[Item]:
+    """Items with a ground truth: prediction i equals its ground truth when i is even."""
+    out = []
+    for index in range(count):
+        fields: dict[str, Any] = {
+            "run_id": run_id, "step": epoch * 10, "sample_index": index, "epoch": epoch,
+            "prompt": f"Reverse the words: alpha beta {index}",
+            "ground_truth": f"{index} beta alpha",
+            "prediction": f"{index} beta alpha" if index % 2 == 0 else f"alpha {index} beta"}
+        fields.update(overrides)
+        out.append(Item(**fields))
+    return out
