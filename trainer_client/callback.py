@@ -236,14 +236,15 @@ class PredictionsCallback(TrainerCallback):
 
     def _run_settings(self, args, state) -> dict:
         precision = "fp32" if self._dtype is None else str(self._dtype).removeprefix("torch.")
-        return {"predictions": self.config.public_dict(),
+        # The caller's run_config goes in at the top level, so its "judge" section is the
+        # one the writer hands to the judge; the callback's own keys win on a clash.
+        return {**self._run_config, "predictions": self.config.public_dict(),
                 "trainer": {"precision": precision, "world_size": distributed.world_size(),
                             "num_train_epochs": state.num_train_epochs,
                             "max_steps": state.max_steps,
                             "learning_rate": getattr(args, "learning_rate", None)},
                 "sample": self.sampler.describe(),
-                "cost_estimate": self.estimate.as_dict() if self.estimate else None,
-                "user": self._run_config}
+                "cost_estimate": self.estimate.as_dict() if self.estimate else None}
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
