@@ -2,6 +2,7 @@
 (so a test can kill and restart it), a bearer token for it, and the tiny model's
 tokenizer."""
 
+import json
 import os
 import signal
 import socket
@@ -76,6 +77,14 @@ class WriterProcess:
                               "FROM predictions").fetchall()
         wanted = uuid.UUID(run_id)
         return sorted(r[1:] for r in rows if uuid.UUID(str(r[0])) == wanted)
+
+    def run_config(self, run_id: str) -> dict:
+        """The stored config of one run."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, config FROM runs").fetchall()
+        wanted = uuid.UUID(run_id)
+        (config,) = [json.loads(c) for i, c in rows if uuid.UUID(str(i)) == wanted]
+        return config
 
     def runs(self, name: str) -> list[tuple[str, int]]:
         """(id, state) of every run with this name."""

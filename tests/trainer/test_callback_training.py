@@ -41,9 +41,10 @@ def run_training(tmp_path, tokenizer, callback, epochs=3, max_steps=-1, model=No
 
 def test_every_epoch_lands_with_the_same_sample_indices(tmp_path, tokenizer, writer, token):
     eval_rows = reversal_rows(20, seed=7)
+    judge_section = {"rules": {"criteria": ["exact_match"]}}
     callback = PredictionsCallback(predictions_config(tmp_path), dataset=eval_rows,
                                    tokenizer=tokenizer, writer=writer.address, token=token,
-                                   run_name="every-epoch")
+                                   run_name="every-epoch", run_config={"judge": judge_section})
     run_training(tmp_path, tokenizer, callback, epochs=3)
 
     report = callback.last_report
@@ -59,6 +60,8 @@ def test_every_epoch_lands_with_the_same_sample_indices(tmp_path, tokenizer, wri
     assert sorted({(e, s) for e, s, _, _ in rows}) == [(1, 4), (2, 8), (3, 12)]
     assert writer.runs("every-epoch") == [(report.run_id, common_pb2.RUN_STATE_SUCCEEDED)]
     assert callback.counts["failed_samples"] == 0
+    stored = writer.run_config(report.run_id)
+    assert stored["judge"] == judge_section and stored["predictions"]["sample_count"] == SAMPLES
 
 
 def test_steps_frequency(tmp_path, tokenizer, writer, token):
