@@ -10,12 +10,10 @@ the embedded SQLite store.
 import asyncio
 import logging
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.common.db import create_engine, is_postgres
+from services.common.migrations import grant_tables, upgrade_schema
 from services.common.server import configure_logging
 from services.judge.migrate import migrate_judge
 from services.writer.config import MigrateSettings
@@ -24,31 +22,11 @@ from services.writer.models import SCHEMA
 log = logging.getLogger(__name__)
 
 
-def alembic_config() -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", "services.writer:migrations")
-    return cfg
-
-
-def _upgrade(sync_conn: Connection) -> None:
-    cfg = alembic_config()
-    cfg.attributes["connection"] = sync_conn
-    command.upgrade(cfg, "head")
-
-
 async def migrate(settings: MigrateSettings) -> None:
-    """Upgrades to head and ensures roles; safe to run any number of times."""
-    engine = create_engine(settings, (SCHEMA,), application_name="epochlens-migrate")
-    try:
-        async with engine.begin() as conn:
-            if is_postgres(conn):
-                await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
-            await conn.run_sync(_upgrade)
-            if is_postgres(conn):
-                await _ensure_roles(conn, settings)
-    finally:
-        await engine.dispose()
-    log.info("schema %s is at head", SCHEMA)
+    """Upgrades schemas writer and judge to head and ensures roles; safe to run any number
+    of times."""
+    await upgrade_schema(settings, SCHEMA, "services.writer:migrations",
+                         lambda conn: _ensure_roles(conn, settings))
     await migrate_judge(settings)
 
 
@@ -63,17 +41,7 @@ async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> Non
     roles = ((settings.writer_role, settings.writer_role_password, WRITER_GRANTS),
              (settings.reader_role, settings.reader_role_password, READER_GRANTS))
     for role, password, grants in roles:
-        exists = await conn.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role})
-        if not exists:
-            await conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-        if password is not None:
-            statement = await conn.scalar(
-                text("SELECT format('ALTER ROLE %I PASSWORD %L', :r, :p)"),
-                {"r": role, "p": password})
-            await conn.execute(text(statement))
-        await conn.execute(text(f'GRANT USAGE ON SCHEMA {SCHEMA} TO "{role}"'))
-        for table, privileges in grants.items():
-            await conn.execute(text(f'GRANT {privileges} ON {SCHEMA}.{table} TO "{role}"'))
+        await grant_tables(conn, SCHEMA, role, password, grants)
     await _ensure_dispatcher_policies(conn, settings.writer_role)
 
 
