@@ -20,9 +20,11 @@ from services.common.config import AuthSettings
 class CliError(Exception):
     """A failure the user can act on: printed as one line, exit status `exit_code`."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, retryable: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        # The service was unreachable or slow: the same call may succeed later.
+        self.retryable = retryable
 
 
 def resolve_token(settings: CliSettings) -> str:
@@ -65,14 +67,14 @@ class QueryClient:
         code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
             return CliError(f"cannot reach the query service at {self._address} "
-                            f"(start it with `epochlens up`): {details}")
+                            f"(start it with `epochlens up`): {details}", retryable=True)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return CliError(f"token rejected by {self._address}: {details}", 2)
         if code == grpc.StatusCode.NOT_FOUND:
             return CliError(f"{what or 'resource'} not found")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CliError(f"{self._address} did not answer within "
-                            f"{self._settings.timeout_s:g}s")
+                            f"{self._settings.timeout_s:g}s", retryable=True)
         return CliError(f"{code.name}: {details}")
 
     def runs(self, page_size: int = 0) -> Iterator[common_pb2.Run]:

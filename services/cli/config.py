@@ -33,6 +33,8 @@ class CliSettings(BaseSettings):
                                      description="Write buffer of the file `export -o` writes.")
     progress_refresh_per_s: float = Field(4.0, gt=0, description="Redraws per second of the "
                                           "progress bars on stderr.")
+    watch_max_failures: int = Field(30, ge=0, description="Polls in a row `epochlens watch` "
+                                    "retries while the query service is unreachable or slow.")
     watch_interval_s: float = Field(2.0, gt=0, description="Seconds between two polls of "
                                     "`epochlens watch` (default of --interval).")
     preview_chars: int = Field(100, ge=10, description="Longest text shown in a table cell; "

@@ -215,20 +215,33 @@ def watch(ctx: typer.Context, run_id: str = RUN,
         follower = watching.EpochFollower(client, cli.settings, run_id)
         typer.echo(f"watching run {run.id} ({run.name}) every {period:g}s (Ctrl-C stops)")
         try:
-            state = _follow(follower, period)
+            state = _follow(follower, period, cli.settings.watch_max_failures)
         except KeyboardInterrupt:
             typer.echo("stopped watching", err=True)
             raise typer.Exit(130) from None
     typer.echo(f"run {run_id} {render.state_name(state)}")
 
 
-def _follow(follower: watching.EpochFollower, period: float) -> int:
-    """Polls until the run is over; returns its final state."""
+def _follow(follower: watching.EpochFollower, period: float, max_failures: int) -> int:
+    """Polls until the run is over; returns its final state. A poll that fails because the
+    service is unreachable or slow is retried at the next interval, up to max_failures in
+    a row (each one a warning on stderr); any other error ends the watch."""
+    failures = 0
     while True:
-        state = follower.state()
-        finished = not watching.is_running(state)
-        for line in follower.poll(finished):
-            typer.echo(line)
+        try:
+            state = follower.state()
+            finished = not watching.is_running(state)
+            for line in follower.poll(finished):
+                typer.echo(line)
+        except CliError as exc:
+            failures += 1
+            if not exc.retryable or failures > max_failures:
+                raise
+            typer.echo(f"warning: {exc} (poll {failures} of {max_failures} failed in a row; "
+                       "retrying)", err=True)
+            finished = False
+        else:
+            failures = 0
         if finished:
             return state
         time.sleep(period)

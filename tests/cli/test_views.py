@@ -224,6 +224,65 @@ async def test_watch_prints_each_epoch_as_it_lands_and_exits_when_finished(stack
         f"run {run.id} succeeded"]
 
 
+async def start_own_query(stack, port: int):
+    """A second query service on `port` over the stack's database (stopped and restarted by
+    the test to simulate an outage)."""
+    from services.query.config import QuerySettings
+    from services.query.server import start as start_query
+    from tests.conftest import PAGE_SECRET, READER_ROLE, pg_url
+    where = ({"database_url": pg_url(READER_ROLE, stack.database)} if stack.database
+             else {"sqlite_dir": stack.sqlite_dir})
+    return await start_query(QuerySettings(port=port, page_token_secret=PAGE_SECRET,
+                                           shutdown_grace_s=0, _env_file=None, **where),
+                             stack.auth)
+
+
+async def test_watch_rides_out_a_query_service_outage(stack, writer_stub):
+    user = "watcher-outage"
+    run_id = await seeded(stack, writer_stub, user)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = await start_own_query(stack, port)
+    watching = asyncio.ensure_future(cli(
+        stack, user, "watch", run_id, EPOCHLENS_CLI_WATCH_INTERVAL_S="0.1",
+        EPOCHLENS_CLI_QUERY_ADDRESS=f"127.0.0.1:{port}", EPOCHLENS_CLI_TIMEOUT_S="1"))
+    await asyncio.sleep(0.5)
+    await server.stop(0)
+    await asyncio.sleep(0.6)
+    assert not watching.done()
+    await writer_stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run_id),
+                                metadata=stack.metadata(user))
+    server = await start_own_query(stack, port)
+    try:
+        result = await asyncio.wait_for(watching, 30)
+    finally:
+        await server.stop(0)
+    out = ok(result)
+    assert out.splitlines()[-1] == f"run {run_id} succeeded"
+    assert "warning: cannot reach the query service" in result.stderr
+    assert sum(line.startswith("epoch ") for line in out.splitlines()) == EPOCHS
+
+
+async def test_watch_gives_up_after_max_failures(stack, writer_stub):
+    user = "watcher-gives-up"
+    run_id = await seeded(stack, writer_stub, user)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = await start_own_query(stack, port)
+    watching = asyncio.ensure_future(cli(
+        stack, user, "watch", run_id, EPOCHLENS_CLI_WATCH_INTERVAL_S="0.05",
+        EPOCHLENS_CLI_WATCH_MAX_FAILURES="2", EPOCHLENS_CLI_QUERY_ADDRESS=f"127.0.0.1:{port}",
+        EPOCHLENS_CLI_TIMEOUT_S="1"))
+    await asyncio.sleep(0.5)
+    await server.stop(0)
+    result = await asyncio.wait_for(watching, 30)
+    assert result.exit_code == 1
+    assert result.stderr.count("warning: cannot reach the query service") == 2
+    assert result.stderr.splitlines()[-1].startswith("error: cannot reach the query service")
+
+
 async def test_watch_of_a_finished_run_prints_everything_and_exits(stack, writer_stub):
     run_id = await seeded(stack, writer_stub)
     await writer_stub.FinishRun(writer_pb2.FinishRunRequest(
