@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,6 +83,18 @@ async def serve_until_signalled(running: RunningServer, grace_s: float) -> None:
         log.info("stopping (grace %.1fs)", grace_s)
     finally:
         await running.stop(grace_s)
+
+
+def run_service(settings: ServiceSettings,
+                start: Callable[[Any, AuthSettings], Awaitable[RunningServer]]) -> None:
+    """A service's entry point: configures logging, starts the server with `start`, and
+    serves until SIGINT/SIGTERM."""
+    async def serve() -> None:
+        configure_logging(settings.log_level)
+        running = await start(settings, AuthSettings())
+        await serve_until_signalled(running, settings.shutdown_grace_s)
+
+    asyncio.run(serve())
 
 
 def configure_logging(level: str) -> None:

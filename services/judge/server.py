@@ -1,16 +1,14 @@
 """Entry point of the judge service: `epochlens-judge`. The queue workers start with the server
 and stop after it: in-flight RPCs finish, batches in progress get shutdown_grace_s to settle."""
 
-import asyncio
 
 from epochlens.v1 import judge_pb2, judge_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.db import create_engine
 from services.common.server import (
     RunningServer,
-    configure_logging,
     create_server,
-    serve_until_signalled,
+    run_service,
 )
 from services.judge.config import JudgeSettings
 from services.judge.models import SCHEMA
@@ -45,15 +43,8 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     return running
 
 
-async def _serve() -> None:
-    settings, auth = JudgeSettings(), AuthSettings()
-    configure_logging(settings.log_level)
-    running = await start(settings, auth)
-    await serve_until_signalled(running, settings.shutdown_grace_s)
-
-
 def main() -> None:
-    asyncio.run(_serve())
+    run_service(JudgeSettings(), start)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,12 @@
 """Entry point of the query service: `epochlens-query`."""
 
-import asyncio
-
 from epochlens.v1 import query_pb2, query_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.db import create_engine
 from services.common.server import (
     RunningServer,
-    configure_logging,
     create_server,
-    serve_until_signalled,
+    run_service,
 )
 from services.judge.models import SCHEMA as JUDGE_SCHEMA
 from services.query.config import QuerySettings
@@ -33,15 +30,8 @@ async def start(settings: QuerySettings, auth: AuthSettings) -> RunningServer:
     return running
 
 
-async def _serve() -> None:
-    settings, auth = QuerySettings(), AuthSettings()
-    configure_logging(settings.log_level)
-    running = await start(settings, auth)
-    await serve_until_signalled(running, settings.shutdown_grace_s)
-
-
 def main() -> None:
-    asyncio.run(_serve())
+    run_service(QuerySettings(), start)
 
 
 if __name__ == "__main__":

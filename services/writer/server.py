@@ -1,15 +1,13 @@
 """Entry point of the writer service: `epochlens-writer`."""
 
-import asyncio
 
 from epochlens.v1 import writer_pb2, writer_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.db import create_engine
 from services.common.server import (
     RunningServer,
-    configure_logging,
     create_server,
-    serve_until_signalled,
+    run_service,
 )
 from services.writer.config import WriterSettings
 from services.writer.models import SCHEMA
@@ -46,15 +44,8 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     return running
 
 
-async def _serve() -> None:
-    settings, auth = WriterSettings(), AuthSettings()
-    configure_logging(settings.log_level)
-    running = await start(settings, auth)
-    await serve_until_signalled(running, settings.shutdown_grace_s)
-
-
 def main() -> None:
-    asyncio.run(_serve())
+    run_service(WriterSettings(), start)
 
 
 if __name__ == "__main__":

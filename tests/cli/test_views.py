@@ -224,6 +224,12 @@ async def test_watch_prints_each_epoch_as_it_lands_and_exits_when_finished(stack
         f"run {run.id} succeeded"]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 async def start_own_query(stack, port: int):
     """A second query service on `port` over the stack's database (stopped and restarted by
     the test to simulate an outage)."""
@@ -240,9 +246,7 @@ async def start_own_query(stack, port: int):
 async def test_watch_rides_out_a_query_service_outage(stack, writer_stub):
     user = "watcher-outage"
     run_id = await seeded(stack, writer_stub, user)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = await start_own_query(stack, port)
     watching = asyncio.ensure_future(cli(
         stack, user, "watch", run_id, EPOCHLENS_CLI_WATCH_INTERVAL_S="0.1",
@@ -267,9 +271,7 @@ async def test_watch_rides_out_a_query_service_outage(stack, writer_stub):
 async def test_watch_gives_up_after_max_failures(stack, writer_stub):
     user = "watcher-gives-up"
     run_id = await seeded(stack, writer_stub, user)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = await start_own_query(stack, port)
     watching = asyncio.ensure_future(cli(
         stack, user, "watch", run_id, EPOCHLENS_CLI_WATCH_INTERVAL_S="0.05",
