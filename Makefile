@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: browser install proto proto-check pg test test-unit test-integration test-e2e up down demo smoke bench lint clean
+.PHONY: browser install proto proto-check pg test test-unit test-integration test-e2e fuzz up down demo smoke bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 proto: install
-	PYTHON=$(PY) scripts/gen_protos.sh
+	PATH="$(abspath $(BIN)):$$PATH" PYTHON=$(PY) scripts/gen_protos.sh
 
 # Fails when the committed generated code differs from what the protos give.
 proto-check: install
@@ -49,8 +49,15 @@ test-integration: install pg
 test-e2e: install pg
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
+# The property-based fuzz suite at length (every RPC, 1500 examples each; `make test` runs
+# the same suite with 100 each).
+fuzz: install pg
+	EPOCHLENS_FUZZ_PROFILE=long $(BIN)/pytest tests/fuzz -k postgres $(PYTEST_ARGS)
+
+# A new .env: .env.example with fresh random secrets in place of its public example ones
+# (an existing .env is left alone; `epochlens up` refuses the example secrets).
 .env:
-	cp .env.example .env
+	python3 scripts/make_env.py .env.example .env
 
 up: install .env
 	$(BIN)/epochlens up

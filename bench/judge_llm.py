@@ -152,7 +152,6 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
 async def run(args: argparse.Namespace, port: int) -> list[dict]:
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = LlmSettings(openai_api_key="bench-key", anthropic_api_key=None,
-                           openai_compatible_api_key=None,
                            openai_base_url=f"http://127.0.0.1:{port}/v1",
                            llm_max_concurrency=max(levels))
     async with database(args) as name:

@@ -11,7 +11,7 @@ p99 < --target-p99-ms (20 ms):
   * ListPredictions: first page, deep pages (following next_page_token
     --deep-pages pages into a run; the last --deep-tail pages of each walk are
     timed, over --deep-runs runs), filtered by epoch, filtered by sample_index;
-  * ListEpochs, CompareSample, GetRun, ListRuns.
+  * ListEpochs, CompareSample (every page of one sample), GetRun, ListRuns.
 Each call type gets --warmup untimed calls, then --iterations timed ones, on
 runs/epochs/samples drawn at random (--seed).
 
@@ -178,6 +178,18 @@ def call_types(stub, metadata, runs: list[str], args) -> dict[str, Callable]:
             run_id=rng.choice(runs), page_size=size, **filters), metadata=md, timeout=t)
             .predictions)
 
+    def sample(rng) -> int:
+        """Every page of CompareSample for one sample: its whole history."""
+        request = q.CompareSampleRequest(run_id=rng.choice(runs),
+                                         sample_index=rng.randrange(args.samples), page_size=size)
+        count = 0
+        while True:
+            reply = stub.CompareSample(request, metadata=md, timeout=t)
+            count += len(reply.predictions)
+            if not reply.next_page_token:
+                return count
+            request.page_token = reply.next_page_token
+
     return {
         "ListPredictions first page": lambda rng: predictions(rng),
         "ListPredictions epoch filter": lambda rng: predictions(
@@ -186,9 +198,7 @@ def call_types(stub, metadata, runs: list[str], args) -> dict[str, Callable]:
             rng, sample_index=rng.randrange(args.samples)),
         "ListEpochs": lambda rng: len(stub.ListEpochs(q.ListEpochsRequest(
             run_id=rng.choice(runs), page_size=size), metadata=md, timeout=t).epochs),
-        "CompareSample": lambda rng: len(stub.CompareSample(q.CompareSampleRequest(
-            run_id=rng.choice(runs), sample_index=rng.randrange(args.samples)),
-            metadata=md, timeout=t).predictions),
+        "CompareSample": sample,
         "GetRun": lambda rng: int(bool(stub.GetRun(q.GetRunRequest(
             run_id=rng.choice(runs)), metadata=md, timeout=t).id)),
         "ListRuns": lambda rng: len(stub.ListRuns(q.ListRunsRequest(

@@ -83,6 +83,10 @@ class PredictionsConfig(BaseSettings):
     flush_timeout_s: float = Field(30.0, ge=0, description="How long train end waits for the "
                                    "writer to ack everything before leaving it in the spool.")
     thread_join_s: float = Field(5.0, gt=0, description="Wait for the upload thread to stop.")
+    poison_batch_attempts: int = Field(5, ge=1, description="Streams in a row that fail with "
+                                       "INTERNAL or UNKNOWN at the same oldest batch before "
+                                       "that batch moves to the spool's rejected table and "
+                                       "the upload goes on without it.")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                    description="Largest gRPC message sent or received.")
 

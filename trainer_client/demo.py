@@ -319,11 +319,13 @@ def read_back(settings: DemoSettings, address: str, token: str, run_id: str,
                                     timeout)
             epochs.append(epoch_result(summary, predictions, losses))
         shown = choose_sample(settings, epochs)
-        sample = stub.CompareSample(
-            query_pb2.CompareSampleRequest(run_id=run_id, sample_index=shown),
-            metadata=metadata, timeout=timeout)
+        request = query_pb2.CompareSampleRequest(run_id=run_id, sample_index=shown)
+        sample = stub.CompareSample(request, metadata=metadata, timeout=timeout)
+        request.page_token = sample.next_page_token
+        rest = all_pages(stub.CompareSample, request, "predictions", metadata,
+                         timeout) if request.page_token else []
     truth = sample.ground_truth if sample.HasField("ground_truth") else None
-    across = {p.epoch: p.prediction for p in sample.predictions}
+    across = {p.epoch: p.prediction for p in [*sample.predictions, *rest]}
     return DemoResult(run_id, epochs, shown, sample.prompt, truth, across)
 
 

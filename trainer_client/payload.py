@@ -6,6 +6,7 @@ generator already logged and counted them).
 """
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -40,7 +41,7 @@ class PayloadEncoder:
             epoch=epoch, step=step, sample_index=result.sample_index,
             prompt=self._cut(result.prompt, "prompt", result),
             prediction=self._cut(result.prediction or "", "prediction", result),
-            generation_time_ms=max(result.generation_time_ms, 0.0))
+            generation_time_ms=self._duration(result))
         if result.ground_truth is not None:
             item.ground_truth = self._cut(result.ground_truth, "ground_truth", result)
         if result.prompt_tokens is not None:
@@ -48,6 +49,17 @@ class PayloadEncoder:
         if result.completion_tokens is not None:
             item.completion_tokens = result.completion_tokens
         return item
+
+    def _duration(self, result: GenerationResult) -> float:
+        """The generation time, or 0.0 when it is not a finite non-negative number (which
+        the writer would refuse, with the whole batch); logged and counted."""
+        value = result.generation_time_ms
+        if math.isfinite(value) and value >= 0:
+            return value
+        self.counts["bad_durations"] += 1
+        log.warning("sample_index=%d: generation_time_ms=%r sent as 0.0 (%d so far)",
+                    result.sample_index, value, self.counts["bad_durations"])
+        return 0.0
 
     def _cut(self, text: str, field: str, result: GenerationResult) -> str:
         limit = self._config.max_text_chars

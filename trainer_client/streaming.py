@@ -14,6 +14,13 @@ and jitter; what was not acked stays in the spool and is replayed on the next
 stream (the writer counts replays as duplicates, never stores them twice).
 Errors that retrying cannot fix (bad token, invalid run) stop the upload and
 leave everything in the spool for `epochlens-sync`; they are logged at ERROR.
+
+A batch the writer refuses (a BatchRejection on the stream) moves to the
+spool's rejected table and the upload goes on. A batch that breaks the whole
+stream again and again (INTERNAL or UNKNOWN with the same oldest unacked batch,
+`poison_batch_attempts` times in a row) is moved there too, so one bad batch can
+never hold back the rest of the run. Texts the writer stored with NUL replaced
+are logged and counted (`nul_replaced_fields`).
 """
 
 import asyncio
@@ -39,6 +46,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                        grpc.StatusCode.CANCELLED})
+# Failures that may come from the content of one batch rather than the connection.
+POISON_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
 
 
@@ -100,6 +109,9 @@ class StreamingClient:
         self._stopping = False
         self._error: str | None = None
         self._acked = 0
+        self._poison: tuple[int, int] = (0, 0)  # (oldest pending sequence, failures there)
+        self._isolate_until = 0  # send one batch per stream while the oldest is <= this
+        self._highest_sent = 0
         if self._record.run_id:
             self._run_known.set()
 
@@ -309,6 +321,8 @@ class StreamingClient:
     def _retry_or_stop(self, exc: grpc.RpcError, action: str) -> bool:
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
         details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        if action == "stream" and code in POISON_CODES:
+            self._note_stream_failure(code, details)
         if code in RETRYABLE:
             self._count("connection_errors")
             log.warning("writer %s: %s failed with %s (%s); retrying (errors so far: %d, "
@@ -319,6 +333,39 @@ class StreamingClient:
         log.error("writer %s: %s failed with %s (%s); not retrying, everything stays in %s",
                   self._address, action, code.name, details, self._spool.path)
         return False
+
+    def _note_stream_failure(self, code: grpc.StatusCode, details: str) -> None:
+        """Counts failed streams at the same oldest batch; quarantines it at the limit."""
+        oldest = self._spool.pending(0, 1)
+        if not oldest:
+            return
+        sequence = oldest[0][0]
+        same, failures = self._poison
+        failures = failures + 1 if same == sequence else 1
+        self._poison = (sequence, failures)
+        if failures < self._config.poison_batch_attempts:
+            return
+        if not self._isolating(sequence):
+            # The oldest batch shared those streams with others: find the bad one by
+            # sending one batch per stream up to the last one sent.
+            self._isolate_until = self._highest_sent
+            self._poison = (sequence, 0)
+            log.warning("stream failed %d times at batch %d (%s); sending batches %d..%d one "
+                        "per stream to find the one that fails", failures, sequence, code.name,
+                        sequence, self._isolate_until)
+            return
+        message = (f"stream failed {failures} times in a row with this batch alone "
+                   f"({code.name}: {details}); moved aside so the upload goes on")
+        self._spool.settle(sequence, {sequence: (code.name, message)})
+        self._poison = (0, 0)
+        self._count("rejected_batches")
+        self._count("quarantined_batches")
+        log.error("batch %d of run %s quarantined in the spool's rejected table: %s "
+                  "(%d rejected so far)", sequence, self._record.run_id, message,
+                  self.counts["rejected_batches"])
+
+    def _isolating(self, oldest: int) -> bool:
+        return 0 < oldest <= self._isolate_until
 
     def _backoff(self, attempt: int) -> float:
         """Exponential delay with jitter: uniform in [delay/2, delay]."""
@@ -372,13 +419,14 @@ class StreamingClient:
                 sent.popleft()
             room = self._config.max_in_flight_batches - len(sent)
             rows = self._spool.pending(last_sent, room) if room > 0 else []
-            for sequence, payload in rows:
+            isolating = bool(rows) and self._isolating(rows[0][0])
+            for sequence, payload in rows[:1] if isolating else rows:
                 await call.write(self._request(sequence, payload))
                 self._count("sent_batches")
                 sent.append(sequence)
-                last_sent = sequence
-            if not self._spool.pending(last_sent, 1):
-                return  # everything is sent: half-close, the acks still come in
+                last_sent = self._highest_sent = sequence
+            if isolating or not self._spool.pending(last_sent, 1):
+                return  # everything (or the one isolated batch) is sent: half-close
             if not rows:
                 await self._wait_any(self._kick.wait(), reader)
 
@@ -399,10 +447,19 @@ class StreamingClient:
                           self._record.run_id, code, rejection.status.message,
                           self.counts["rejected_batches"])
             self._spool.settle(response.acked_sequence, rejections)
+            self._note_replaced(response.nul_replaced_fields)
             self._acked = response.acked_sequence
             self._count("inserted", response.inserted_count)
             self._count("duplicates", response.duplicate_count)
             self._kick.set()
+
+    def _note_replaced(self, fields) -> None:
+        if not fields:
+            return
+        self._count("nul_replaced_fields", len(fields))
+        log.warning("writer stored %d texts of run %s with NUL replaced by U+FFFD (%s; %d so "
+                    "far)", len(fields), self._record.run_id, ", ".join(fields[:5]),
+                    self.counts["nul_replaced_fields"])
 
     @staticmethod
     async def _wait_any(awaitable, task: asyncio.Task) -> None:

@@ -6,7 +6,7 @@ the database directly.
 """
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from pydantic import ValidationError
@@ -38,19 +38,20 @@ def resolve_token(settings: CliSettings) -> str:
                        "EPOCHLENS_AUTH_JWT_SECRET so one can be minted", 2) from exc
 
 
-class QueryClient:
-    """Blocking calls to the QueryService at settings.query_address."""
+class ServiceClient:
+    """A channel to one service with the bearer token, and its failures as CliErrors."""
 
-    def __init__(self, settings: CliSettings, token: str | None = None) -> None:
+    service = "service"
+
+    def __init__(self, settings: CliSettings, address: str, token: str | None = None) -> None:
         self._settings = settings
-        self._address = settings.query_address
+        self._address = address
         self._metadata = (("authorization", f"Bearer {token or resolve_token(settings)}"),)
         self._channel = grpc.insecure_channel(
             self._address, options=[("grpc.max_receive_message_length",
                                      settings.max_message_bytes)])
-        self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
 
-    def __enter__(self) -> "QueryClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -66,7 +67,7 @@ class QueryClient:
     def _error(self, exc: grpc.RpcError, what: str) -> CliError:
         code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            return CliError(f"cannot reach the query service at {self._address} "
+            return CliError(f"cannot reach the {self.service} at {self._address} "
                             f"(start it with `epochlens up`): {details}", retryable=True)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return CliError(f"token rejected by {self._address}: {details}", 2)
@@ -76,6 +77,16 @@ class QueryClient:
             return CliError(f"{self._address} did not answer within "
                             f"{self._settings.timeout_s:g}s", retryable=True)
         return CliError(f"{code.name}: {details}")
+
+
+class QueryClient(ServiceClient):
+    """Blocking calls to the QueryService at settings.query_address."""
+
+    service = "query service"
+
+    def __init__(self, settings: CliSettings, token: str | None = None) -> None:
+        super().__init__(settings, settings.query_address, token)
+        self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
 
     def runs(self, page_size: int = 0) -> Iterator[common_pb2.Run]:
         """The caller's runs, newest first, every page."""
@@ -97,9 +108,20 @@ class QueryClient:
                                                    sample_index=sample, page_size=page_size)
         return self._pages(self._stub.ListPredictions, request, "predictions", f"run {run_id}")
 
-    def compare(self, run_id: str, sample: int) -> query_pb2.CompareSampleResponse:
-        return self.call(self._stub.CompareSample, query_pb2.CompareSampleRequest(
-            run_id=run_id, sample_index=sample), f"sample {sample} of run {run_id}")
+    def compare(self, run_id: str, sample: int,
+                page_size: int = 0) -> query_pb2.CompareSampleResponse:
+        """One sample across the run: every page of CompareSample in one response (the
+        prompt and ground truth once, every prediction in step order, no page token)."""
+        request = query_pb2.CompareSampleRequest(run_id=run_id, sample_index=sample,
+                                                 page_size=page_size)
+        what = f"sample {sample} of run {run_id}"
+        merged = self.call(self._stub.CompareSample, request, what)
+        while merged.next_page_token:
+            request.page_token = merged.next_page_token
+            reply = self.call(self._stub.CompareSample, request, what)
+            merged.predictions.extend(reply.predictions)
+            merged.next_page_token = reply.next_page_token
+        return merged
 
     def judgments(self, run_id: str, epoch: int | None = None, criterion: str = "",
                   judge_type: int = 0, page_size: int = 0) -> Iterator[judge_pb2.Judgment]:
@@ -108,6 +130,14 @@ class QueryClient:
         request = query_pb2.ListJudgmentsRequest(run_id=run_id, epoch=epoch, criterion=criterion,
                                                  judge_type=judge_type, page_size=page_size)
         return self._pages(self._stub.ListJudgments, request, "judgments", f"run {run_id}")
+
+    def judgment_revisions(self, run_id: str, step: int, sample: int,
+                           criterion: str) -> list[query_pb2.JudgmentRevision]:
+        """Every revision of the human judgments of one prediction on one criterion."""
+        request = query_pb2.ListJudgmentRevisionsRequest(
+            run_id=run_id, step=step, sample_index=sample, criterion=criterion)
+        return list(self.call(self._stub.ListJudgmentRevisions, request,
+                              f"run {run_id}").revisions)
 
     def run_summary(self, run_id: str) -> query_pb2.RunSummary:
         """Per epoch and criterion: mean score, pass rate, counts, tokens, cost; the budget."""

@@ -31,6 +31,7 @@ once complete, so a failed export never leaves a truncated FILE behind.
 import contextlib
 import csv
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -57,12 +58,19 @@ class ExportFormat(StrEnum):
     csv = "csv"
 
 
+def finite_or_none(value: float) -> float | None:
+    """None for NaN and +/-inf (stored before the writer refused them): JSON has no such
+    numbers, and an export must stay valid JSON."""
+    return value if math.isfinite(value) else None
+
+
 def record(p: common_pb2.Prediction) -> tuple:
     """A prediction's fields in FIELDS order; unset optional fields are None."""
     has = p.HasField
     return (p.run_id, p.epoch, p.step, p.sample_index, p.prompt,
             p.ground_truth if has("ground_truth") else None, p.prediction,
-            p.generation_time_ms, p.prompt_tokens if has("prompt_tokens") else None,
+            finite_or_none(p.generation_time_ms),
+            p.prompt_tokens if has("prompt_tokens") else None,
             p.completion_tokens if has("completion_tokens") else None,
             p.create_time.ToJsonString() if has("create_time") else None)
 
@@ -92,12 +100,13 @@ def judgment_record(j: judge_pb2.Judgment) -> dict:
     """A judgment as jsonl writes it (score and passed None when unscored)."""
     scored = j.status == judge_pb2.JUDGMENT_STATUS_SCORED
     return {"criterion": j.criterion, "judge_type": judge_pb2.JudgeType.Name(j.judge_type),
-            "judge_model": j.judge_model, "score": j.score if scored else None,
-            "passed": j.passed if scored else None, "threshold": j.threshold,
+            "judge_model": j.judge_model,
+            "score": finite_or_none(j.score) if scored else None,
+            "passed": j.passed if scored else None, "threshold": finite_or_none(j.threshold),
             "status": judge_pb2.JudgmentStatus.Name(j.status),
             "unscored_reason": j.unscored_reason, "reasoning": j.reasoning,
-            "confidence": j.confidence, "input_tokens": j.input_tokens,
-            "output_tokens": j.output_tokens, "cost_usd": j.cost_usd,
+            "confidence": finite_or_none(j.confidence), "input_tokens": j.input_tokens,
+            "output_tokens": j.output_tokens, "cost_usd": finite_or_none(j.cost_usd),
             "prompt_version": j.prompt_version,
             "create_time": j.create_time.ToJsonString() if j.HasField("create_time") else None}
 
@@ -105,7 +114,7 @@ def judgment_record(j: judge_pb2.Judgment) -> dict:
 def jsonl_writer(out: IO[str], columns: list[ScoreColumn]
                  ) -> Callable[[list[Judged]], None]:
     """A function that writes one page of predictions as JSON lines."""
-    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False, allow_nan=False).encode
 
     def write(page: list[Judged]) -> None:
         out.write("".join(encode({**dict(zip(FIELDS, record(p), strict=True)),

@@ -1,18 +1,37 @@
 """The `epochlens` command line: tokens, health checks, the local stack, a smoke
 session, and (services.cli.views, services.cli.report) the views of runs."""
 
+from typing import Any
+
 import grpc
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
-from services.cli import report, stack, views
+from services.cli import judging, report, stack, views
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
+from services.common.matching import exact_match
+from services.common.startup import StartupError, as_configuration_error, exit_with
 
-app = typer.Typer(help="epochlens: watch a language model learn.", no_args_is_help=True)
+
+class EpochlensApp(typer.Typer):
+    """The command line's app: a configuration error in any command (a settings class that
+    does not validate) is one line, `configuration error: ...`, and exit status 2."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            error = exc if isinstance(exc, StartupError) else as_configuration_error(exc)
+            if error is None:
+                raise
+            exit_with(error)
+
+
+app = EpochlensApp(help="epochlens: watch a language model learn.", no_args_is_help=True)
 
 
 @app.callback()
@@ -55,7 +74,8 @@ def health(address: str = typer.Option(..., help="host:port of a service."),
 
 @app.command("up")
 def stack_up() -> None:
-    """Start migrate, writer and query as local processes (what docker-compose runs)."""
+    """Run migrate, then start judge, writer and query as local processes (what
+    docker-compose runs); refuses the public example secrets of .env.example."""
     try:
         addresses = stack.up(stack.StackSettings())
     except stack.StackError as exc:
@@ -112,21 +132,35 @@ def _smoke_write(settings: CliSettings, metadata) -> str:
 def _smoke_read(settings: CliSettings, metadata, run_id: str) -> None:
     with grpc.insecure_channel(settings.query_address) as channel:
         stub = query_pb2_grpc.QueryServiceStub(channel)
-        reply = stub.ListEpochs(query_pb2.ListEpochsRequest(run_id=run_id),
-                                metadata=metadata, timeout=settings.timeout_s)
+        _, epochs = _all_pages(stub.ListEpochs, query_pb2.ListEpochsRequest(run_id=run_id),
+                               "epochs", metadata, settings.timeout_s)
         typer.echo("epoch  predictions  latest_step")
-        for e in reply.epochs:
+        for e in epochs:
             typer.echo(f"{e.epoch:>5}  {e.prediction_count:>11}  {e.latest_step:>11}")
-        sample = stub.CompareSample(query_pb2.CompareSampleRequest(run_id=run_id, sample_index=0),
-                                    metadata=metadata, timeout=settings.timeout_s)
+        sample, predictions = _all_pages(
+            stub.CompareSample, query_pb2.CompareSampleRequest(run_id=run_id, sample_index=0),
+            "predictions", metadata, settings.timeout_s)
         typer.echo(f"sample 0: {sample.prompt!r} -> expected {sample.ground_truth!r}")
-        for p in sample.predictions:
-            mark = "exact" if p.prediction == sample.ground_truth else "     "
+        for p in predictions:
+            truth = sample.ground_truth if sample.HasField("ground_truth") else None
+            mark = "exact" if exact_match(p.prediction, truth) else "     "
             typer.echo(f"  epoch {p.epoch} step {p.step}: {p.prediction!r} {mark}")
+
+
+def _all_pages(method, request, field: str, metadata, timeout: float) -> tuple[Any, list]:
+    """The first reply of a paged call and the items of `field` over all its pages."""
+    first = reply = method(request, metadata=metadata, timeout=timeout)
+    items = list(getattr(reply, field))
+    while reply.next_page_token:
+        request.page_token = reply.next_page_token
+        reply = method(request, metadata=metadata, timeout=timeout)
+        items += getattr(reply, field)
+    return first, items
 
 
 app.command("report")(report.report)
 views.register(app)
+app.add_typer(judging.app, name="judge")
 
 
 if __name__ == "__main__":

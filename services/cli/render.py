@@ -181,7 +181,8 @@ def judgments_table(judgments: Iterable[judge_pb2.Judgment], limit: int) -> Tabl
     table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), pad_edge=False)
     for j in judgments:
         scored = j.status == judge_pb2.JUDGMENT_STATUS_SCORED
-        table.add_row(Text(f"{j.criterion} ({j.judge_model})"),
+        revised = f" rev {j.revision}" if j.revision > 1 else ""
+        table.add_row(Text(f"{j.criterion} ({j.judge_model}{revised})"),
                       format_score(j.score if scored else None, j.judge_type), verdict_mark(j),
                       preview(j.reasoning if scored else j.unscored_reason, limit))
     return table
@@ -242,9 +243,10 @@ def judge_cost_table(costs: Iterable[EpochCost]) -> Table:
     return table
 
 
-def judge_status(summary: query_pb2.RunSummary) -> Group:
+def judge_status(summary: query_pb2.RunSummary, limit: int) -> Group:
     """The run's judge cost and budget (when it has judgments), whether LLM judging stopped
-    and why, and the predictions still waiting for the judge."""
+    and why, the predictions still waiting for the judge, those it gave up on (reasons cut
+    to `limit` characters) and those the writer has not handed to it, with how to resume."""
     budget = f" of a {usd(summary.budget_usd)} budget" if summary.budget_usd else ""
     lines = [Text(f"judge cost: {usd(summary.total_cost_usd)} in total{budget}")
              ] if summary.rows else []
@@ -254,9 +256,41 @@ def judge_status(summary: query_pb2.RunSummary) -> Group:
     if summary.llm_paused_reason:
         lines.append(Text.assemble(("LLM judging paused: ", "bold red"),
                                    summary.llm_paused_reason))
+        lines.append(Text(f"  once fixed: epochlens judge resume {summary.run_id} "
+                          "--rejudge-unscored", "dim"))
     if summary.pending_predictions:
         lines.append(Text(f"{summary.pending_predictions} predictions waiting for the judge"))
-    return Group(*lines)
+    return Group(*lines, *failure_lines(summary, limit), *handoff_lines(summary, limit))
+
+
+def failure_lines(summary: query_pb2.RunSummary, limit: int) -> list[Text]:
+    """The predictions the judge gave up on: how many, the first ones with their reason."""
+    if not summary.failed_predictions:
+        return []
+    lines = [Text(f"{summary.failed_predictions} predictions failed judging (the judge gave "
+                  "up after its attempts):", "bold red")]
+    for f in summary.failures:
+        lines.append(Text.assemble(f"  epoch {f.epoch} step {f.step} sample {f.sample_index}"
+                                   f", {f.attempts} attempts: ", preview(f.reason, limit)))
+    if summary.failed_predictions > len(summary.failures):
+        lines.append(Text(f"  ... and {summary.failed_predictions - len(summary.failures)} "
+                          "more", "dim"))
+    lines.append(Text(f"  judge them again: epochlens judge resume {summary.run_id} "
+                      "--rejudge-failed", "dim"))
+    return lines
+
+
+def handoff_lines(summary: query_pb2.RunSummary, limit: int) -> list[Text]:
+    """The predictions the writer has not handed to the judge yet, and why."""
+    if not summary.handoff_waiting:
+        return []
+    lines = [Text(f"{summary.handoff_waiting} predictions not handed to the judge yet",
+                  "bold red" if summary.handoff_error else "")]
+    if summary.handoff_error:
+        lines.append(Text.assemble("  the writer's last attempt failed: ",
+                                   preview(summary.handoff_error, limit)))
+        lines.append(Text(f"  next attempt at {when(summary.handoff_retry_time)} UTC", "dim"))
+    return lines
 
 
 def criterion_sparkline(series: CriterionSeries, epochs: list[int]) -> str:
@@ -270,4 +304,9 @@ def judges_json(summary: query_pb2.RunSummary, series: list[CriterionSeries],
             "epochs": [c.as_dict() for c in costs], "total_cost_usd": summary.total_cost_usd,
             "budget_usd": summary.budget_usd, "budget_exhausted": summary.budget_exhausted,
             "llm_paused_reason": summary.llm_paused_reason,
-            "pending_predictions": summary.pending_predictions}
+            "pending_predictions": summary.pending_predictions,
+            "failed_predictions": summary.failed_predictions,
+            "failures": [message_dict(f) for f in summary.failures],
+            "handoff_waiting": summary.handoff_waiting, "handoff_error": summary.handoff_error,
+            "handoff_retry_time": (summary.handoff_retry_time.ToJsonString()
+                                   if summary.HasField("handoff_retry_time") else None)}

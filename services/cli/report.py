@@ -26,8 +26,8 @@ The page receives one JSON object:
   per epoch;
 * samples: per sample index its prompt and ground truth (from its first
   prediction, as CompareSample does) and its predictions in step order: epoch,
-  step, text, exact (ground truth and prediction equal once whitespace is
-  stripped; null without a ground truth), ms (generation time), tokens
+  step, text, exact (services.common.matching: equal ignoring case and surrounding
+  or repeated whitespace; null without a ground truth), ms (generation time), tokens
   (completion tokens, null when not counted) and judgments (criterion, type,
   model, score and passed (null when unscored), threshold, reasoning,
   unscored_reason);

@@ -108,7 +108,8 @@ BODY = r"""
 <h2>Sample explorer</h2>
 <p class="hint">Pick a sample to see its prediction at every epoch. Words
 <ins>inserted</ins> and <del>deleted</del> since the previous epoch are highlighted;
-&#10003; marks a prediction equal to the ground truth (whitespace stripped). Under each
+&#10003; marks an exact match: equal to the ground truth ignoring case and
+surrounding or repeated whitespace. Under each
 prediction, its judgments: criterion (judge), score, pass or fail against the criterion's
 threshold (or unscored, with why), and the judge's reasoning.</p>
 <div id="explorer-box"></div>

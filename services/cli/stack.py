@@ -2,6 +2,9 @@
 
 The same steps as docker-compose.yml: migrate, then judge, writer and query,
 each waited on through its health service. Pid files and logs go to the state dir.
+Before anything starts, every service's settings are loaded (a bad or missing setting is one
+ConfigurationError naming them all) and the public example secrets of .env.example are
+refused unless allow_example_secrets is set.
 """
 
 import os
@@ -14,11 +17,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.config import ENV_FILE
+from services.common.config import ENV_FILE, AuthSettings
 from services.common.health import wait_until_serving
+from services.common.startup import ConfigurationError, example_secrets_in_use, load_settings
 from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
-from services.writer.config import WriterSettings
+from services.writer.config import MigrateSettings, WriterSettings
 
 SERVICES = (("judge", "services.judge.server"), ("writer", "services.writer.server"),
             ("query", "services.query.server"))
@@ -32,6 +36,9 @@ class StackSettings(BaseSettings):
     start_timeout_s: float = Field(30.0, gt=0, description="Wait for a service to be healthy.")
     stop_timeout_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
     health_poll_s: float = Field(0.2, gt=0, description="Pause between health checks.")
+    allow_example_secrets: bool = Field(
+        False, description="Start even when the auth or page token secret is the public "
+        "example value of .env.example (only for a stack nobody else can reach).")
 
 
 class StackError(RuntimeError):
@@ -39,14 +46,17 @@ class StackError(RuntimeError):
 
 
 def up(settings: StackSettings) -> dict[str, str]:
-    """Migrates, starts the services, waits until healthy. Returns name -> address."""
+    """Checks the configuration, migrates, starts the services, waits until healthy.
+    Returns name -> address."""
+    auth, judge, writer, query, _ = load_settings(
+        AuthSettings, JudgeSettings, WriterSettings, QuerySettings, MigrateSettings)
+    refuse_example_secrets(settings, (auth, query))
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     migrate = subprocess.run([sys.executable, "-m", "services.writer.migrate"],
                              capture_output=True, text=True)
     if migrate.returncode != 0:
         raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
-    addresses = {"judge": _address(JudgeSettings()), "writer": _address(WriterSettings()),
-                 "query": _address(QuerySettings())}
+    addresses = {"judge": _address(judge), "writer": _address(writer), "query": _address(query)}
     for name, module in SERVICES:
         if _running_pid(settings, name) is not None:
             raise StackError(f"{name} is already running (pid file {_pid_file(settings, name)})")
@@ -57,6 +67,18 @@ def up(settings: StackSettings) -> dict[str, str]:
     for name, _ in SERVICES:
         _wait_healthy(settings, name, addresses[name])
     return addresses
+
+
+def refuse_example_secrets(settings: StackSettings, loaded: tuple[BaseSettings, ...]) -> None:
+    """ConfigurationError when a secret among `loaded` is the one .env.example publishes,
+    unless settings.allow_example_secrets."""
+    names = example_secrets_in_use(loaded)
+    if not names or settings.allow_example_secrets:
+        return
+    raise ConfigurationError(
+        [f"{name}: the public example value of .env.example" for name in names]
+        + ["set secrets of your own (`make .env` writes a new .env with fresh ones), or "
+           "EPOCHLENS_STACK_ALLOW_EXAMPLE_SECRETS=true for a stack nobody else can reach"])
 
 
 def down(settings: StackSettings) -> list[str]:

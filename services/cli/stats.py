@@ -2,12 +2,12 @@
 of predictions (`epochlens summary`, `epochlens watch`), and the judge scores of
 a run's RunSummary arranged per criterion (`summary`, `report`).
 
-Exact match: the prediction equals the ground truth once leading and trailing
-whitespace is stripped from both (a model that ends its answer with a newline
-still matches). Inner whitespace and case count. A prediction without a ground
-truth is neither a match nor a miss: the exact-match rate of an epoch is the
-matches divided by the predictions that have a ground truth, and is undefined
-(None) when none has one.
+Exact match: the one definition of services.common.matching, which the judge's
+exact_match rule and the report use too: equal after Unicode NFC, stripping
+surrounding whitespace, collapsing inner whitespace to one space and case
+folding. A prediction without a ground truth is neither a match nor a miss: the
+exact-match rate of an epoch is the matches divided by the predictions that have
+a ground truth, and is undefined (None) when none has one.
 
 Judge scores: a criterion is (criterion, judge type, judge model). Its mean score
 and pass rate in an epoch are over the scored judgments only (the query service
@@ -21,16 +21,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from epochlens.v1 import common_pb2, judge_pb2, query_pb2
+from services.common.matching import exact_match
+
+__all__ = ["exact_match"]
 
 SCORE_SCALES = {judge_pb2.JUDGE_TYPE_RULE: 1.0, judge_pb2.JUDGE_TYPE_LLM: 10.0,
                 judge_pb2.JUDGE_TYPE_HUMAN: 10.0}
-
-
-def exact_match(prediction: str, ground_truth: str | None) -> bool | None:
-    """True/False against the ground truth (stripped); None when there is none."""
-    if ground_truth is None:
-        return None
-    return prediction.strip() == ground_truth.strip()
 
 
 @dataclass

@@ -41,8 +41,9 @@ JSON = typer.Option(False, "--json", help="Print JSON, and nothing else, on stdo
 FORMAT = typer.Option(exporting.ExportFormat.jsonl, "--format", help="jsonl or csv.")
 OUTPUT = typer.Option(None, "-o", "--output", dir_okay=False,
                       help="File to write (default: stdout).")
-EXACT_RULE = ("exact match: the prediction equals the ground truth after stripping leading "
-              "and trailing whitespace from both; rate over predictions with a ground truth")
+EXACT_RULE = ("exact match: the prediction equals the ground truth ignoring case and "
+              "surrounding or repeated whitespace (the judge's exact_match rule); rate over "
+              "predictions with a ground truth")
 
 
 def runs(ctx: typer.Context, as_json: bool = JSON) -> None:
@@ -81,8 +82,8 @@ def predictions(
 ) -> None:
     """List a run's predictions in (step, sample) order, fetched page by page.
 
-    The match column compares each prediction with its ground truth after stripping
-    leading and trailing whitespace; long texts are cut (--json prints them whole).
+    The match column compares each prediction with its ground truth ignoring case and
+    surrounding or repeated whitespace; long texts are cut (--json prints them whole).
     """
     settings = cli_context(ctx).settings
     if limit is not None and show_all:
@@ -109,8 +110,8 @@ def compare(ctx: typer.Context, run_id: str = RUN,
     The prompt and ground truth once, then each epoch's prediction as a word diff against
     the previous epoch (inserted words green, removed words red and struck through; without
     colour they are written as [-removed-] and {+inserted+}), marked match,
-    miss or no truth against the ground truth (compared with leading and trailing
-    whitespace stripped). Under each epoch its judgments, one line each: criterion (judge),
+    miss or no truth against the ground truth (exact match: ignoring case and surrounding
+    or repeated whitespace). Under each epoch its judgments, one line each: criterion (judge),
     score, pass/fail (or unscored) and the reasoning (or why it is unscored), cut to
     EPOCHLENS_CLI_PREVIEW_CHARS. --json adds "exact_match" to each prediction: true,
     false, or null when there is no ground truth; each prediction's "judgments" are the
@@ -122,6 +123,7 @@ def compare(ctx: typer.Context, run_id: str = RUN,
     truth = reply.ground_truth if reply.HasField("ground_truth") else None
     if as_json:
         data = render.message_dict(reply)
+        data.pop("next_page_token", None)  # every page is in `reply`: there is no next one
         for entry, p in zip(data["predictions"], reply.predictions, strict=True):
             entry["exact_match"] = exact_match(p.prediction, truth)
         render.print_json(data)
@@ -142,21 +144,26 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     """Per epoch: predictions, exact-match count and rate, latest step; a sparkline; and,
     when the run has judgments, each criterion's scores per epoch and the judge's cost.
 
-    Exact match: the prediction equals the ground truth once leading and trailing
-    whitespace is stripped from both; the rate is over the predictions that have a ground
-    truth. The sparkline is ASCII, one character per epoch from _ (0%) to @ (100%).
+    Exact match: the prediction equals the ground truth after Unicode NFC, ignoring case
+    and surrounding or repeated whitespace (the definition of the judge's exact_match
+    rule); the rate is over the predictions that have a ground truth. The sparkline is
+    ASCII, one character per epoch from _ (0%) to @ (100%).
     Judge criteria (criterion and judge): mean score and pass rate per epoch over the
     scored judgments (unscored ones are counted apart), a sparkline of the mean score
     (rule scores 0-1, LLM and human scores 1-10 drawn as score/10; ? where an epoch has no
-    scored judgment), judge tokens and cost per epoch, the run's total cost, and whether
-    the LLM budget is exhausted or LLM judging paused.
+    scored judgment), judge tokens and cost per epoch, the run's total cost, whether the
+    LLM budget is exhausted or LLM judging paused (and why), the predictions the judge gave
+    up on (with each one's reason), and the predictions the writer has not handed to the
+    judge yet (with the hand-off's last error); each with the command that resumes it.
     --json prints {"run": the Run, "epochs": one object per epoch with epoch,
     prediction_count, with_ground_truth, exact_match_count, exact_match_rate (null without
     ground truth) and latest_step, "sparkline": the sparkline, "judges": {"criteria": per
     criterion its criterion, judge_type, judge_model, scale, sparkline and epochs (epoch,
     mean_score, pass_rate, scored_count, unscored_count), "epochs": per epoch
     input_tokens, output_tokens and cost_usd, total_cost_usd, budget_usd,
-    budget_exhausted, llm_paused_reason, pending_predictions}}.
+    budget_exhausted, llm_paused_reason, pending_predictions, failed_predictions, failures
+    (epoch, step, sample_index, attempts, reason, update_time), handoff_waiting,
+    handoff_error, handoff_retry_time (null when none)}}.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
@@ -179,21 +186,21 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     console.print(render.summary_table(stats))
     console.print(render.sparkline_line(stats, line))
     console.print(EXACT_RULE, style="dim")
-    _print_judges(console, judged, series, epochs, costs)
+    _print_judges(console, judged, series, epochs, costs, cli.settings.preview_chars)
 
 
 def _print_judges(console: Console, judged: query_pb2.RunSummary,
                   series: list[CriterionSeries], epochs: list[int],
-                  costs: list[EpochCost]) -> None:
+                  costs: list[EpochCost], limit: int) -> None:
     """The judge part of `summary`: nothing at all for a run without judgments (but a
-    stopped LLM judge or predictions waiting for the judge are said)."""
+    stopped LLM judge, failed predictions or predictions waiting for the judge are said)."""
     if series:
         console.print(Text("\njudge scores per epoch (mean and pass rate over scored "
                            "judgments; unscored ones are counted apart)", "bold"))
         console.print(render.judge_scores_table(series))
         console.print(render.judge_sparklines(series, epochs))
         console.print(render.judge_cost_table(costs))
-    status = render.judge_status(judged)
+    status = render.judge_status(judged, limit)
     if status.renderables:
         console.print(status)
 

@@ -52,8 +52,9 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", {"cause": "invalid"}) from exc
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
-            raise Unauthenticated("token has no usable 'sub' claim", {"cause": "invalid"})
+        if not isinstance(subject, str) or not subject or "\x00" in subject:
+            raise Unauthenticated("token has no usable 'sub' claim (a non-empty string "
+                                  "without NUL characters)", {"cause": "invalid"})
         return subject
 
 

@@ -13,18 +13,33 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = ".env"
 
+# The one environment variable of the embedded store's folder. Every process (migrate, writer,
+# query, judge) must open the same files, so it is one setting whatever the service's prefix.
+SQLITE_DIR_ENV = "EPOCHLENS_SQLITE_DIR"
+
+# The secrets .env.example publishes. Anyone can read them, so a stack that uses them lets
+# anyone mint tokens and forge page tokens: `epochlens up` refuses them (unless
+# EPOCHLENS_STACK_ALLOW_EXAMPLE_SECRETS is true) and every service logs a WARNING.
+EXAMPLE_SECRETS = {
+    "EPOCHLENS_AUTH_JWT_SECRET": "dev-only-hs256-secret-change-me-0123456789",
+    "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": "dev-only-page-token-secret-change-me",
+}
+
 
 class DatabaseSettings(BaseSettings):
-    """How to reach the database. Subclasses set the env prefix."""
+    """How to reach the database. Subclasses set the env prefix (sqlite_dir excepted)."""
 
-    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore")
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore", validate_by_name=True)
 
     database_url: str | None = Field(
         None,
         description="SQLAlchemy async URL (postgresql+asyncpg://...). "
         "Unset: the embedded SQLite store under sqlite_dir.",
     )
-    sqlite_dir: Path = Field(Path(".epochlens"), description="Folder of the embedded SQLite files.")
+    sqlite_dir: Path = Field(
+        Path(".epochlens"), validation_alias=SQLITE_DIR_ENV,
+        description="Folder of the embedded SQLite files, one per schema; one setting "
+        "(EPOCHLENS_SQLITE_DIR) shared by every service and the migrate step.")
     sqlite_busy_timeout_ms: int = Field(5000, ge=0, description="SQLite lock wait before failing.")
     db_pool_size: int = Field(10, ge=1, description="Open database connections kept in the pool.")
     db_max_overflow: int = Field(5, ge=0, description="Extra connections allowed above the pool.")
@@ -45,6 +60,19 @@ class ServiceSettings(DatabaseSettings):
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to in-flight RPCs on stop.")
     log_level: str = Field("INFO", description="Python logging level.")
+    max_abs_integer: int = Field(
+        2**53 - 1, ge=1, le=2**63 - 1,
+        description="Largest magnitude of any integer in a request (2**53-1: exact in JSON).",
+    )
+    max_struct_depth: int = Field(
+        16, ge=1, le=32,
+        description="Deepest nesting of a Struct (run config) in a request (protobuf itself stops "
+        "parsing near 33).",
+    )
+    max_reported_violations: int = Field(
+        20, ge=1, le=200,
+        description="Field violations listed in one error (they travel in trailing metadata).",
+    )
 
 
 class AuthSettings(BaseSettings):

@@ -47,11 +47,16 @@ class InvalidArgument(DomainError):
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
         super().__init__(message or f"invalid request: {summary}")
 
-    def to_status(self) -> status_pb2.Status:
+    def to_status(self, max_violations: int | None = None) -> status_pb2.Status:
+        """The status with the first max_violations field violations (all when None); the
+        ErrorInfo metadata says how many there were in all."""
+        shown = self.violations if max_violations is None else self.violations[:max_violations]
+        if len(shown) < len(self.violations):
+            self.metadata = {**self.metadata, "violation_count": str(len(self.violations))}
         status = super().to_status()
         _pack(status, error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in self.violations
+            for v in shown
         ]))
         return status
 
@@ -66,9 +71,33 @@ class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 
 
+class StorageRefused(DomainError):
+    """The database refused well-formed input (a constraint or data error): a server-side
+    fault, reported for the one item that caused it."""
+
+    code = code_pb2.INTERNAL
+    reason = "STORAGE_REFUSED"
+
+
 class FailedPrecondition(DomainError):
     code = code_pb2.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
+
+
+class JudgingRaised(DomainError):
+    """Judging one item raised (a defect of the judge on that input), reported for that item
+    (ErrorInfo metadata `item`)."""
+
+    code = code_pb2.INTERNAL
+    reason = "JUDGING_RAISED"
+
+
+class Unavailable(DomainError):
+    """A service this request needs cannot be reached now; the same request may succeed
+    later (clients retry)."""
+
+    code = code_pb2.UNAVAILABLE
+    reason = "UNAVAILABLE"
 
 
 @dataclass

@@ -58,8 +58,11 @@ async def ensure_login_role(conn: AsyncConnection, role: str, password: str | No
 
 async def grant_tables(conn: AsyncConnection, schema: str, role: str, password: str | None,
                        grants: dict[str, str]) -> None:
-    """Ensures the login role, then grants it USAGE on the schema and `grants` per table."""
+    """Ensures the login role, then grants it USAGE on the schema, SELECT on the schema's
+    alembic_version (each service checks at start-up that the schemas it uses are at their
+    migration head: services.common.schema_check) and `grants` per table."""
     await ensure_login_role(conn, role, password)
     await conn.execute(text(f'GRANT USAGE ON SCHEMA {schema} TO "{role}"'))
+    await conn.execute(text(f'GRANT SELECT ON {schema}.alembic_version TO "{role}"'))
     for table, privileges in grants.items():
         await conn.execute(text(f'GRANT {privileges} ON {schema}.{table} TO "{role}"'))

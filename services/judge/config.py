@@ -9,10 +9,9 @@ InvalidArgument naming each bad field (`config.llm.concurrency`, ...).
 
 import json
 import math
-import re
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ENV_FILE, ServiceSettings
@@ -20,7 +19,7 @@ from services.common.errors import Violations
 from services.judge.llm.prompts import rubric_of
 from services.judge.llm.settings import LlmSettings
 from services.judge.rules import RULE_NAMES, RuleDefaults
-from services.judge.schema import JudgeConfig
+from services.judge.schema import JudgeConfig, LlmJudgeConfig, pattern_error
 
 DEFAULT_RULE_THRESHOLDS = {
     "exact_match": 1.0, "chrf": 0.5, "edit_similarity": 0.8, "length": 1.0, "structure": 1.0,
@@ -79,11 +78,43 @@ class JudgeSettings(ServiceSettings, LlmSettings):
         0.5, ge=0, le=1, description="Share of repeated word n-grams above which the structure "
         "rule calls a prediction degenerate.")
     rule_citation_pattern: str = Field(DEFAULT_CITATION_PATTERN, description="Regular "
-                                       "expression (re.search) the citation rule looks for.")
+                                       "expression (RE2 syntax, searched) the citation rule "
+                                       "looks for.")
     llm_sample_rate_ceiling: float = Field(1.0, gt=0, le=1, description="Highest LLM "
                                            "sample_rate a judge config may ask for.")
     llm_budget_ceiling_usd: float = Field(100.0, ge=0, description="Highest LLM budget per "
                                           "run a judge config may ask for, US dollars.")
+    llm_transient_retry_base_s: float = Field(
+        60.0, gt=0, description="Delay before a queued task whose LLM calls still failed with "
+        "transient errors (5xx, 429, network) after their in-call retries is tried again; "
+        "doubles per attempt with jitter, capped by retry_backoff_max_s. on_error applies "
+        "only on the task's last attempt (max_attempts), so with the defaults a provider "
+        "outage is ridden out for about 7 to 15 minutes.")
+    estimate_max_predictions: int = Field(1_000_000_000, ge=1, description="Largest "
+                                          "prediction_count EstimateCost accepts.")
+    estimate_max_item_tokens: int = Field(100_000, ge=1, description="Largest "
+                                          "average_item_tokens EstimateCost accepts.")
+    human_score_min: float = Field(0.0, description="Lowest score (and threshold) "
+                                   "RecordHumanJudgment accepts.")
+    human_score_max: float = Field(10.0, description="Highest score (and threshold) "
+                                   "RecordHumanJudgment accepts (10: the LLM judges' scale).")
+    max_human_revisions: int = Field(100, ge=1, description="Most revisions of one person's "
+                                     "judgment of one prediction on one criterion.")
+
+    @field_validator("rule_citation_pattern")
+    @classmethod
+    def _linear_time_citation(cls, value: str) -> str:
+        if (problem := pattern_error(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _human_range(self) -> "JudgeSettings":
+        low, high = self.human_score_min, self.human_score_max
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"human_score_min ({low}) must be below human_score_max ({high}), "
+                             "both finite")
+        return self
 
     def rule_defaults(self) -> RuleDefaults:
         return RuleDefaults(
@@ -95,9 +126,9 @@ class JudgeSettings(ServiceSettings, LlmSettings):
 
     def llm_judging_on(self, config: JudgeConfig) -> bool:
         """LLM judging runs only when the config asks for it and its provider has a key
-        (openai_compatible: a base URL) configured here."""
+        (openai_compatible: the endpoint it names) configured here."""
         return config.llm is not None and self.llm_enabled(config.llm.provider,
-                                                           config.llm.base_url)
+                                                           config.llm.endpoint)
 
 
 def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
@@ -148,14 +179,11 @@ def _check_rules(settings: JudgeSettings, config: JudgeConfig, path: str,
 
 def _check_pattern(settings: JudgeSettings, pattern: str, where: str,
                    violations: Violations) -> None:
+    """The length bound; what RE2 cannot compile was refused by the schema already
+    (RulesConfig.pattern)."""
     if len(pattern) > settings.max_pattern_chars:
         violations.add(where, f"{len(pattern)} characters exceed the maximum of "
                        f"{settings.max_pattern_chars}")
-        return
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        violations.add(where, f"not a valid regular expression: {exc}")
 
 
 def _check_thresholds(thresholds: dict[str, float], known: set[str], low: float, high: float,
@@ -174,8 +202,7 @@ def _check_llm(settings: JudgeSettings, config: JudgeConfig, path: str,
         return
     if not llm.model.strip():
         violations.add(f"{where}.model", "required (empty)")
-    if llm.provider == "openai_compatible" and not llm.base_url:
-        violations.add(f"{where}.base_url", "required for provider openai_compatible")
+    _check_endpoint(settings, llm, where, violations)
     for index, name in enumerate(llm.criteria):
         if rubric_of(llm, name) is None:
             violations.add(f"{where}.criteria[{index}]", f"unknown criterion {name!r}: not a "
@@ -189,6 +216,26 @@ def _check_llm(settings: JudgeSettings, config: JudgeConfig, path: str,
     known = set(llm.criteria) | set(llm.custom_criteria)
     _check_thresholds(llm.thresholds, known, 1.0, 10.0, f"{where}.thresholds", violations)
     _check_llm_ceilings(settings, config, where, violations)
+
+
+def _check_endpoint(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
+                    violations: Violations) -> None:
+    """openai_compatible names an endpoint configured here (which may list its models);
+    the other providers use their own configured URL and take none."""
+    if llm.provider != "openai_compatible":
+        if llm.endpoint is not None:
+            violations.add(f"{where}.endpoint", "only for provider openai_compatible")
+        return
+    known = settings.llm_endpoints.get(llm.endpoint or "")
+    if known is None:
+        names = ", ".join(sorted(settings.llm_endpoints)) or "none"
+        violations.add(f"{where}.endpoint", "required for provider openai_compatible: the "
+                       f"name of an endpoint this judge is configured with (configured: {names})"
+                       if llm.endpoint is None else
+                       f"unknown endpoint {llm.endpoint!r} (configured: {names})")
+    elif known.models is not None and llm.model not in known.models:
+        violations.add(f"{where}.model", f"endpoint {llm.endpoint!r} serves only "
+                       f"{', '.join(known.models)}")
 
 
 def _check_llm_ceilings(settings: JudgeSettings, config: JudgeConfig, where: str,

@@ -14,14 +14,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.common.migrations import grant_tables, upgrade_schema
 from services.judge.models import SCHEMA
 from services.writer.config import MigrateSettings
+from services.writer.models import SCHEMA as WRITER_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# Table privileges per role. Judgments are immutable once stored (no UPDATE).
-JUDGE_GRANTS = {"tasks": "SELECT, INSERT, UPDATE, DELETE", "judgments": "SELECT, INSERT",
-                "llm_cache": "SELECT, INSERT", "run_llm_state": "SELECT, INSERT, UPDATE"}
-READER_GRANTS = {"judgments": "SELECT", "run_llm_state": "SELECT", "tasks": "SELECT"}
+# Table privileges per role. Judgment rows are never updated. DELETE is for a human judgment
+# replaced by its next revision (every revision is kept in judgment_revisions) and for the
+# unscored LLM judgments ResumeJudging judges again; a restrictive policy (revision 0003)
+# keeps every other judgment from being deleted.
+JUDGE_GRANTS = {"tasks": "SELECT, INSERT, UPDATE, DELETE",
+                "judgments": "SELECT, INSERT, DELETE",
+                "llm_cache": "SELECT, INSERT", "run_llm_state": "SELECT, INSERT, UPDATE",
+                "judgment_revisions": "SELECT, INSERT"}
+READER_GRANTS = {"judgments": "SELECT", "run_llm_state": "SELECT", "tasks": "SELECT",
+                 "judgment_revisions": "SELECT"}
 WORKER_POLICY = "tasks_worker"
+# The judge reads the writer's runs and predictions acting for a user (their row-level
+# security applies): who owns a run, and the stored text it judges.
+JUDGE_WRITER_GRANTS = {"runs": "SELECT", "predictions": "SELECT"}
 
 
 async def migrate_judge(settings: MigrateSettings) -> None:
@@ -35,6 +45,8 @@ async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> Non
              (settings.reader_role, settings.reader_role_password, READER_GRANTS))
     for role, password, grants in roles:
         await grant_tables(conn, SCHEMA, role, password, grants)
+    await grant_tables(conn, WRITER_SCHEMA, settings.judge_role, settings.judge_role_password,
+                       JUDGE_WRITER_GRANTS)
     # Workers claim and settle every user's tasks; RLS policies are permissive (OR-ed), so the
     # owner policy still applies to every other role. Recreated so a renamed role is followed.
     await conn.execute(text(f"DROP POLICY IF EXISTS {WORKER_POLICY} ON {SCHEMA}.tasks"))

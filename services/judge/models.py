@@ -1,4 +1,5 @@
-"""Tables of schema `judge`: the task queue, judgments, the LLM cache, per-run LLM state."""
+"""Tables of schema `judge`: the task queue, judgments (and the revisions of human ones), the
+LLM cache, per-run LLM state."""
 
 import uuid
 from datetime import datetime
@@ -16,6 +17,7 @@ from sqlalchemy import (
     SmallInteger,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -90,6 +92,8 @@ class JudgmentRow(JudgeBase):
     cost_usd: Mapped[float] = mapped_column(Float)
     prompt_version: Mapped[str] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # 1; a human judgment's latest revision number (every revision is in judgment_revisions).
+    revision: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
     __table_args__ = (
         Index(None, "run_id", "epoch", "criterion"),
@@ -98,12 +102,21 @@ class JudgmentRow(JudgeBase):
 
 
 class LlmCacheRow(JudgeBase):
-    """A parsed LLM verdict keyed by sha256(provider, model, prompt version, criterion, inputs)."""
+    """A parsed LLM verdict of one user keyed by sha256(user, provider, endpoint URL, model,
+    prompt version, criterion, inputs), with what its call billed and the prediction it was
+    made for (run_id NULL: an ad hoc item)."""
 
     __tablename__ = "llm_cache"
 
     key: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
     verdict: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    step: Mapped[int] = mapped_column(BigInteger)
+    sample_index: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[float] = mapped_column(Float)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -121,9 +134,36 @@ class RunLlmStateRow(JudgeBase):
     budget_exhausted: Mapped[bool] = mapped_column(Boolean)
     paused_reason: Mapped[str | None] = mapped_column(Text)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Estimated most cost of the paid calls in flight (reserved before each call, settled
+    # after), and when the last of them must have settled: spent + reserved <= budget.
+    reserved_usd: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    reserved_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JudgmentRevisionRow(JudgeBase):
+    """One revision of a person's judgment (RecordHumanJudgment). Every revision is kept;
+    judgments holds the latest, the one that counts. author = the token's user (judge_model
+    of the judgment); user_id = the prediction's owner (row-level security)."""
+
+    __tablename__ = "judgment_revisions"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sample_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    criterion: Mapped[str] = mapped_column(Text, primary_key=True)
+    author: Mapped[str] = mapped_column(Text, primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    reasoning: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 tasks_table = TaskRow.__table__
 judgments_table = JudgmentRow.__table__
 llm_cache_table = LlmCacheRow.__table__
 run_llm_state_table = RunLlmStateRow.__table__
+judgment_revisions_table = JudgmentRevisionRow.__table__

@@ -3,11 +3,17 @@
 Workers are asyncio tasks inside the judge server. Each claims up to `claim_batch` tasks
 (JudgeStore.claim: SKIP LOCKED on PostgreSQL, a lease per task), judges them (rules in a
 thread or worker processes; the LLM judge when the task's config turns it on and a key is
-configured), and settles them per user in one transaction: every verdict stored (a second
+configured; the text judged is the prediction as the writer stores it, read acting for the
+task's user), and settles them per user in one transaction: every verdict stored (a second
 judgment of the same prediction, criterion, judge type and model is skipped by the primary
-key), the task marked done. A task whose judging raised goes back to the queue with an
+key), the task marked done. Every task is judged in isolation: one whose rules raise fails at
+once, alone, with its reason (the other tasks of the batch, whoever's, are judged as usual).
+A task whose LLM judging raised goes back to the queue with an
 exponential backoff with jitter, or is marked failed after `max_attempts` (logged at ERROR,
-counted). A worker that dies keeps its tasks only until their lease passes.
+counted). LLM provider errors that may pass by themselves (5xx, 429, network) and outlast the
+in-call retries send the task back too, after `llm_transient_retry_base_s` (minutes), and the
+run's on_error applies only on the last attempt. A worker that dies keeps its tasks only until
+their lease passes.
 """
 
 import asyncio
@@ -19,6 +25,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,8 +33,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.judge.config import JudgeSettings
 from services.judge.rules import judge_items
-from services.judge.schema import Item, JudgeConfig, RulesConfig, Verdict
+from services.judge.schema import (
+    Item,
+    ItemFailure,
+    ItemsFailed,
+    JudgeConfig,
+    RetryLater,
+    RulesConfig,
+    Verdict,
+)
 from services.judge.store import JudgeStore, Outcome, Task, TaskState
+from services.judge.stored import StoredText, texts_by_run
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +75,9 @@ class Judging:
         self._warned_runs: set[Any] = set()
 
     async def rules(self, items: Sequence[Item],
-                    configs: Sequence[RulesConfig]) -> list[list[Verdict]]:
-        """Rule verdicts per item (items[i] judged with configs[i])."""
+                    configs: Sequence[RulesConfig]) -> list[list[Verdict] | ItemFailure]:
+        """Rule verdicts per item (items[i] judged with configs[i]); an item whose judging
+        raised gets an ItemFailure, the others their verdicts."""
         if not items:
             return []
         if self._pool is None:
@@ -90,10 +107,11 @@ class Judging:
                         config.llm.provider)
         return False
 
-    async def llm(self, user_id: str, items: Sequence[Item],
-                  config: JudgeConfig) -> list[list[Verdict]]:
-        """LLM verdicts per item (none for items sample_rate leaves out). May raise
-        LlmJudgingFailed (on_error=fail)."""
+    async def llm(self, user_id: str, items: Sequence[Item], config: JudgeConfig,
+                  defer_transient: bool = False) -> list[list[Verdict] | ItemFailure]:
+        """LLM verdicts per item (none for items sample_rate leaves out; an ItemFailure for an
+        item whose judging raised). May raise LlmJudgingFailed (on_error=fail), and RetryLater
+        when defer_transient is set."""
         if self._llm_judge is None:
             # Imported on first use, in a thread: it loads the provider SDKs (seconds), which
             # a judge that only runs rules never needs, and the event loop keeps serving.
@@ -102,9 +120,16 @@ class Judging:
         assert config.llm is not None
         position = {id(item): index for index, item in enumerate(items)}
         out: list[list[Verdict]] = [[] for _ in items]
-        for item, verdict in await self._llm_judge.judge_items(user_id, items, config.llm):
+        try:
+            judged = await self._llm_judge.judge_items(user_id, items, config.llm,
+                                                       defer_transient)
+            failures: dict[int, str] = {}
+        except ItemsFailed as exc:
+            judged, failures = exc.judged, exc.failures
+        for item, verdict in judged:
             out[position[id(item)]].append(verdict)
-        return out
+        return [ItemFailure(failures[index]) if index in failures else verdicts
+                for index, verdicts in enumerate(out)]
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -209,22 +234,70 @@ class JudgeWorkers:
         return await self._store.claim(self._settings.claim_batch, self._settings.lease_s)
 
     async def judge(self, tasks: Sequence[Task]) -> list[Outcome]:
-        """One outcome per task: done with its verdicts, or a retry/failure with the error."""
+        """One outcome per task: done with its verdicts, or a retry/failure with the error.
+        Each task is judged in isolation (whoever's tasks share the batch): one whose judging
+        raised fails alone, its reason stored. The text judged is the writer's stored one."""
         outcomes, valid, configs = self._screen(tasks)
+        valid = await self._with_stored_text(valid)
         try:
             rule_verdicts = await self._judging.rules(
                 [t.item() for t in valid], [configs[_key(t)].rules for t in valid])
-        except Exception as exc:
+        except Exception as exc:  # the thread or the process pool failed, not one item
             log.exception("rule judging of %d tasks failed", len(valid))
             return outcomes + [self._unfinished(t, [], _describe(exc)) for t in valid]
-        llm_results = await self._judge_llm(valid, configs)
+        judged: list[tuple[Task, list[Verdict]]] = []
         for task, verdicts in zip(valid, rule_verdicts, strict=True):
-            extra = llm_results.get(_key(task), [])
-            if isinstance(extra, BaseException):
-                outcomes.append(self._unfinished(task, verdicts, _describe(extra)))
+            if isinstance(verdicts, ItemFailure):
+                outcomes.append(self._rules_failed(task, verdicts.reason))
             else:
-                outcomes.append(Outcome(task, [*verdicts, *extra], TaskState.DONE))
+                judged.append((task, verdicts))
+        llm_results = await self._judge_llm([task for task, _ in judged], configs)
+        for task, verdicts in judged:
+            outcomes.append(self._outcome(task, verdicts, llm_results.get(_key(task), [])))
         return outcomes
+
+    def _outcome(self, task: Task, verdicts: list[Verdict],
+                 extra: list[Verdict] | ItemFailure | BaseException) -> Outcome:
+        """A task's outcome from its rule verdicts and its LLM result."""
+        if isinstance(extra, ItemFailure):
+            return self._unfinished(task, verdicts, extra.reason)
+        if isinstance(extra, BaseException):
+            return self._unfinished(task, verdicts, _describe(extra),
+                                    isinstance(extra, RetryLater))
+        return Outcome(task, [*verdicts, *extra], TaskState.DONE)
+
+    def _rules_failed(self, task: Task, reason: str) -> Outcome:
+        """A task whose rule judging raised fails at once, alone, its reason stored: rules are
+        deterministic, so another attempt would raise again."""
+        self.counts["item_errors"] += 1
+        self.counts["failed"] += 1
+        log.error("judging task %s/%d/%d of user %s raised; the task failed, the rest of its "
+                  "batch is judged as usual (item errors so far %d): %s", task.run_id,
+                  task.step, task.sample_index, task.user_id, self.counts["item_errors"],
+                  reason)
+        return Outcome(task, [], TaskState.FAILED, reason)
+
+    async def _with_stored_text(self, tasks: list[Task]) -> list[Task]:
+        """The tasks with the text the writer stores for their predictions (read acting for
+        each task's user); what a caller sent is judged only for a prediction the writer does
+        not store."""
+        wanted: dict[str, dict[Any, list[tuple[int, int]]]] = defaultdict(
+            lambda: defaultdict(list))
+        for task in tasks:
+            wanted[task.user_id][task.run_id].append((task.step, task.sample_index))
+        stored: dict[tuple, StoredText] = {}
+        for user_id, keys in wanted.items():
+            for run_id, texts in (await texts_by_run(self._store.engine, user_id,
+                                                     keys)).items():
+                stored.update(((run_id, *key), text) for key, text in texts.items())
+        out = [_with_text(task, stored.get(_key(task))) for task in tasks]
+        differed = sum(1 for old, new in zip(tasks, out, strict=True) if old != new)
+        if differed:
+            self.counts["text_replaced"] += differed
+            log.warning("%d of %d tasks were enqueued with text other than the stored "
+                        "prediction's; the stored text is judged (so far %d)", differed,
+                        len(tasks), self.counts["text_replaced"])
+        return out
 
     def _screen(self, tasks: Sequence[Task]) -> tuple[list[Outcome], list[Task], dict]:
         """Outcomes of tasks that cannot be judged (attempts spent by lease expiries, a
@@ -260,20 +333,23 @@ class JudgeWorkers:
         return result
 
     async def _judge_llm(self, tasks: Sequence[Task], configs: dict[tuple, Any]
-                         ) -> dict[tuple, list[Verdict] | BaseException]:
-        """LLM verdicts per task key, one LlmJudge call per (user, LLM config); a call that
-        raises gives its exception to each of its tasks."""
-        groups: dict[tuple[str, str], list[Task]] = defaultdict(list)
+                         ) -> dict[tuple, list[Verdict] | ItemFailure | BaseException]:
+        """LLM verdicts per task key, one LlmJudge call per (user, LLM config, last attempt or
+        not); a call that raises gives its exception to each of its tasks. Transient provider
+        errors defer a task (RetryLater) unless this is its last attempt."""
+        groups: dict[tuple[str, str, bool], list[Task]] = defaultdict(list)
         for task in tasks:
             config = configs[_key(task)]
             if self._judging.llm_on(config, task.run_id):
-                groups[(task.user_id, config.llm.model_dump_json())].append(task)
+                last = task.attempts >= self._settings.max_attempts
+                groups[(task.user_id, config.llm.model_dump_json(), last)].append(task)
         keys = list(groups)
         results = await asyncio.gather(*(
-            self._judging.llm(user_id, [t.item() for t in groups[(user_id, llm)]],
-                              configs[_key(groups[(user_id, llm)][0])])
-            for user_id, llm in keys), return_exceptions=True)
-        out: dict[tuple, list[Verdict] | BaseException] = {}
+            self._judging.llm(user_id, [t.item() for t in groups[(user_id, llm, last)]],
+                              configs[_key(groups[(user_id, llm, last)][0])],
+                              defer_transient=not last)
+            for user_id, llm, last in keys), return_exceptions=True)
+        out: dict[tuple, list[Verdict] | ItemFailure | BaseException] = {}
         for group_key, result in zip(keys, results, strict=True):
             group = groups[group_key]
             if isinstance(result, BaseException):
@@ -283,12 +359,15 @@ class JudgeWorkers:
                 out[_key(task)] = result if isinstance(result, BaseException) else result[index]
         return out
 
-    def _unfinished(self, task: Task, verdicts: Sequence[Verdict], error: str) -> Outcome:
-        """Back to the queue after a backoff, or failed once the attempts are spent."""
+    def _unfinished(self, task: Task, verdicts: Sequence[Verdict], error: str,
+                    transient: bool = False) -> Outcome:
+        """Back to the queue after a backoff (llm_transient_retry_base_s for transient LLM
+        provider errors, else retry_backoff_base_s), or failed once the attempts are spent."""
         where = f"{task.run_id}/{task.step}/{task.sample_index}"
         if task.attempts < self._settings.max_attempts:
-            delay = backoff_s(task.attempts, self._settings.retry_backoff_base_s,
-                              self._settings.retry_backoff_max_s)
+            base = (self._settings.llm_transient_retry_base_s if transient
+                    else self._settings.retry_backoff_base_s)
+            delay = backoff_s(task.attempts, base, self._settings.retry_backoff_max_s)
             self.counts["retried"] += 1
             log.warning("judging task %s failed on attempt %d/%d, retry in %.1fs (retries so "
                         "far %d): %s", where, task.attempts, self._settings.max_attempts, delay,
@@ -320,6 +399,13 @@ class JudgeWorkers:
 
 def _key(task: Task) -> tuple:
     return (task.run_id, task.step, task.sample_index)
+
+
+def _with_text(task: Task, text: StoredText | None) -> Task:
+    if text is None:
+        return task
+    return replace(task, epoch=text.epoch, prompt=text.prompt,
+                   ground_truth=text.ground_truth, prediction=text.prediction)
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,9 @@ import sacrebleu
 from rapidfuzz.distance import Levenshtein
 
 from epochlens.v1 import judge_pb2
-from services.judge.schema import Item, RulesConfig, Verdict
+from services.common import matching
+from services.common.matching import normalize
+from services.judge.schema import Item, ItemFailure, RulesConfig, Verdict, compile_pattern
 
 RULES_JUDGE_MODEL = "rules"
 RULES_PROMPT_VERSION = "rules-v1"
@@ -34,8 +36,8 @@ class RuleCriterion:
 
 
 RULE_CRITERIA = (
-    RuleCriterion("exact_match", "Prediction equals the ground truth after stripping, "
-                  "collapsing whitespace and case folding (1 or 0).", True),
+    RuleCriterion("exact_match", "Prediction equals the ground truth after Unicode NFC, "
+                  "stripping, collapsing whitespace and case folding (1 or 0).", True),
     RuleCriterion("chrf", "chrF similarity to the ground truth (sacrebleu), scaled to 0..1.",
                   True),
     RuleCriterion("edit_similarity", "Normalized Levenshtein similarity to the ground truth "
@@ -80,16 +82,6 @@ class Measure:
 RuleFn = Callable[[Item, RulesConfig, RuleDefaults], Measure]
 
 
-def normalize(text: str) -> str:
-    """Outer whitespace stripped, inner whitespace collapsed to one space, case folded."""
-    return " ".join(text.split()).casefold()
-
-
-@functools.lru_cache(maxsize=1024)
-def compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
 @functools.lru_cache(maxsize=4096)
 def _term_pattern(term: str) -> re.Pattern[str]:
     """Matches `term` (case folded) not inside a longer word."""
@@ -101,7 +93,8 @@ def _contains(folded_text: str, term: str) -> bool:
 
 
 def exact_match(item: Item, _config: RulesConfig, _defaults: RuleDefaults) -> Measure:
-    equal = normalize(item.prediction) == normalize(item.ground_truth or "")
+    """The one exact-match definition (services.common.matching), as the CLI and report use."""
+    equal = bool(matching.exact_match(item.prediction, item.ground_truth or ""))
     return Measure(1.0 if equal else 0.0,
                    "normalized prediction equals the ground truth" if equal
                    else "normalized prediction differs from the ground truth")
@@ -159,26 +152,30 @@ def keywords(item: Item, config: RulesConfig, _defaults: RuleDefaults) -> Measur
 
 
 def citation(item: Item, _config: RulesConfig, defaults: RuleDefaults) -> Measure:
-    found = compiled(defaults.citation_pattern).search(item.prediction)
+    found = compile_pattern(defaults.citation_pattern).search(item.prediction)
     if found is None:
         return Measure(0.0, "no citation found")
     return Measure(1.0, f"citation found: {found.group(0)[:80]!r}")
 
 
-def _parses_as_json(text: str) -> bool:
+def _json_check(text: str) -> str:
+    """"valid JSON", or why not. Nesting deeper than the interpreter's recursion limit is
+    not valid JSON here (json raises RecursionError for it, e.g. on '[' * 30000)."""
     try:
         json.loads(text)
     except ValueError:
-        return False
-    return True
+        return "not valid JSON"
+    except RecursionError:
+        return "not valid JSON (nested too deeply to parse)"
+    return "valid JSON"
 
 
 def output_format(item: Item, config: RulesConfig, _defaults: RuleDefaults) -> Measure:
     results: list[str] = []
     if config.output_format == "json":
-        results.append("valid JSON" if _parses_as_json(item.prediction) else "not valid JSON")
+        results.append(_json_check(item.prediction))
     if config.pattern is not None:
-        matched = compiled(config.pattern).search(item.prediction) is not None
+        matched = compile_pattern(config.pattern).search(item.prediction) is not None
         results.append("matches the pattern" if matched else "does not match the pattern")
     met = sum(1 for r in results if r in ("valid JSON", "matches the pattern"))
     return Measure(met / len(results) if results else 1.0,
@@ -250,7 +247,17 @@ def judge_item(item: Item, config: RulesConfig, defaults: RuleDefaults) -> list[
 
 
 def judge_items(items: Sequence[Item], configs: Sequence[RulesConfig],
-                defaults: RuleDefaults) -> list[list[Verdict]]:
-    """judge_item over paired items and configs (the unit handed to a worker process)."""
-    return [judge_item(item, config, defaults) for item, config in zip(items, configs,
-                                                                       strict=True)]
+                defaults: RuleDefaults) -> list[list[Verdict] | ItemFailure]:
+    """judge_item over paired items and configs (the unit handed to a worker process). Each
+    item is judged in isolation: one that raises gets an ItemFailure (logged and counted by
+    the caller), the others their verdicts."""
+    return [_judge_isolated(item, config, defaults)
+            for item, config in zip(items, configs, strict=True)]
+
+
+def _judge_isolated(item: Item, config: RulesConfig,
+                    defaults: RuleDefaults) -> list[Verdict] | ItemFailure:
+    try:
+        return judge_item(item, config, defaults)
+    except Exception as exc:  # noqa: BLE001 - any error of one item stays with that item
+        return ItemFailure(f"rule judging raised {type(exc).__name__}: {exc}")

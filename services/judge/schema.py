@@ -6,15 +6,42 @@ The judge config is the "judge" section of a run's config (CreateRun) or the
 defaults and ceilings (JudgeSettings) are applied by services.judge.config.
 """
 
+import functools
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import re2
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from epochlens.v1 import judge_pb2
 
 STANDARD_LLM_CRITERIA = ("helpfulness", "accuracy", "clarity", "safety", "completeness")
+# Why a run config may not name a URL: the judge would send it the operator's key (and POST
+# to it from inside the operator's network).
+BASE_URL_REFUSED = ("endpoints and their keys are operator configuration "
+                    "(EPOCHLENS_JUDGE_LLM_ENDPOINTS); name one with llm.endpoint instead")
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_pattern(pattern: str) -> Any:
+    """`pattern` compiled by RE2: matching takes time linear in the text, whatever the pattern
+    (no backtracking). Raises re2.error for what RE2 cannot compile (backreferences,
+    lookaround, repetitions above 1000, programs above RE2's memory bound)."""
+    options = re2.Options()
+    options.log_errors = False
+    return re2.compile(pattern, options)
+
+
+def pattern_error(pattern: str) -> str | None:
+    """Why RE2 refuses `pattern`, or None."""
+    try:
+        compile_pattern(pattern)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        text = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+        return f"not a regular expression the judge can run in linear time (RE2 syntax): {text}"
+    return None
 
 
 class RulesConfig(BaseModel):
@@ -34,11 +61,20 @@ class RulesConfig(BaseModel):
     forbidden_keywords: list[str] = Field(default_factory=list)
     # "json" (the prediction must parse as JSON) or None.
     output_format: Literal["json"] | None = None
-    # The prediction must match this regular expression (re.search), when set.
+    # The prediction must match this regular expression (RE2 syntax, searched), when set.
     pattern: str | None = None
     # The prediction must cite something (matches the service's citation pattern), when true.
     require_citation: bool = False
     forbidden_topics: list[str] = Field(default_factory=list)
+
+    @field_validator("pattern")
+    @classmethod
+    def _linear_time_pattern(cls, value: str | None) -> str | None:
+        """Refused unless RE2 compiles it: a backtracking engine would let one pattern such
+        as (a+)+$ hold the judge for hours."""
+        if value is not None and (problem := pattern_error(value)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class LlmJudgeConfig(BaseModel):
@@ -48,8 +84,11 @@ class LlmJudgeConfig(BaseModel):
 
     provider: Literal["openai", "anthropic", "openai_compatible"]
     model: str
-    # Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp); required for it.
-    base_url: str | None = None
+    # Name of an OpenAI-compatible server (vLLM, Ollama, llama.cpp) the operator configured
+    # (EPOCHLENS_JUDGE_LLM_ENDPOINTS); required for provider openai_compatible.
+    endpoint: str | None = None
+    # Refused when set (BASE_URL_REFUSED): kept only to say why.
+    base_url: Any = None
     criteria: list[str] = Field(default_factory=lambda: list(STANDARD_LLM_CRITERIA))
     # Custom criteria: name -> rubric text (scored 1-10 like the standard ones).
     custom_criteria: dict[str, str] = Field(default_factory=dict)
@@ -63,6 +102,13 @@ class LlmJudgeConfig(BaseModel):
     # Most this run may spend on LLM judging, US dollars; None: the service default.
     budget_usd: float | None = Field(None, ge=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_url(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(BASE_URL_REFUSED)
+        return None
+
 
 class JudgeConfig(BaseModel):
     """The judge section of a run's config."""
@@ -71,6 +117,30 @@ class JudgeConfig(BaseModel):
 
     rules: RulesConfig = Field(default_factory=RulesConfig)
     llm: LlmJudgeConfig | None = None
+
+
+class RetryLater(Exception):
+    """LLM calls of queued tasks still failed with transient errors (5xx, 429, network) after
+    their in-call retries: the tasks go back to the queue and are tried again after
+    llm_transient_retry_base_s (doubling); the run's on_error applies on the last attempt."""
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """Judging one item raised: why (the exception, as text). Stands in for that item's
+    verdicts only, so the other items of a batch are judged and stored as usual."""
+
+    reason: str
+
+
+class ItemsFailed(Exception):
+    """Some items of an LLM judging call raised (`failures`: item position -> why); `judged`
+    holds the verdicts of the others."""
+
+    def __init__(self, failures: dict[int, str], judged: list[tuple["Item", "Verdict"]]) -> None:
+        super().__init__(f"{len(failures)} items failed: {next(iter(failures.values()))}")
+        self.failures = failures
+        self.judged = judged
 
 
 @dataclass(frozen=True)

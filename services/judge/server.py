@@ -4,7 +4,7 @@ and stop after it: in-flight RPCs finish, batches in progress get shutdown_grace
 
 from epochlens.v1 import judge_pb2, judge_pb2_grpc
 from services.common.config import AuthSettings
-from services.common.db import create_engine
+from services.common.schema_check import open_engine
 from services.common.server import (
     RunningServer,
     create_server,
@@ -15,22 +15,21 @@ from services.judge.models import SCHEMA
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.servicer import JudgeServicer
 from services.judge.store import JudgeStore
+from services.writer.models import SCHEMA as WRITER_SCHEMA
 
 SERVICE_NAME = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
 
 
 async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     """Starts the judge on settings.host:settings.port (0 = a free port) with its workers."""
-    engine = create_engine(settings, (SCHEMA,), application_name="epochlens-judge")
+    # Schema writer too: the judge reads runs and predictions acting for a user
+    # (services.judge.stored).
+    engine = await open_engine(settings, (SCHEMA, WRITER_SCHEMA),
+                               application_name="epochlens-judge")
     store = JudgeStore(engine)
     judging = Judging(settings, engine)
     workers = JudgeWorkers(settings, store, judging)
     servicer = JudgeServicer(settings, store, judging, workers)
-    running = await create_server(
-        settings, auth,
-        lambda server: judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME])
-    workers.start()
 
     async def on_stop() -> None:
         try:
@@ -39,12 +38,17 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
         finally:
             await engine.dispose()
 
+    running = await create_server(
+        settings, auth,
+        lambda server: judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME], on_failure=on_stop)
+    workers.start()
     running.on_stop = on_stop
     return running
 
 
 def main() -> None:
-    run_service(JudgeSettings(), start)
+    run_service(JudgeSettings, start)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ estimates and human judgments. Every method acts for the token's user."""
 
 import base64
 import binascii
+import dataclasses
 import logging
 import math
 import uuid
@@ -15,14 +16,21 @@ import grpc
 from epochlens.v1 import judge_pb2, judge_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, struct_to_dict, timestamp
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    JudgingRaised,
+    Violations,
+)
 from services.judge.config import JudgeSettings, validate_judge_config
-from services.judge.llm.cost import estimate
+from services.judge.llm.cost import estimate, price_or_error
 from services.judge.llm.prompts import STANDARD_RUBRICS
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.rules import RULE_CRITERIA
-from services.judge.schema import STANDARD_LLM_CRITERIA, Item, JudgeConfig, Verdict
+from services.judge.schema import STANDARD_LLM_CRITERIA, Item, ItemFailure, JudgeConfig, Verdict
 from services.judge.store import JudgeStore, human_verdict
+from services.judge.stored import require_runs, texts_by_run
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ def row_to_proto(row: Any) -> judge_pb2.Judgment:
         unscored_reason=row.unscored_reason, input_tokens=row.input_tokens,
         output_tokens=row.output_tokens, cost_usd=row.cost_usd), ref, row.epoch)
     message.create_time.CopyFrom(timestamp(row.create_time))
+    message.revision = row.revision
     return message
 
 
@@ -146,6 +155,44 @@ def _page_token(name: str) -> str:
     return base64.urlsafe_b64encode(f"{_TOKEN_PREFIX}{name}".encode()).decode().rstrip("=")
 
 
+def _check_range(name: str, value: float, low: float, high: float,
+                 violations: Violations) -> None:
+    """A violation unless `value` is a finite number within low..high."""
+    if not math.isfinite(value):
+        violations.add(name, f"must be a finite number, got {value}")
+    elif not low <= value <= high:
+        violations.add(name, f"must be within {_num(low)}..{_num(high)}, got {_num(value)}")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_warnings(settings: JudgeSettings, config: JudgeConfig) -> list[str]:
+    """What this judge does differently from what a valid config asks; a paid model without
+    a configured price is refused (InvalidArgument config.llm.model, as EstimateCost does)."""
+    llm = config.llm
+    if llm is None:
+        return []
+    if not settings.llm_judging_on(config):
+        return [f"config.llm: provider {llm.provider} is not configured on this judge (no API "
+                "key or endpoint): LLM judging is off, rule judges only"]
+    price_or_error(settings, llm)
+    return []
+
+
+def _or_raise(results: list[list[Verdict] | ItemFailure]) -> list[list[Verdict]]:
+    """The verdicts of every item; JudgingRaised (INTERNAL) naming the first item whose
+    judging raised (an ad hoc call's items are all the caller's)."""
+    verdicts: list[list[Verdict]] = []
+    for index, result in enumerate(results):
+        if isinstance(result, ItemFailure):
+            raise JudgingRaised(f"judging items[{index}] raised: {result.reason}",
+                                {"item": str(index)})
+        verdicts.append(result)
+    return verdicts
+
+
 def _uuid_or_none(value: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(value)
@@ -173,7 +220,8 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         items = check_items(request.items, self._settings, None, violations)
         violations.raise_if_any()
         assert config is not None
-        verdicts = await self._judging.rules(items, [config.rules] * len(items))
+        items = await self._stored_items(request.items, items)
+        verdicts = _or_raise(await self._judging.rules(items, [config.rules] * len(items)))
         if self._judging.llm_on(config):
             extra = await self._llm_now(items, config)
             verdicts = [[*own, *more] for own, more in zip(verdicts, extra, strict=True)]
@@ -183,11 +231,35 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
             response.judgments.extend(verdict_to_proto(v, ref, item.epoch) for v in own)
         return response
 
+    async def _stored_items(self, requested: Sequence[judge_pb2.JudgeItem],
+                            items: list[Item]) -> list[Item]:
+        """The items, each naming a stored prediction (its ref's run) judged with the text the
+        writer stores for it; a ref to a run that is not the caller's is NOT_FOUND."""
+        runs = {index: run_id for index, item in enumerate(requested)
+                if item.HasField("prediction")
+                and (run_id := _uuid_or_none(item.prediction.run_id)) is not None}
+        if not runs:
+            return items
+        user = current_user()
+        await require_runs(self._store.engine, user, runs.values())
+        keys: dict[uuid.UUID, list[tuple[int, int]]] = {}
+        for index, run_id in runs.items():
+            keys.setdefault(run_id, []).append((items[index].step, items[index].sample_index))
+        texts = await texts_by_run(self._store.engine, user, keys)
+        out = list(items)
+        for index, run_id in runs.items():
+            text = texts[run_id].get((items[index].step, items[index].sample_index))
+            if text is not None:
+                out[index] = dataclasses.replace(
+                    items[index], epoch=text.epoch, prompt=text.prompt,
+                    ground_truth=text.ground_truth, prediction=text.prediction)
+        return out
+
     async def _llm_now(self, items: list[Item], config: JudgeConfig) -> list[list[Verdict]]:
         # Imported here: it loads the provider SDKs, only needed once an LLM judge runs.
         from services.judge.llm.errors import LlmJudgingFailed
         try:
-            return await self._judging.llm(current_user(), items, config)
+            return _or_raise(await self._judging.llm(current_user(), items, config))
         except LlmJudgingFailed as exc:
             raise FailedPrecondition(f"LLM judging failed and the config's on_error is "
                                      f"'fail': {exc}", {"cause": "llm_failed"}) from exc
@@ -196,13 +268,15 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
                              context: grpc.aio.ServicerContext
                              ) -> judge_pb2.EnqueueJudgingResponse:
         """Stores the items as tasks for the caller (durable before the reply), skipping
-        identities already queued. The writer vouches that the predictions exist."""
+        identities already queued. The run must be the caller's (else NOT_FOUND, whether it
+        exists or not); a prediction the writer stores is judged with its stored text."""
         violations = Violations()
         run_id = parse_run_id(request.run_id, violations=violations)
         config = _config(self._settings, request, violations)
         items = check_items(request.items, self._settings, run_id, violations)
         violations.raise_if_any()
         assert run_id is not None and config is not None
+        await require_runs(self._store.engine, current_user(), [run_id])
         enqueued, duplicates = await self._store.enqueue(
             current_user(), run_id, items, config.model_dump(mode="json", exclude_defaults=True))
         self.counts["enqueued"] += enqueued
@@ -225,9 +299,10 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
     async def EstimateCost(self, request: judge_pb2.EstimateCostRequest,
                            context: grpc.aio.ServicerContext) -> judge_pb2.EstimateCostResponse:
         violations = Violations()
-        for name in ("prediction_count", "average_item_tokens"):
-            if getattr(request, name) < 0:
-                violations.add(name, f"must be >= 0, got {getattr(request, name)}")
+        limits = (("prediction_count", self._settings.estimate_max_predictions),
+                  ("average_item_tokens", self._settings.estimate_max_item_tokens))
+        for name, limit in limits:
+            _check_range(name, getattr(request, name), 0, limit, violations)
         config = _config(self._settings, request, violations)
         violations.raise_if_any()
         assert config is not None
@@ -243,9 +318,10 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         ref = request.prediction
         row = await self._store.record_human(user, run_id, ref.step, ref.sample_index,
                                              human_verdict(user, request.criterion, request.score,
-                                                           request.threshold, request.reasoning))
-        log.info("human judgment by %s of %s/%d/%d on %r stored", user, run_id, ref.step,
-                 ref.sample_index, request.criterion)
+                                                           request.threshold, request.reasoning),
+                                             self._settings.max_human_revisions)
+        log.info("human judgment by %s of %s/%d/%d on %r stored (revision %d)", user, run_id,
+                 ref.step, ref.sample_index, request.criterion, row.revision)
         return row_to_proto(row)
 
     def _check_human(self, request: judge_pb2.RecordHumanJudgmentRequest) -> uuid.UUID:
@@ -259,10 +335,39 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         if not request.criterion.strip() or len(request.criterion) > self._settings.max_name_chars:
             violations.add("criterion", f"must be 1..{self._settings.max_name_chars} characters")
         for name in ("score", "threshold"):
-            if not math.isfinite(getattr(request, name)):
-                violations.add(name, "must be a finite number")
+            _check_range(name, getattr(request, name), self._settings.human_score_min,
+                         self._settings.human_score_max, violations)
         if len(request.reasoning) > self._settings.max_text_chars:
             violations.add("reasoning", f"exceeds {self._settings.max_text_chars} characters")
         violations.raise_if_any()
         assert run_id is not None
         return run_id
+
+    async def ValidateJudgeConfig(self, request: judge_pb2.ValidateJudgeConfigRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> judge_pb2.ValidateJudgeConfigResponse:
+        """The checks of EnqueueJudging (and a price for a paid model): INVALID_ARGUMENT
+        naming each bad field under `config`."""
+        config = validate_judge_config(self._settings, struct_to_dict(request.config))
+        warnings = config_warnings(self._settings, config)
+        return judge_pb2.ValidateJudgeConfigResponse(
+            llm_judging=self._settings.llm_judging_on(config), warnings=warnings)
+
+    async def ResumeJudging(self, request: judge_pb2.ResumeJudgingRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> judge_pb2.ResumeJudgingResponse:
+        """Clears the caller's run's paused LLM judging and queues what is to be judged
+        again; another user's run is NOT_FOUND."""
+        user, run_id = current_user(), parse_run_id(request.run_id)
+        assert run_id is not None
+        await require_runs(self._store.engine, user, [run_id])
+        done = await self._store.resume(user, run_id, request.rejudge_unscored,
+                                        request.rejudge_failed)
+        if done.requeued:
+            self._workers.notify()
+        log.info("judging of run %s resumed by %s: paused reason cleared %r, %d unscored "
+                 "judgments deleted, %d predictions queued again", run_id, user,
+                 done.cleared_paused_reason, done.deleted_unscored, done.requeued)
+        return judge_pb2.ResumeJudgingResponse(
+            cleared_paused_reason=done.cleared_paused_reason,
+            deleted_unscored=done.deleted_unscored, requeued_predictions=done.requeued)

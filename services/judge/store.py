@@ -15,15 +15,33 @@ from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
-from google.rpc import code_pb2
-from sqlalchemy import Row, and_, bindparam, select, text, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import judge_pb2
 from services.common.db import is_postgres, user_transaction
-from services.common.errors import DomainError, NotFound
-from services.judge.models import SCHEMA, judgments_table, tasks_table
+from services.common.errors import FailedPrecondition, NotFound
+from services.judge.models import (
+    SCHEMA,
+    judgment_revisions_table,
+    judgments_table,
+    run_llm_state_table,
+    tasks_table,
+)
 from services.judge.schema import Item, Verdict
 
 HUMAN_PROMPT_VERSION = "human"
@@ -37,11 +55,6 @@ class TaskState(IntEnum):
     RUNNING = 2
     DONE = 3
     FAILED = 4
-
-
-class AlreadyExists(DomainError):
-    code = code_pb2.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,8 @@ def _judgment_values(task: Task, verdict: Verdict) -> dict[str, Any]:
             "reasoning": verdict.reasoning, "confidence": verdict.confidence,
             "status": verdict.status, "unscored_reason": verdict.unscored_reason,
             "input_tokens": verdict.input_tokens, "output_tokens": verdict.output_tokens,
-            "cost_usd": verdict.cost_usd, "prompt_version": verdict.prompt_version}
+            "cost_usd": verdict.cost_usd, "prompt_version": verdict.prompt_version,
+            "revision": 1}
 
 
 def _task_from_row(row: Row) -> Task:
@@ -148,6 +162,12 @@ def _task_from_row(row: Row) -> Task:
 class JudgeStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The judge's engine (schemas judge and writer; services.judge.stored reads the
+        latter acting for a user)."""
+        return self._engine
 
     async def enqueue(self, user_id: str, run_id: uuid.UUID, items: Sequence[Item],
                       config: dict[str, Any]) -> tuple[int, int]:
@@ -287,31 +307,142 @@ class JudgeStore:
              "error": (o.error or "")[:_ERROR_CHARS]} for o in outcomes])
 
     async def record_human(self, user_id: str, run_id: uuid.UUID, step: int,
-                           sample_index: int, verdict: Verdict) -> Row:
-        """Stores a person's judgment of a prediction handed to the judge for `user_id`.
-        A retry of the same judgment returns the stored row; a different one for the same
-        prediction and criterion is ALREADY_EXISTS (judgments are immutable)."""
-        t, j = tasks_table, judgments_table
+                           sample_index: int, verdict: Verdict, max_revisions: int) -> Row:
+        """Stores a person's judgment of a prediction handed to the judge for `user_id`: the
+        first revision, or a new one when score, threshold or reasoning differ from the latest
+        (the same values again return the latest unchanged: a retry). Every revision is kept
+        in judgment_revisions; judgments holds the latest, the one that counts. Another
+        user's (or an unknown) prediction is NOT_FOUND; a revision past max_revisions is
+        FAILED_PRECONDITION."""
         async with user_transaction(self._engine, user_id) as conn:
-            epoch = await conn.scalar(select(t.c.epoch).where(
-                t.c.run_id == run_id, t.c.step == step, t.c.sample_index == sample_index,
-                t.c.user_id == user_id))
-            if epoch is None:
-                raise NotFound(f"prediction {run_id}/{step}/{sample_index} not found",
-                               {"run_id": str(run_id), "step": str(step),
-                                "sample_index": str(sample_index)})
+            # Locks the prediction's task row: one human judgment of it at a time.
+            epoch = await _owned_epoch(conn, user_id, run_id, step, sample_index)
             task = Task(run_id, step, sample_index, user_id, epoch, "", None, "", {}, 0)
-            await self._insert_judgments(conn, [_judgment_values(task, verdict)], now_utc())
-            stored = (await conn.execute(select(j).where(
-                j.c.run_id == run_id, j.c.step == step, j.c.sample_index == sample_index,
-                j.c.criterion == verdict.criterion, j.c.judge_type == verdict.judge_type,
-                j.c.judge_model == verdict.judge_model))).one()
-        if not _same_judgment(stored, verdict):
-            raise AlreadyExists(
-                f"{verdict.judge_model} already judged {run_id}/{step}/{sample_index} on "
-                f"{verdict.criterion!r}; judgments cannot be changed",
-                {"criterion": verdict.criterion})
-        return stored
+            current = await _human_row(conn, task, verdict)
+            if current is not None and _same_judgment(current, verdict):
+                return current
+            revision = 1 if current is None else _next_revision(task, current, verdict,
+                                                                max_revisions)
+            now = now_utc()
+            if current is not None:  # judgment rows are never updated: replaced
+                await conn.execute(delete(judgments_table).where(*_human_key(task, verdict)))
+            await self._insert_judgments(
+                conn, [{**_judgment_values(task, verdict), "revision": revision}], now)
+            await _add_revision(conn, task, verdict, revision, now)
+            return await _human_row(conn, task, verdict)
+
+    async def resume(self, user_id: str, run_id: uuid.UUID, rejudge_unscored: bool,
+                     rejudge_failed: bool) -> "Resumed":
+        """Clears the run's paused LLM judging; queues again (attempts reset) the failed tasks
+        (rejudge_failed) and the finished ones with unscored LLM judgments, which are deleted
+        (rejudge_unscored). One transaction for `user_id`, touching only their rows (the
+        caller checks that the run is theirs)."""
+        async with user_transaction(self._engine, user_id) as conn:
+            cleared = await _clear_pause(conn, user_id, run_id)
+            requeued = await _requeue(conn, user_id, run_id, rejudge_unscored, rejudge_failed)
+            deleted = await _delete_unscored(conn, user_id, run_id) if rejudge_unscored else 0
+        return Resumed(cleared or "", deleted, requeued)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What ResumeJudging did: the paused reason cleared ("" if none), unscored judgments
+    deleted, tasks queued again."""
+
+    cleared_paused_reason: str
+    deleted_unscored: int
+    requeued: int
+
+
+async def _owned_epoch(conn: AsyncConnection, user_id: str, run_id: uuid.UUID, step: int,
+                       sample_index: int) -> int:
+    """The epoch of a prediction handed to the judge for `user_id`, else NOT_FOUND."""
+    t = tasks_table
+    epoch = await conn.scalar(select(t.c.epoch).where(
+        t.c.run_id == run_id, t.c.step == step, t.c.sample_index == sample_index,
+        t.c.user_id == user_id).with_for_update())
+    if epoch is None:
+        raise NotFound(f"prediction {run_id}/{step}/{sample_index} not found",
+                       {"run_id": str(run_id), "step": str(step),
+                        "sample_index": str(sample_index)})
+    return epoch
+
+
+def _human_key(task: Task, verdict: Verdict) -> tuple[ColumnElement[bool], ...]:
+    """The judgment of the task's prediction on the verdict's criterion by its author."""
+    j = judgments_table
+    return (j.c.run_id == task.run_id, j.c.step == task.step,
+            j.c.sample_index == task.sample_index, j.c.criterion == verdict.criterion,
+            j.c.judge_type == verdict.judge_type, j.c.judge_model == verdict.judge_model)
+
+
+async def _human_row(conn: AsyncConnection, task: Task, verdict: Verdict) -> Row | None:
+    return (await conn.execute(select(judgments_table).where(*_human_key(task, verdict)))
+            ).one_or_none()
+
+
+async def _add_revision(conn: AsyncConnection, task: Task, verdict: Verdict, revision: int,
+                        now: datetime) -> None:
+    await conn.execute(insert(judgment_revisions_table).values(
+        run_id=task.run_id, step=task.step, sample_index=task.sample_index,
+        criterion=verdict.criterion, author=verdict.judge_model, revision=revision,
+        user_id=task.user_id, epoch=task.epoch, score=verdict.score,
+        threshold=verdict.threshold, passed=verdict.passed, reasoning=verdict.reasoning,
+        create_time=now))
+
+
+def _next_revision(task: Task, current: Row, verdict: Verdict, max_revisions: int) -> int:
+    """The revision number after `current`; FAILED_PRECONDITION past max_revisions."""
+    if current.revision >= max_revisions:
+        where = f"{task.run_id}/{task.step}/{task.sample_index}"
+        raise FailedPrecondition(
+            f"{verdict.judge_model}'s judgment of {where} on {verdict.criterion!r} already has "
+            f"{current.revision} revisions, the most allowed", {"criterion": verdict.criterion})
+    return current.revision + 1
+
+
+async def _clear_pause(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> str | None:
+    """Clears the run's paused LLM judging; returns why it was paused (None if it was not)."""
+    s = run_llm_state_table
+    own = (s.c.run_id == run_id, s.c.user_id == user_id)
+    reason = await conn.scalar(select(s.c.paused_reason).where(*own).with_for_update())
+    if reason:
+        await conn.execute(update(s).where(*own).values(paused_reason=None,
+                                                        update_time=now_utc()))
+    return reason
+
+
+def _unscored_llm(run_id: uuid.UUID, user_id: str) -> tuple[ColumnElement[bool], ...]:
+    j = judgments_table
+    return (j.c.run_id == run_id, j.c.user_id == user_id,
+            j.c.judge_type == judge_pb2.JUDGE_TYPE_LLM,
+            j.c.status == judge_pb2.JUDGMENT_STATUS_UNSCORED)
+
+
+async def _requeue(conn: AsyncConnection, user_id: str, run_id: uuid.UUID, unscored: bool,
+                   failed: bool) -> int:
+    """Queues again, attempts reset, the run's failed tasks (failed) and its finished tasks
+    with an unscored LLM judgment (unscored). Returns how many."""
+    t, j = tasks_table, judgments_table
+    which = []
+    if failed:
+        which.append(t.c.state == TaskState.FAILED)
+    if unscored:
+        which.append(exists().where(j.c.step == t.c.step, j.c.sample_index == t.c.sample_index,
+                                    *_unscored_llm(run_id, user_id)))
+    if not which:
+        return 0
+    now = now_utc()
+    result = await conn.execute(update(t).where(
+        t.c.run_id == run_id, t.c.user_id == user_id,
+        t.c.state.in_([TaskState.DONE, TaskState.FAILED]), or_(*which)).values(
+        state=TaskState.QUEUED, attempts=0, lease_until=None, not_before=now, update_time=now))
+    return result.rowcount
+
+
+async def _delete_unscored(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> int:
+    result = await conn.execute(delete(judgments_table).where(*_unscored_llm(run_id, user_id)))
+    return result.rowcount
 
 
 def _same_judgment(row: Row, verdict: Verdict) -> bool:

@@ -3,6 +3,7 @@ under RLS). The judge statements are in services.query.judgments."""
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Row, select, tuple_
@@ -19,6 +20,16 @@ from services.writer.models import runs_table as R
 _PREDICTION_COLUMNS = (P.c.run_id, P.c.epoch, P.c.step, P.c.sample_index, P.c.prompt,
                        P.c.ground_truth, P.c.prediction, P.c.generation_time_ms,
                        P.c.prompt_tokens, P.c.completion_tokens, P.c.create_time)
+
+
+@dataclass(frozen=True)
+class SamplePage:
+    """A page of CompareSample: the sample's first prediction (its prompt and ground
+    truth), the page's predictions in step order, and their judgments by step."""
+
+    first: Row
+    rows: Sequence[Row]
+    judged: dict[int, list[Row]]
 
 
 class QueryRepository:
@@ -70,21 +81,28 @@ class QueryRepository:
                 await _owned_run(conn, user_id, run_id)
             return rows
 
-    async def sample_history(self, user_id: str, run_id: uuid.UUID, sample_index: int
-                             ) -> tuple[Sequence[Row], dict[int, list[Row]]]:
-        """Every prediction of one sample in step order, and its judgments by step;
-        NOT_FOUND when there is no prediction."""
+    async def sample_page(self, user_id: str, run_id: uuid.UUID, sample_index: int,
+                          after: int | None, limit: int) -> SamplePage:
+        """Up to `limit` predictions of one sample in step order after step `after`, its
+        first prediction and the judgments of the page's steps; NOT_FOUND when the sample
+        has no prediction."""
         stmt = (select(*_PREDICTION_COLUMNS)
                 .where(P.c.run_id == run_id, P.c.user_id == user_id,
                        P.c.sample_index == sample_index)
                 .order_by(P.c.step))
+        page_stmt = stmt if after is None else stmt.where(P.c.step > after)
         async with user_transaction(self._engine, user_id) as conn:
-            rows = (await conn.execute(stmt)).all()
-            if not rows:
+            rows = (await conn.execute(page_stmt.limit(limit))).all()
+            first = (rows[0] if rows and after is None
+                     else (await conn.execute(stmt.limit(1))).one_or_none())
+            if first is None:
                 await _owned_run(conn, user_id, run_id)
                 raise NotFound(f"run {run_id} has no predictions for sample {sample_index}",
                                {"run_id": str(run_id), "sample_index": str(sample_index)})
-            return rows, await judgments.sample_judgments(conn, user_id, run_id, sample_index)
+            judged = (await judgments.sample_judgments(
+                conn, user_id, run_id, sample_index, (rows[0].step, rows[-1].step))
+                if rows else {})
+            return SamplePage(first, rows, judged)
 
     async def list_judgments(self, user_id: str, run_id: uuid.UUID,
                              filters: judgments.JudgmentFilter, after: tuple | None,
@@ -96,14 +114,28 @@ class QueryRepository:
                 await _owned_run(conn, user_id, run_id)
             return rows
 
-    async def run_summary(self, user_id: str, run_id: uuid.UUID) -> query_pb2.RunSummary:
-        """The run's judge summary (a RunSummary message); NOT_FOUND for another's run."""
+    async def run_summary(self, user_id: str, run_id: uuid.UUID,
+                          max_failures: int) -> query_pb2.RunSummary:
+        """The run's judge summary (a RunSummary message) with up to max_failures failed
+        predictions listed; NOT_FOUND for another's run."""
         async with user_transaction(self._engine, user_id) as conn:
             await _owned_run(conn, user_id, run_id)
             rows = await judgments.summary_rows(conn, user_id, run_id)
             state = await judgments.llm_state(conn, user_id, run_id)
             pending = await judgments.pending_count(conn, user_id, run_id)
-        return judgments.summary_to_proto(run_id, rows, state, pending)
+            trouble = await judgments.trouble(conn, user_id, run_id, max_failures)
+        summary = judgments.summary_to_proto(run_id, rows, state, pending)
+        judgments.add_trouble(summary, trouble)
+        return summary
+
+    async def judgment_revisions(self, user_id: str, run_id: uuid.UUID, step: int,
+                                 sample_index: int, criterion: str) -> Sequence[Row]:
+        """Every revision of the human judgments of one prediction on one criterion;
+        NOT_FOUND for another's run."""
+        async with user_transaction(self._engine, user_id) as conn:
+            await _owned_run(conn, user_id, run_id)
+            return await judgments.revisions(conn, user_id, run_id, step, sample_index,
+                                             criterion)
 
 
 async def _owned_run(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> Row:

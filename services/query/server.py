@@ -2,7 +2,7 @@
 
 from epochlens.v1 import query_pb2, query_pb2_grpc
 from services.common.config import AuthSettings
-from services.common.db import create_engine
+from services.common.schema_check import open_engine
 from services.common.server import (
     RunningServer,
     create_server,
@@ -19,19 +19,19 @@ SERVICE_NAME = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 
 async def start(settings: QuerySettings, auth: AuthSettings) -> RunningServer:
     """Starts the query service on settings.host:settings.port (0 = a free port)."""
-    engine = create_engine(settings, (WRITER_SCHEMA, JUDGE_SCHEMA), read_only=True,
-                           application_name="epochlens-query")
+    engine = await open_engine(settings, (WRITER_SCHEMA, JUDGE_SCHEMA), read_only=True,
+                               application_name="epochlens-query")
     servicer = QueryServicer(QueryRepository(engine), settings)
     running = await create_server(
         settings, auth,
         lambda server: query_pb2_grpc.add_QueryServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME])
+        [SERVICE_NAME], on_failure=engine.dispose)
     running.on_stop = engine.dispose
     return running
 
 
 def main() -> None:
-    run_service(QuerySettings(), start)
+    run_service(QuerySettings, start)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,71 @@
 """QueryService: the read side, paginated with keyset page tokens."""
 
-import uuid
-from datetime import datetime
-
 import grpc
 
 from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.common.auth import current_user
-from services.common.convert import parse_run_id, run_to_proto, timestamp, utc
+from services.common.convert import parse_run_id, run_to_proto, timestamp
 from services.common.errors import FieldViolation, InvalidArgument
 from services.query.config import QuerySettings
-from services.query.judgments import JudgmentFilter, add_judgments
-from services.query.pagination import PageTokens, resolve_page_size
+from services.query.judgments import (
+    JudgmentFilter,
+    add_judgment,
+    add_judgments,
+    revision_to_proto,
+)
+from services.query.pagination import (
+    INT,
+    TEXT,
+    TIMESTAMP,
+    UUID,
+    PageLimits,
+    PageTokens,
+    fill_page,
+    resolve_page_size,
+)
 from services.query.repository import QueryRepository
 
+# The keyset key of each paged method, as its page tokens carry it.
+PAGE_KEYS = {
+    "ListRuns": (TIMESTAMP, UUID),  # (create_time, id), newest first
+    "ListPredictions": (INT, INT),  # (step, sample_index)
+    "ListEpochs": (INT,),  # (epoch,)
+    "CompareSample": (INT,),  # (step,) within the sample
+    "ListJudgments": (INT, INT, TEXT, INT, TEXT),  # judgments.JUDGMENT_ORDER
+}
 
-def prediction_to_proto(row) -> common_pb2.Prediction:
-    return common_pb2.Prediction(
+
+def add_prediction(target, row) -> common_pb2.Prediction:
+    """Appends the Prediction of `row` to the repeated field `target` and returns it."""
+    return target.add(
         run_id=str(row.run_id), epoch=row.epoch, step=row.step, sample_index=row.sample_index,
         prompt=row.prompt, ground_truth=row.ground_truth, prediction=row.prediction,
         generation_time_ms=row.generation_time_ms, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, create_time=timestamp(row.create_time))
+
+
+def _add_run(target, row) -> common_pb2.Run:
+    target.append(run_to_proto(row))
+    return target[-1]
+
+
+def _add_epoch(target, row) -> query_pb2.EpochSummary:
+    return target.add(epoch=row.epoch, prediction_count=row.prediction_count,
+                      latest_step=row.latest_step,
+                      first_create_time=timestamp(row.first_create_time),
+                      last_create_time=timestamp(row.last_create_time))
+
+
+def _sample_adder(judged: dict[int, list]):
+    """A fill_page `add` for CompareSample: one SamplePrediction with its judgments."""
+    def add(target, row) -> query_pb2.SamplePrediction:
+        entry = target.add(epoch=row.epoch, step=row.step, prediction=row.prediction,
+                           generation_time_ms=row.generation_time_ms,
+                           completion_tokens=row.completion_tokens,
+                           create_time=timestamp(row.create_time))
+        add_judgments(entry.judgments, judged.get(row.step, ()))
+        return entry
+    return add
 
 
 def _judgment_filter(request: query_pb2.ListJudgmentsRequest) -> JudgmentFilter:
@@ -41,24 +86,23 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, repository: QueryRepository, settings: QuerySettings) -> None:
         self._repo = repository
         self._settings = settings
-        self._tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
+        secret = settings.page_token_secret.get_secret_value().encode()
+        self._tokens = {method: PageTokens(secret, method, key)
+                        for method, key in PAGE_KEYS.items()}
 
-    def _page_size(self, requested: int) -> int:
-        return resolve_page_size(requested, self._settings.page_size_default,
-                                 self._settings.page_size_max)
+    def _limits(self, requested: int) -> PageLimits:
+        return PageLimits(resolve_page_size(requested, self._settings.page_size_default,
+                                            self._settings.page_size_max),
+                          self._settings.max_response_bytes)
 
     async def ListRuns(self, request: query_pb2.ListRunsRequest,
                        context: grpc.aio.ServicerContext) -> query_pb2.ListRunsResponse:
-        size = self._page_size(request.page_size)
-        filters = {"method": "ListRuns"}
-        key = self._tokens.decode(request.page_token, filters)
-        after = None if key is None else (datetime.fromisoformat(key[0]), uuid.UUID(key[1]))
-        rows = await self._repo.list_runs(current_user(), after, size + 1)
-        response = query_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in rows[:size]])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = self._tokens.encode(
-                filters, [utc(last.create_time).isoformat(), str(last.id)])
+        limits, tokens = self._limits(request.page_size), self._tokens["ListRuns"]
+        after = tokens.decode(request.page_token, {})
+        rows = await self._repo.list_runs(current_user(), after, limits.rows + 1)
+        response = query_pb2.ListRunsResponse()
+        fill_page(response, "runs", rows, limits, _add_run,
+                  lambda last: tokens.encode({}, (last.create_time, last.id)))
         return response
 
     async def GetRun(self, request: query_pb2.GetRunRequest,
@@ -74,33 +118,27 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         sample = request.sample_index if request.HasField("sample_index") else None
         _check_non_negative("epoch", epoch)
         _check_non_negative("sample_index", sample)
-        size = self._page_size(request.page_size)
-        filters = {"method": "ListPredictions", "run_id": str(run_id), "epoch": epoch,
-                   "sample_index": sample}
-        key = self._tokens.decode(request.page_token, filters)
+        limits, tokens = self._limits(request.page_size), self._tokens["ListPredictions"]
+        filters = {"run_id": str(run_id), "epoch": epoch, "sample_index": sample}
+        after = tokens.decode(request.page_token, filters)
         rows = await self._repo.list_predictions(current_user(), run_id, epoch, sample,
-                                                 None if key is None else tuple(key), size + 1)
-        response = query_pb2.ListPredictionsResponse(
-            predictions=[prediction_to_proto(r) for r in rows[:size]])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = self._tokens.encode(filters, [last.step, last.sample_index])
+                                                 after, limits.rows + 1)
+        response = query_pb2.ListPredictionsResponse()
+        fill_page(response, "predictions", rows, limits, add_prediction,
+                  lambda last: tokens.encode(filters, (last.step, last.sample_index)))
         return response
 
     async def ListEpochs(self, request: query_pb2.ListEpochsRequest,
                          context: grpc.aio.ServicerContext) -> query_pb2.ListEpochsResponse:
         run_id = parse_run_id(request.run_id)
-        size = self._page_size(request.page_size)
-        filters = {"method": "ListEpochs", "run_id": str(run_id)}
-        key = self._tokens.decode(request.page_token, filters)
+        limits, tokens = self._limits(request.page_size), self._tokens["ListEpochs"]
+        filters = {"run_id": str(run_id)}
+        after = tokens.decode(request.page_token, filters)
         rows = await self._repo.list_epochs(current_user(), run_id,
-                                            None if key is None else key[0], size + 1)
-        response = query_pb2.ListEpochsResponse(epochs=[query_pb2.EpochSummary(
-            epoch=r.epoch, prediction_count=r.prediction_count, latest_step=r.latest_step,
-            first_create_time=timestamp(r.first_create_time),
-            last_create_time=timestamp(r.last_create_time)) for r in rows[:size]])
-        if len(rows) > size:
-            response.next_page_token = self._tokens.encode(filters, [rows[size - 1].epoch])
+                                            None if after is None else after[0], limits.rows + 1)
+        response = query_pb2.ListEpochsResponse()
+        fill_page(response, "epochs", rows, limits, _add_epoch,
+                  lambda last: tokens.encode(filters, (last.epoch,)))
         return response
 
     async def CompareSample(self, request: query_pb2.CompareSampleRequest,
@@ -108,18 +146,17 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                             ) -> query_pb2.CompareSampleResponse:
         run_id = parse_run_id(request.run_id)
         _check_non_negative("sample_index", request.sample_index)
-        rows, judged = await self._repo.sample_history(current_user(), run_id,
-                                                       request.sample_index)
-        first = rows[0]
+        limits, tokens = self._limits(request.page_size), self._tokens["CompareSample"]
+        filters = {"run_id": str(run_id), "sample_index": request.sample_index}
+        after = tokens.decode(request.page_token, filters)
+        page = await self._repo.sample_page(current_user(), run_id, request.sample_index,
+                                            None if after is None else after[0],
+                                            limits.rows + 1)
         response = query_pb2.CompareSampleResponse(
-            run_id=str(run_id), sample_index=request.sample_index, prompt=first.prompt,
-            ground_truth=first.ground_truth)
-        for r in rows:
-            entry = response.predictions.add(
-                epoch=r.epoch, step=r.step, prediction=r.prediction,
-                generation_time_ms=r.generation_time_ms, completion_tokens=r.completion_tokens,
-                create_time=timestamp(r.create_time))
-            add_judgments(entry.judgments, judged.get(r.step, ()))
+            run_id=str(run_id), sample_index=request.sample_index, prompt=page.first.prompt,
+            ground_truth=page.first.ground_truth)
+        fill_page(response, "predictions", page.rows, limits, _sample_adder(page.judged),
+                  lambda last: tokens.encode(filters, (last.step,)))
         return response
 
     async def ListJudgments(self, request: query_pb2.ListJudgmentsRequest,
@@ -127,20 +164,35 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                             ) -> query_pb2.ListJudgmentsResponse:
         run_id = parse_run_id(request.run_id)
         filters = _judgment_filter(request)
-        size = self._page_size(request.page_size)
-        fingerprint = {"method": "ListJudgments", "run_id": str(run_id), "epoch": filters.epoch,
+        limits, tokens = self._limits(request.page_size), self._tokens["ListJudgments"]
+        fingerprint = {"run_id": str(run_id), "epoch": filters.epoch,
                        "criterion": filters.criterion, "judge_type": filters.judge_type}
-        key = self._tokens.decode(request.page_token, fingerprint)
-        rows = await self._repo.list_judgments(current_user(), run_id, filters,
-                                               None if key is None else tuple(key), size + 1)
-        response = query_pb2.ListJudgmentsResponse()
-        add_judgments(response.judgments, rows[:size])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = self._tokens.encode(fingerprint, [
-                last.step, last.sample_index, last.criterion, last.judge_type, last.judge_model])
+        after = tokens.decode(request.page_token, fingerprint)
+        rows = await self._repo.list_judgments(current_user(), run_id, filters, after,
+                                               limits.rows + 1)
+        response, run_text = query_pb2.ListJudgmentsResponse(), str(run_id)
+        fill_page(response, "judgments", rows, limits,
+                  lambda target, row: add_judgment(target, row, run_text),
+                  lambda last: tokens.encode(fingerprint, (
+                      last.step, last.sample_index, last.criterion, last.judge_type,
+                      last.judge_model)))
         return response
 
     async def GetRunSummary(self, request: query_pb2.GetRunSummaryRequest,
                             context: grpc.aio.ServicerContext) -> query_pb2.RunSummary:
-        return await self._repo.run_summary(current_user(), parse_run_id(request.run_id))
+        return await self._repo.run_summary(current_user(), parse_run_id(request.run_id),
+                                            self._settings.summary_max_failures)
+
+    async def ListJudgmentRevisions(self, request: query_pb2.ListJudgmentRevisionsRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> query_pb2.ListJudgmentRevisionsResponse:
+        """Bounded without paging: the judge keeps at most max_human_revisions per author."""
+        run_id = parse_run_id(request.run_id)
+        _check_non_negative("step", request.step)
+        _check_non_negative("sample_index", request.sample_index)
+        if not request.criterion:
+            raise InvalidArgument([FieldViolation("criterion", "required")])
+        rows = await self._repo.judgment_revisions(current_user(), run_id, request.step,
+                                                   request.sample_index, request.criterion)
+        return query_pb2.ListJudgmentRevisionsResponse(
+            revisions=[revision_to_proto(r) for r in rows])

@@ -56,6 +56,10 @@ class WriterSettings(ServiceSettings):
     outbox_parked_delay_s: float = Field(
         3600.0, gt=0, description="Delay before outbox rows the judge refused as "
         "INVALID_ARGUMENT (a bad judge config in the run) are tried again, seconds.")
+    judge_check_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of the judge's check of a run's judge section in "
+        "CreateRun (ValidateJudgeConfig), seconds; a judge that does not answer makes "
+        "CreateRun UNAVAILABLE.")
 
 
 class MigrateSettings(DatabaseSettings):

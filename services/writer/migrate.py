@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.migrations import grant_tables, upgrade_schema
 from services.common.server import configure_logging
+from services.common.startup import StartupError, exit_with, load_settings
 from services.judge.migrate import migrate_judge
 from services.writer.config import MigrateSettings
 from services.writer.models import SCHEMA
@@ -34,7 +35,10 @@ async def migrate(settings: MigrateSettings) -> None:
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE"}
-READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT"}
+# The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
+# is waiting, and why.
+READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",
+                 "judge_outbox": "SELECT"}
 
 
 async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> None:
@@ -56,7 +60,11 @@ async def _ensure_dispatcher_policies(conn: AsyncConnection, role: str) -> None:
 
 
 def main() -> None:
-    settings = MigrateSettings()
+    """`epochlens-migrate`; a configuration error is one line on stderr and exit status 2."""
+    try:
+        (settings,) = load_settings(MigrateSettings)
+    except StartupError as exc:
+        exit_with(exc, "migrate")
     configure_logging("INFO")
     asyncio.run(migrate(settings))
 

@@ -146,6 +146,12 @@ class OutboxDispatcher:
         self._failures_in_row = 0
         self.counts: Counter[str] = Counter()
 
+    @property
+    def stub(self) -> judge_pb2_grpc.JudgeServiceStub:
+        """The stub of the dispatcher's judge channel (CreateRun's judge config check uses it
+        too)."""
+        return self._stub
+
     def start(self) -> None:
         """Starts outbox_concurrency loops on PostgreSQL (SKIP LOCKED keeps their claims
         apart, and one's call overlaps another's database work); one on SQLite."""

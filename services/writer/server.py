@@ -3,13 +3,14 @@
 
 from epochlens.v1 import writer_pb2, writer_pb2_grpc
 from services.common.config import AuthSettings
-from services.common.db import create_engine
+from services.common.schema_check import open_engine
 from services.common.server import (
     RunningServer,
     create_server,
     run_service,
 )
 from services.writer.config import WriterSettings
+from services.writer.judge_check import JudgeConfigCheck
 from services.writer.models import SCHEMA
 from services.writer.outbox import OutboxDispatcher
 from services.writer.repository import WriterRepository
@@ -20,24 +21,26 @@ SERVICE_NAME = writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"]
 
 async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     """Starts the writer on settings.host:settings.port (0 = a free port); with a
-    judge_address, also the judge outbox dispatcher (stopped after the server)."""
-    engine = create_engine(settings, (SCHEMA,), application_name="epochlens-writer")
+    judge_address, also the judge outbox dispatcher (stopped after the server) and the
+    judge's check of CreateRun's judge section over the dispatcher's channel."""
+    engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
     judging = settings.judge_address is not None
     repository = WriterRepository(engine, judging=judging)
-    servicer = WriterServicer(repository, settings)
     dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit)
                   if judging else None)
-    running = await create_server(
-        settings, auth,
-        lambda server: writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(
-            servicer, server),
-        [SERVICE_NAME])
+    check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
+    servicer = WriterServicer(repository, settings, check)
 
     async def on_stop() -> None:
         if dispatcher is not None:
             await dispatcher.stop()
         await engine.dispose()
 
+    running = await create_server(
+        settings, auth,
+        lambda server: writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(
+            servicer, server),
+        [SERVICE_NAME], on_failure=on_stop)
     if dispatcher is not None:
         dispatcher.start()
     running.on_stop = on_stop
@@ -45,7 +48,7 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
 
 
 def main() -> None:
-    run_service(WriterSettings(), start)
+    run_service(WriterSettings, start)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,35 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from sqlalchemy import exc as sa_exc
 
 from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, run_to_proto
-from services.common.errors import DomainError, FieldViolation, InvalidArgument, NotFound
+from services.common.errors import (
+    DomainError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    StorageRefused,
+)
+from services.common.interceptors import RejectedRequest
 from services.writer.config import WriterSettings
+from services.writer.judge_check import JudgeConfigCheck
 from services.writer.repository import Batch, WriterRepository
-from services.writer.validation import check_finish_state, validate_batch, validate_create_run
+from services.writer.validation import (
+    check_finish_state,
+    replace_nul_texts,
+    validate_batch,
+    validate_create_run,
+)
 
 log = logging.getLogger(__name__)
+
+# Database errors caused by a batch's content rather than by the database being away: a
+# group that hits one is committed batch by batch, and only the batch that still fails is
+# rejected (INTERNAL), so one bad batch cannot stop a stream.
+BATCH_DATA_ERRORS = (sa_exc.IntegrityError, sa_exc.DataError)
 
 _END = object()
 
@@ -34,14 +53,19 @@ class _Group:
 
 
 class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
-    def __init__(self, repository: WriterRepository, settings: WriterSettings) -> None:
+    def __init__(self, repository: WriterRepository, settings: WriterSettings,
+                 judge_check: JudgeConfigCheck | None = None) -> None:
+        """judge_check: the judge's check of a run's judge section (None: judging is off)."""
         self._repo = repository
         self._settings = settings
+        self._judge_check = judge_check
         self.counts: Counter[str] = Counter()
 
     async def CreateRun(self, request: writer_pb2.CreateRunRequest,
                         context: grpc.aio.ServicerContext) -> common_pb2.Run:
         config = validate_create_run(request, self._settings)
+        if self._judge_check is not None:
+            await self._judge_check.check(current_user(), config)
         row = await self._repo.create_run(current_user(), {
             "name": request.name, "model_name": request.model_name,
             "dataset_name": request.dataset_name, "config": config,
@@ -59,14 +83,29 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> writer_pb2.WritePredictionsResponse:
         run_id = validate_batch(request.run_id, request.predictions, self._settings)
-        result, missing = await self._repo.commit(current_user(),
-                                                  [Batch(run_id, request.predictions)])
+        replaced = self._replace_nul(current_user(), run_id, request.predictions, "")
+        try:
+            result, missing = await self._repo.commit(current_user(),
+                                                      [Batch(run_id, request.predictions)])
+        except BATCH_DATA_ERRORS as exc:
+            raise _refused_by_store(exc) from exc
         if missing:
             raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
         self.counts["inserted"] += result.inserted
         self.counts["duplicates"] += result.duplicates
-        return writer_pb2.WritePredictionsResponse(inserted_count=result.inserted,
-                                                   duplicate_count=result.duplicates)
+        return writer_pb2.WritePredictionsResponse(
+            inserted_count=result.inserted, duplicate_count=result.duplicates,
+            nul_replaced_fields=replaced)
+
+    def _replace_nul(self, user: str, run_id, items, prefix: str) -> list[str]:
+        """Replaces NUL in the batch's model texts; logs and counts what it changed."""
+        replaced = replace_nul_texts(items)
+        if replaced:
+            self.counts["nul_replaced_fields"] += len(replaced)
+            log.warning("run %s of %s: NUL replaced by U+FFFD in %d texts (%s; %d so far)",
+                        run_id, user, len(replaced), ", ".join(replaced[:5]),
+                        self.counts["nul_replaced_fields"])
+        return [f"{prefix}{path}" for path in replaced]
 
     async def StreamPredictions(self, request_iterator: AsyncIterator,
                                 context: grpc.aio.ServicerContext
@@ -113,7 +152,7 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             if isinstance(item, BaseException):
                 raise item
             group.requests.append(item)
-            group.rows += len(item.predictions)
+            group.rows += len(_message_of(item).predictions)
             if group.rows >= self._settings.stream_group_rows or queue.empty():
                 return group
             item = queue.get_nowait()
@@ -125,10 +164,14 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         batches: _Sequenced = []
         for request in requests:
             try:
-                batches.append((request.sequence, self._check(request, response.acked_sequence)))
+                batch = self._check(request, response.acked_sequence)
             except DomainError as exc:
-                self._reject(response, user, request.sequence, exc)
-            response.acked_sequence = max(response.acked_sequence, request.sequence)
+                self._reject(response, user, _sequence_of(request), exc)
+            else:
+                batches.append((request.sequence, batch))
+                response.nul_replaced_fields.extend(self._replace_nul(
+                    user, batch.run_id, request.predictions, f"{request.sequence}:"))
+            response.acked_sequence = max(response.acked_sequence, _sequence_of(request))
         return response, batches
 
     async def _commit(self, user: str, response: writer_pb2.StreamPredictionsResponse,
@@ -136,8 +179,19 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         """Commits the valid batches of one group together; unknown runs become rejections."""
         if not batches:
             return response
-        result, missing = await self._repo.commit(user, [b for _, b in batches])
-        response.inserted_count, response.duplicate_count = result.inserted, result.duplicates
+        try:
+            result, missing = await self._repo.commit(user, [b for _, b in batches])
+        except BATCH_DATA_ERRORS as exc:
+            if len(batches) == 1:
+                self._reject(response, user, batches[0][0], _refused_by_store(exc))
+                return response
+            log.warning("group of %d batches of %s refused by the database (%s); committing "
+                        "them one by one", len(batches), user, type(exc.orig).__name__)
+            for one in batches:
+                await self._commit(user, response, [one])
+            return response
+        response.inserted_count += result.inserted
+        response.duplicate_count += result.duplicates
         self.counts["inserted"] += result.inserted
         self.counts["duplicates"] += result.duplicates
         for sequence, batch in batches:
@@ -146,10 +200,12 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                     f"run {batch.run_id} not found", {"run_id": str(batch.run_id)}))
         return response
 
-    def _check(self, request: writer_pb2.StreamPredictionsRequest, acked: int) -> Batch:
-        if request.sequence <= acked:
-            raise InvalidArgument([FieldViolation(
-                "sequence", f"must be > {acked} (strictly increasing), got {request.sequence}")])
+    def _check(self, request: writer_pb2.StreamPredictionsRequest | RejectedRequest,
+               acked: int) -> Batch:
+        if isinstance(request, RejectedRequest):
+            _check_sequence(request.request.sequence, acked)
+            raise request.error
+        _check_sequence(request.sequence, acked)
         run_id = validate_batch(request.run_id, request.predictions, self._settings)
         return Batch(run_id, request.predictions)
 
@@ -159,6 +215,27 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         log.warning("stream batch %d of %s rejected (%s, total rejected %d): %s", sequence, user,
                     exc.reason, self.counts["rejected_batches"], exc.message)
         response.rejections.add(sequence=sequence, status=exc.to_status())
+
+
+def _refused_by_store(exc: sa_exc.DBAPIError) -> StorageRefused:
+    log.error("database refused a batch: %s", exc.orig, exc_info=exc)
+    return StorageRefused(f"the database refused this batch ({type(exc.orig).__name__}); "
+                          "the server log has the details")
+
+
+def _message_of(request: writer_pb2.StreamPredictionsRequest | RejectedRequest
+                ) -> writer_pb2.StreamPredictionsRequest:
+    return request.request if isinstance(request, RejectedRequest) else request
+
+
+def _sequence_of(request: writer_pb2.StreamPredictionsRequest | RejectedRequest) -> int:
+    return _message_of(request).sequence
+
+
+def _check_sequence(sequence: int, acked: int) -> None:
+    if sequence <= acked:
+        raise InvalidArgument([FieldViolation(
+            "sequence", f"must be > {acked} (strictly increasing), got {sequence}")])
 
 
 async def _pump(request_iterator: AsyncIterator, queue: asyncio.Queue) -> None:

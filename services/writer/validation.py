@@ -7,16 +7,33 @@ from collections.abc import Sequence
 from epochlens.v1 import common_pb2, writer_pb2
 from services.common.convert import parse_run_id, struct_to_dict
 from services.common.errors import Violations
+from services.common.validation import NUL, replace_nul
 from services.writer.config import WriterSettings
 
 # Texts that must not be empty. A prediction may be: a model that stops at once early in
 # training produced exactly that, and it is worth seeing.
 REQUIRED_TEXT = ("prompt",)
+# The model texts of a prediction, stored with NUL replaced (services.common.validation).
+MODEL_TEXT = ("prompt", "ground_truth", "prediction")
+
+
+def replace_nul_texts(items: Sequence[common_pb2.PredictionInput]) -> list[str]:
+    """Replaces NUL in the model texts of valid items, in place; the paths it changed."""
+    changed = []
+    for index, item in enumerate(items):
+        for name in MODEL_TEXT:
+            value = getattr(item, name)
+            if NUL in value:
+                setattr(item, name, replace_nul(value))
+                changed.append(f"predictions[{index}].{name}")
+    return changed
 
 
 def validate_batch(run_id: str, items: Sequence[common_pb2.PredictionInput],
                    settings: WriterSettings) -> uuid.UUID:
-    """The batch's run id, or InvalidArgument naming every offending item and field."""
+    """The batch's run id, or InvalidArgument naming every offending item and field.
+    Non-finite numbers, NUL in identifiers and out-of-range integers never get here
+    (the edge check in services.common.interceptors refused them)."""
     violations = Violations()
     parsed = parse_run_id(run_id, violations=violations)
     if not items:

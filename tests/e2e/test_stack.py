@@ -41,9 +41,8 @@ def stack_env(tmp_path_factory):
     env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
            "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
            "EPOCHLENS_WRITER_PORT": str(writer), "EPOCHLENS_QUERY_PORT": str(query),
-           "EPOCHLENS_WRITER_SQLITE_DIR": data, "EPOCHLENS_QUERY_SQLITE_DIR": data,
-           "EPOCHLENS_MIGRATE_SQLITE_DIR": data, "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
-           "EPOCHLENS_JUDGE_PORT": str(judge), "EPOCHLENS_JUDGE_SQLITE_DIR": data,
+           "EPOCHLENS_SQLITE_DIR": data, "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
+           "EPOCHLENS_JUDGE_PORT": str(judge),
            "EPOCHLENS_WRITER_JUDGE_ADDRESS": f"127.0.0.1:{judge}",
            "EPOCHLENS_CLI_WRITER_ADDRESS": f"127.0.0.1:{writer}",
            "EPOCHLENS_CLI_QUERY_ADDRESS": f"127.0.0.1:{query}", "EPOCHLENS_CLI_USER": "e2e"}

@@ -1,10 +1,12 @@
 """Failure paths: a database that cannot be reached is UNAVAILABLE, never INTERNAL."""
 
 import socket
+import sqlite3
 
 import grpc
 import pytest
 from google.rpc import code_pb2
+from sqlalchemy import exc as sa_exc
 
 from epochlens.v1 import query_pb2, query_pb2_grpc, writer_pb2_grpc
 from services.common.interceptors import _status_for
@@ -65,3 +67,16 @@ def test_unexpected_error_is_internal_with_a_generic_message(caplog):
     assert status.code == code_pb2.INTERNAL
     assert status.message == "internal error"
     assert "secret detail" in caplog.text
+
+
+def test_a_missing_table_is_failed_precondition_not_a_transient_outage():
+    """SQLite says "no such table" through an OperationalError, the class of a dead
+    connection: a client told UNAVAILABLE would retry forever."""
+    missing = sa_exc.OperationalError("SELECT 1", {},
+                                      sqlite3.OperationalError("no such table: writer.runs"))
+    status = _status_for(missing, "/epochlens.v1.X/Y")
+    assert status.code == code_pb2.FAILED_PRECONDITION
+    assert status.message == "the database is not migrated: run epochlens-migrate"
+    locked = sa_exc.OperationalError("SELECT 1", {},
+                                     sqlite3.OperationalError("database is locked"))
+    assert _status_for(locked, "/epochlens.v1.X/Y").code == code_pb2.UNAVAILABLE

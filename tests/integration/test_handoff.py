@@ -292,13 +292,16 @@ async def assert_judged_once(db, run_id: str, predictions: int, expected: int) -
 
 async def test_bad_judge_config_parks_the_rows(handoff_db, db, auth_settings):
     """The judge refuses the run's judge config (INVALID_ARGUMENT): the rows are parked for
-    outbox_parked_delay_s with the judge's message, not dropped and not retried at once."""
+    outbox_parked_delay_s with the judge's message, not dropped and not retried at once.
+    (CreateRun through a writer that judges refuses such a config; this run was created by
+    one that does not, as a run created before the judge's settings changed would be.)"""
     judge_port = free_port()
     judge = await judge_up(handoff_db, judge_port, auth_settings)
     writer = await start_writer(writer_settings(handoff_db, judge_port,
                                                 outbox_parked_delay_s=3600.0), auth_settings)
+    plain = await start_writer(writer_settings(handoff_db, None), auth_settings)
     try:
-        run_id = await new_run(writer, auth_settings,
+        run_id = await new_run(plain, auth_settings,
                                {"judge": {"rules": {"criteria": ["no_such_rule"]}}})
         started = time.time()
         await write(writer, auth_settings, run_id, [item(1, i) for i in range(12)])
@@ -311,6 +314,7 @@ async def test_bad_judge_config_parks_the_rows(handoff_db, db, auth_settings):
         rows = await outbox_rows(db, run_id)
     finally:
         await writer.stop(0.5)
+        await plain.stop(0.5)
         await judge.stop(0.5)
     assert len(rows) == 12
     assert {r["attempts"] for r in rows} == {1}

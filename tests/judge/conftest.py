@@ -3,14 +3,15 @@ judge server runs workers that would claim these tests' tasks), on PostgreSQL as
 role and on embedded SQLite, emptied before each test."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.common.config import DatabaseSettings
@@ -20,9 +21,10 @@ from services.judge.models import SCHEMA
 from services.judge.schema import Item
 from services.writer.config import MigrateSettings
 from services.writer.migrate import migrate
+from services.writer.models import predictions_table, runs_table
 from tests.conftest import JUDGE_ROLE, PG_ADMIN, PG_HOST, PG_PORT, pg_url
 
-TABLES = ("judgments", "tasks", "llm_cache", "run_llm_state")
+TABLES = ("judgments", "tasks", "llm_cache", "run_llm_state", "judgment_revisions")
 
 
 @dataclass
@@ -42,8 +44,9 @@ class JudgeDb:
                                 "shutdown_grace_s": 0.5, **where, **overrides})
 
     def engine(self) -> AsyncEngine:
-        """An engine as the judge service has it (the judge role on PostgreSQL)."""
-        return create_engine(self.settings(), (SCHEMA,))
+        """An engine as the judge service has it (the judge role on PostgreSQL; schema
+        writer attached on SQLite, as services.judge.server does)."""
+        return create_engine(self.settings(), (SCHEMA, "writer"))
 
     async def rows(self, sql: str, **params: Any) -> list[Any]:
         async with self.admin.connect() as conn:
@@ -52,6 +55,26 @@ class JudgeDb:
     async def scalar(self, sql: str, **params: Any) -> Any:
         async with self.admin.connect() as conn:
             return await conn.scalar(text(sql), params)
+
+    async def create_run(self, user: str, run_id: uuid.UUID | None = None,
+                         predictions: Sequence[Item] = ()) -> uuid.UUID:
+        """A run of `user` in the writer's store (the judge only judges its callers' own
+        runs), with `predictions` stored as the writer stores them."""
+        run_id = run_id or uuid.uuid4()
+        now = datetime.now(UTC)
+        async with self.admin.begin() as conn:
+            await conn.execute(insert(runs_table).values(
+                id=run_id, user_id=user, name=f"run {run_id}", model_name="m",
+                dataset_name="d", config={}, state=1, request_id=None, create_time=now,
+                finish_time=None))
+            if predictions:
+                await conn.execute(insert(predictions_table), [
+                    {"run_id": run_id, "step": p.step, "sample_index": p.sample_index,
+                     "user_id": user, "epoch": p.epoch, "prompt": p.prompt,
+                     "ground_truth": p.ground_truth, "prediction": p.prediction,
+                     "generation_time_ms": 1.0, "prompt_tokens": None,
+                     "completion_tokens": None, "create_time": now} for p in predictions])
+        return run_id
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +104,12 @@ async def judge_db(request, judge_pg_database, judge_sqlite_dir) -> AsyncIterato
     if request.param == "postgres":
         settings = DatabaseSettings(database_url=pg_url(PG_ADMIN, judge_pg_database),
                                     _env_file=None)
-        db = JudgeDb("postgres", judge_pg_database, None, create_engine(settings, (SCHEMA,)))
+        db = JudgeDb("postgres", judge_pg_database, None,
+                     create_engine(settings, (SCHEMA, "writer")))
     else:
         settings = DatabaseSettings(sqlite_dir=judge_sqlite_dir, _env_file=None)
-        db = JudgeDb("sqlite", None, judge_sqlite_dir, create_engine(settings, (SCHEMA,)))
+        db = JudgeDb("sqlite", None, judge_sqlite_dir,
+                     create_engine(settings, (SCHEMA, "writer")))
     async with db.admin.begin() as conn:
         for table in TABLES:
             await conn.execute(text(f"DELETE FROM {SCHEMA}.{table}"))

@@ -89,6 +89,7 @@ class Recorded:
     in_flight: int
     status: int = 0
     finished: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
     @property
     def text(self) -> str:
@@ -155,10 +156,18 @@ class FakeLlmServer:
             self._script.clear()
             self.requests.clear()
 
-    def _begin(self, path: str, body: dict[str, Any]) -> tuple[Recorded, Reply | None]:
+    def billed_usd(self, input_per_mtok: float, output_per_mtok: float) -> float:
+        """What the answered (200) requests would have been billed at these prices."""
+        with self._lock:
+            answered = sum(1 for r in self.requests if r.status == 200)
+        return answered * (self.input_tokens * input_per_mtok
+                           + self.output_tokens * output_per_mtok) / 1_000_000
+
+    def _begin(self, path: str, body: dict[str, Any],
+               headers: dict[str, str]) -> tuple[Recorded, Reply | None]:
         with self._lock:
             self._in_flight += 1
-            record = Recorded(path, body, time.monotonic(), self._in_flight)
+            record = Recorded(path, body, time.monotonic(), self._in_flight, headers=headers)
             self.requests.append(record)
             return record, (self._script.popleft() if self._script else None)
 
@@ -185,7 +194,8 @@ def _handler_for(server: FakeLlmServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
-            record, reply = server._begin(self.path, body)
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            record, reply = server._begin(self.path, body, headers)
             reply = reply or server.default_reply(record)
             time.sleep(server.latency_s if reply.latency_s is None else reply.latency_s)
             if reply.drop:
@@ -193,6 +203,7 @@ def _handler_for(server: FakeLlmServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             status, payload = _payload(server, self.path, body, reply)
+            record.status = status  # before the reply: the client may count it at once
             _respond(self, status, payload, reply.headers)
             server._end(record, status)
 

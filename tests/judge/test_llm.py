@@ -94,7 +94,8 @@ def fake() -> Iterator[FakeLlmServer]:
 
 def make_settings(fake: FakeLlmServer, **overrides) -> LlmSettings:
     values = {"openai_api_key": "test-openai-key", "anthropic_api_key": "test-anthropic-key",
-              "openai_compatible_api_key": None, "openai_base_url": fake.openai_url,
+              "llm_endpoints": {"local": {"base_url": fake.openai_url}},
+              "openai_base_url": fake.openai_url,
               "anthropic_base_url": fake.anthropic_url, "llm_prices": {MODEL: PRICE},
               "llm_backoff_base_s": 0.01, "llm_backoff_max_s": 0.05,
               "llm_request_timeout_s": 5.0, "llm_default_budget_usd": 100.0}
@@ -117,8 +118,9 @@ async def judge_for(pg_db, fake) -> AsyncIterator:
 
 
 def config(provider: str = "openai", fake: FakeLlmServer | None = None, **fields) -> LlmJudgeConfig:
-    base_url = fake.openai_url if provider == "openai_compatible" and fake else None
-    return LlmJudgeConfig(provider=provider, model=MODEL, base_url=base_url, **fields)
+    """fake: the server behind endpoint "local" of make_settings (openai_compatible)."""
+    endpoint = "local" if provider == "openai_compatible" and fake else None
+    return LlmJudgeConfig(provider=provider, model=MODEL, endpoint=endpoint, **fields)
 
 
 def make_items(count: int, run_id: uuid.UUID | None = None, step: int = 10,
@@ -377,29 +379,32 @@ async def test_aimd_limiter_halves_once_per_generation_and_grows_back():
 # --- budget, cache, sampling ------------------------------------------------------------------
 
 async def test_budget_stops_spending_at_the_limit(any_db, fake, judge_for):
+    """Each call reserves its most cost first (about $0.0065 here, for $0.002 billed): with
+    $0.009 two calls fit, the third's reservation does not and the budget is exhausted."""
     run_id = uuid.uuid4()
-    cfg = config(concurrency=1, budget_usd=0.009)  # 4 calls: $0.008 < budget; 5th: $0.010
+    cfg = config(concurrency=1, budget_usd=0.009)
     verdicts = await judge_for(any_db).judge(USER, make_items(3, run_id), cfg)
 
-    assert len(fake.requests) == 5
-    assert [v.status for v in verdicts] == [SCORED] * 5 + [UNSCORED] * 10
-    assert all(v.unscored_reason.startswith("budget exhausted") for v in verdicts[5:])
-    assert sum(v.cost_usd for v in verdicts) == pytest.approx(0.010)
+    assert len(fake.requests) == 2
+    assert [v.status for v in verdicts] == [SCORED] * 2 + [UNSCORED] * 13
+    assert all(v.unscored_reason.startswith("budget exhausted") for v in verdicts[2:])
+    assert sum(v.cost_usd for v in verdicts) == pytest.approx(2 * CALL_COST)
     row = await state_row(any_db, run_id)
-    assert (row.budget_usd, row.budget_exhausted, row.input_tokens) == (0.009, True, 2500)
-    assert row.spent_usd == pytest.approx(0.010)
+    assert (row.budget_usd, row.budget_exhausted, row.input_tokens) == (0.009, True, 1000)
+    assert (row.spent_usd, row.reserved_usd) == (pytest.approx(2 * CALL_COST), 0.0)
     again = await judge_for(any_db).judge(USER, make_items(1, run_id, step=20), cfg)
-    assert len(fake.requests) == 5 and {v.status for v in again} == {UNSCORED}
+    assert len(fake.requests) == 2 and {v.status for v in again} == {UNSCORED}
 
 
-async def test_budget_overshoot_is_bounded_by_concurrency(fake, judge_for, pg_db):
+async def test_budget_holds_at_concurrency_4(fake, judge_for, pg_db):
     fake.latency_s = 0.02
     run_id = uuid.uuid4()
     cfg = config(concurrency=4, budget_usd=0.009)
     await judge_for().judge(USER, make_items(6, run_id), cfg)
-    assert 5 <= len(fake.requests) <= 5 + 3
+    assert len(fake.requests) == 2
     row = await state_row(pg_db, run_id)
     assert row.budget_exhausted and row.spent_usd == pytest.approx(len(fake.requests) * CALL_COST)
+    assert row.spent_usd <= 0.009 and row.reserved_usd == 0.0
 
 
 async def test_zero_budget_makes_no_call(fake, judge_for):
@@ -477,7 +482,8 @@ def test_llm_enabled(fake):
     settings = make_settings(fake, anthropic_api_key=None)
     assert settings.llm_enabled("openai") and not settings.llm_enabled("anthropic")
     assert not settings.llm_enabled("openai_compatible")
-    assert settings.llm_enabled("openai_compatible", "http://localhost:8000/v1")
+    assert settings.llm_enabled("openai_compatible", "local")
+    assert not settings.llm_enabled("openai_compatible", "http://localhost:8000/v1")
 
 
 def test_prices_and_keys_come_from_prefixed_env(monkeypatch):
@@ -516,8 +522,7 @@ def test_estimate(fake):
     assert cost.estimate(settings, config(sample_rate=0.001), 10, 0)["judged_predictions"] == 1
     with pytest.raises(InvalidArgument):
         cost.estimate(settings, LlmJudgeConfig(provider="openai", model="unpriced"), 10, 0)
-    compatible = LlmJudgeConfig(provider="openai_compatible", model="local",
-                                base_url="http://localhost:8000/v1")
+    compatible = LlmJudgeConfig(provider="openai_compatible", model="local", endpoint="local")
     assert cost.estimate(settings, compatible, 10, 0)["cost_usd"] == 0.0
 
 

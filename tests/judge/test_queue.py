@@ -279,10 +279,12 @@ async def test_leases_are_renewed_while_a_slow_batch_is_judged(judge_db):
     fake = FakeLlmServer(latency_s=0.8).start()
     engine = judge_db.engine()
     run_id = uuid.uuid4()
-    config = {"llm": {"provider": "openai_compatible", "base_url": fake.openai_url,
+    config = {"llm": {"provider": "openai_compatible", "endpoint": "fake",
                       "model": "slow", "criteria": ["helpfulness", "accuracy", "clarity"],
                       "concurrency": 1}}
-    slow, other = (workers_for(judge_db, engine, lease_s=1.0) for _ in range(2))
+    endpoints = {"fake": {"base_url": fake.openai_url}}
+    slow, other = (workers_for(judge_db, engine, lease_s=1.0, llm_endpoints=endpoints)
+                   for _ in range(2))
     try:
         await JudgeStore(engine).enqueue(USER, run_id, make_items(1, run_id), config)
         judging = asyncio.create_task(slow.run_once())

@@ -41,9 +41,10 @@ class Judge:
 
 
 @pytest.fixture
-async def judge(judge_db, auth_settings) -> AsyncIterator[Judge]:
+async def judge(judge_db, auth_settings, fake_llm) -> AsyncIterator[Judge]:
     settings = judge_db.settings(worker_count=2, idle_poll_s=0.05, max_items=MAX_ITEMS,
-                                 retry_backoff_base_s=0.2)
+                                 retry_backoff_base_s=0.2, llm_transient_retry_base_s=0.2,
+                                 llm_endpoints={"local": {"base_url": fake_llm.openai_url}})
     running = await start(settings, auth_settings)
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
@@ -102,7 +103,7 @@ async def test_enqueue_without_token_is_unauthenticated(judge):
 
 
 async def test_enqueue_is_durable_idempotent_and_judged_once(judge):
-    run_id, count = uuid.uuid4(), 6
+    run_id, count = await judge.db.create_run(ALICE), 6
     md = judge.md(ALICE)
     first = await judge.stub.EnqueueJudging(enqueue_request(run_id, count), metadata=md)
     again = await judge.stub.EnqueueJudging(enqueue_request(run_id, count), metadata=md)
@@ -133,7 +134,7 @@ async def test_enqueue_is_durable_idempotent_and_judged_once(judge):
      "config.llm.budget_usd"),
     ({"llm": {"provider": "openai", "model": "gpt-4o-mini", "sample_rate": 0}},
      "config.llm.sample_rate"),
-    ({"llm": {"provider": "openai_compatible", "model": "m"}}, "config.llm.base_url"),
+    ({"llm": {"provider": "openai_compatible", "model": "m"}}, "config.llm.endpoint"),
     ({"llm": {"provider": "openai", "model": "m", "criteria": ["wit"]}},
      "config.llm.criteria[0]"),
     ({"llm": {"provider": "nope", "model": "m"}}, "config.llm.provider"),
@@ -244,7 +245,7 @@ async def test_estimate_cost(judge):
 
 
 async def test_human_judgment_is_scoped_to_its_user(judge):
-    run_id = uuid.uuid4()
+    run_id = await judge.db.create_run(ALICE)
     await judge.stub.EnqueueJudging(enqueue_request(run_id, 2), metadata=judge.md(ALICE))
     ref = judge_pb2.PredictionRef(run_id=str(run_id), step=10, sample_index=1)
     request = judge_pb2.RecordHumanJudgmentRequest(prediction=ref, criterion="tone", score=4,
@@ -254,21 +255,22 @@ async def test_human_judgment_is_scoped_to_its_user(judge):
         judge_pb2.JUDGE_TYPE_HUMAN, ALICE, "tone")
     assert (stored.score, stored.threshold, stored.passed, stored.epoch) == (4, 3, True, 1)
     assert stored.status == judge_pb2.JUDGMENT_STATUS_SCORED and stored.create_time.seconds > 0
+    assert stored.revision == 1
     again = await judge.stub.RecordHumanJudgment(request, metadata=judge.md(ALICE))
     assert again == stored
     rows = await judge.db.rows("SELECT user_id, judge_model, score FROM judge.judgments WHERE "
                                "run_id = :r AND judge_type = :t", r=judge.run(run_id),
                                t=judge_pb2.JUDGE_TYPE_HUMAN)
     assert [tuple(r) for r in rows] == [(ALICE, ALICE, 4.0)]
+    # A changed judgment is a new revision (tests/judge/test_visibility.py has the history).
     changed = judge_pb2.RecordHumanJudgmentRequest(prediction=ref, criterion="tone", score=1,
                                                    threshold=3)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await judge.stub.RecordHumanJudgment(changed, metadata=judge.md(ALICE))
-    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    revised = await judge.stub.RecordHumanJudgment(changed, metadata=judge.md(ALICE))
+    assert (revised.revision, revised.score, revised.passed) == (2, 1.0, False)
 
 
 async def test_human_judgment_of_another_users_prediction_is_not_found(judge):
-    run_id = uuid.uuid4()
+    run_id = await judge.db.create_run(ALICE)
     await judge.stub.EnqueueJudging(enqueue_request(run_id, 2), metadata=judge.md(ALICE))
     request = judge_pb2.RecordHumanJudgmentRequest(criterion="tone", score=4, threshold=3)
     for user, sample_index in ((BOB, 1), (ALICE, 7)):
@@ -295,8 +297,8 @@ async def test_llm_judge_in_the_queue_retries_a_failed_task(judge, fake_llm):
     """on_error=fail: the first call fails (500, no retries), the task goes back to the queue
     with its rule verdicts stored; the next attempt stores the five LLM verdicts."""
     fake_llm.script(server_error())
-    run_id = uuid.uuid4()
-    config = {"llm": {"provider": "openai_compatible", "base_url": fake_llm.openai_url,
+    run_id = await judge.db.create_run(ALICE)
+    config = {"llm": {"provider": "openai_compatible", "endpoint": "local",
                       "model": "local-judge", "on_error": "fail", "max_retries": 0,
                       "concurrency": 1}}
     await judge.stub.EnqueueJudging(enqueue_request(run_id, 1, config), metadata=judge.md(ALICE))

@@ -41,8 +41,7 @@ class WriterProcess:
         self.process: subprocess.Popen | None = None
         self.env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
                     "EPOCHLENS_WRITER_PORT": str(self.port),
-                    "EPOCHLENS_WRITER_SQLITE_DIR": str(data_dir),
-                    "EPOCHLENS_MIGRATE_SQLITE_DIR": str(data_dir),
+                    "EPOCHLENS_SQLITE_DIR": str(data_dir),
                     "EPOCHLENS_WRITER_SHUTDOWN_GRACE_S": "0.5"}
         subprocess.run([sys.executable, "-m", "services.writer.migrate"], cwd=ROOT, env=self.env,
                        check=True, capture_output=True)

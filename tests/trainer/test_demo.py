@@ -35,9 +35,8 @@ def demo_stack(tmp_path_factory):
            "EPOCHLENS_JUDGE_PORT": str(free_port()), "EPOCHLENS_JUDGE_SHUTDOWN_GRACE_S": "0.5",
            "EPOCHLENS_WRITER_SHUTDOWN_GRACE_S": "0.5", "EPOCHLENS_QUERY_SHUTDOWN_GRACE_S": "0.5",
            "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
-           "EPOCHLENS_TRAINER_SPOOL_DIR": str(root / "spool")}
-    for service in ("WRITER", "QUERY", "MIGRATE", "JUDGE"):
-        env[f"EPOCHLENS_{service}_SQLITE_DIR"] = str(root / "db")
+           "EPOCHLENS_TRAINER_SPOOL_DIR": str(root / "spool"),
+           "EPOCHLENS_SQLITE_DIR": str(root / "db")}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         for name, value in env.items():

@@ -8,6 +8,7 @@ import yaml
 from services.cli.config import CliSettings
 from services.cli.stack import StackSettings
 from services.common.config import AuthSettings
+from services.common.startup import env_name
 from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
 from services.writer.config import MigrateSettings, WriterSettings
@@ -20,11 +21,9 @@ SETTINGS = (AuthSettings, WriterSettings, QuerySettings, MigrateSettings, CliSet
 
 
 def known_names() -> set[str]:
-    names = set()
-    for cls in SETTINGS:
-        prefix = cls.model_config["env_prefix"]
-        names |= {f"{prefix}{name}".upper() for name in cls.model_fields}
-    return names
+    """Each field's environment variable: the class's prefix + its name, or its alias (the
+    one EPOCHLENS_SQLITE_DIR every database settings class shares)."""
+    return {env_name(cls, name) for cls in SETTINGS for name in cls.model_fields}
 
 
 def documented_names() -> set[str]:

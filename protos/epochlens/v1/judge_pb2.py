@@ -26,43 +26,51 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pochlens/v1/judge.proto\x12\x0c\x65pochlens.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\rPredictionRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0csample_index\x18\x03 \x01(\x03\"\xc7\x03\n\x08Judgment\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x11\n\tcriterion\x18\x03 \x01(\t\x12+\n\njudge_type\x18\x04 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x13\n\x0bjudge_model\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06passed\x18\x07 \x01(\x08\x12\x11\n\tthreshold\x18\x08 \x01(\x01\x12\x11\n\treasoning\x18\t \x01(\t\x12\x12\n\nconfidence\x18\n \x01(\x01\x12,\n\x06status\x18\x0b \x01(\x0e\x32\x1c.epochlens.v1.JudgmentStatus\x12\x17\n\x0funscored_reason\x18\x0c \x01(\t\x12\x14\n\x0cinput_tokens\x18\r \x01(\x05\x12\x15\n\routput_tokens\x18\x0e \x01(\x05\x12\x10\n\x08\x63ost_usd\x18\x0f \x01(\x01\x12\x16\n\x0eprompt_version\x18\x10 \x01(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x01\n\tJudgeItem\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x0cground_truth\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0fprediction_text\x18\x05 \x01(\tB\x0f\n\r_ground_truth\"j\n\x17JudgePredictionsRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.epochlens.v1.JudgeItem\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"E\n\x18JudgePredictionsResponse\x12)\n\tjudgments\x18\x01 \x03(\x0b\x32\x16.epochlens.v1.Judgment\"x\n\x15\x45nqueueJudgingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.epochlens.v1.JudgeItem\"I\n\x16\x45nqueueJudgingResponse\x12\x16\n\x0e\x65nqueued_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\"<\n\x13ListCriteriaRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb8\x01\n\tCriterion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\njudge_type\x18\x02 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x01\x12\x11\n\tmin_score\x18\x05 \x01(\x01\x12\x11\n\tmax_score\x18\x06 \x01(\x01\x12\x1a\n\x12needs_ground_truth\x18\x07 \x01(\x08\"Z\n\x14ListCriteriaResponse\x12)\n\x08\x63riteria\x18\x01 \x03(\x0b\x32\x17.epochlens.v1.Criterion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x13\x45stimateCostRequest\x12\x18\n\x10prediction_count\x18\x01 \x01(\x03\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x13\x61verage_item_tokens\x18\x03 \x01(\x03\"\xc8\x01\n\x14\x45stimateCostResponse\x12\x1a\n\x12judged_predictions\x18\x01 \x01(\x03\x12\x11\n\tllm_calls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\x13\n\x0bjudge_model\x18\x06 \x01(\t\x12\x16\n\x0e\x65xceeds_budget\x18\x07 \x01(\x08\x12\x15\n\rabove_warning\x18\x08 \x01(\x08\"\x95\x01\n\x1aRecordHumanJudgmentRequest\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\x11\n\tcriterion\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x11\n\treasoning\x18\x05 \x01(\t*f\n\tJudgeType\x12\x1a\n\x16JUDGE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fJUDGE_TYPE_RULE\x10\x01\x12\x12\n\x0eJUDGE_TYPE_LLM\x10\x02\x12\x14\n\x10JUDGE_TYPE_HUMAN\x10\x03*k\n\x0eJudgmentStatus\x12\x1f\n\x1bJUDGMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16JUDGMENT_STATUS_SCORED\x10\x01\x12\x1c\n\x18JUDGMENT_STATUS_UNSCORED\x10\x02\x32\xd5\x03\n\x0cJudgeService\x12\x61\n\x10JudgePredictions\x12%.epochlens.v1.JudgePredictionsRequest\x1a&.epochlens.v1.JudgePredictionsResponse\x12[\n\x0e\x45nqueueJudging\x12#.epochlens.v1.EnqueueJudgingRequest\x1a$.epochlens.v1.EnqueueJudgingResponse\x12U\n\x0cListCriteria\x12!.epochlens.v1.ListCriteriaRequest\x1a\".epochlens.v1.ListCriteriaResponse\x12U\n\x0c\x45stimateCost\x12!.epochlens.v1.EstimateCostRequest\x1a\".epochlens.v1.EstimateCostResponse\x12W\n\x13RecordHumanJudgment\x12(.epochlens.v1.RecordHumanJudgmentRequest\x1a\x16.epochlens.v1.Judgmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pochlens/v1/judge.proto\x12\x0c\x65pochlens.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\rPredictionRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0csample_index\x18\x03 \x01(\x03\"\xd9\x03\n\x08Judgment\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x11\n\tcriterion\x18\x03 \x01(\t\x12+\n\njudge_type\x18\x04 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x13\n\x0bjudge_model\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06passed\x18\x07 \x01(\x08\x12\x11\n\tthreshold\x18\x08 \x01(\x01\x12\x11\n\treasoning\x18\t \x01(\t\x12\x12\n\nconfidence\x18\n \x01(\x01\x12,\n\x06status\x18\x0b \x01(\x0e\x32\x1c.epochlens.v1.JudgmentStatus\x12\x17\n\x0funscored_reason\x18\x0c \x01(\t\x12\x14\n\x0cinput_tokens\x18\r \x01(\x05\x12\x15\n\routput_tokens\x18\x0e \x01(\x05\x12\x10\n\x08\x63ost_usd\x18\x0f \x01(\x01\x12\x16\n\x0eprompt_version\x18\x10 \x01(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x12 \x01(\x05\"\xa0\x01\n\tJudgeItem\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x0cground_truth\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0fprediction_text\x18\x05 \x01(\tB\x0f\n\r_ground_truth\"j\n\x17JudgePredictionsRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.epochlens.v1.JudgeItem\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"E\n\x18JudgePredictionsResponse\x12)\n\tjudgments\x18\x01 \x03(\x0b\x32\x16.epochlens.v1.Judgment\"x\n\x15\x45nqueueJudgingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.epochlens.v1.JudgeItem\"I\n\x16\x45nqueueJudgingResponse\x12\x16\n\x0e\x65nqueued_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\"<\n\x13ListCriteriaRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb8\x01\n\tCriterion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\njudge_type\x18\x02 \x01(\x0e\x32\x17.epochlens.v1.JudgeType\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x01\x12\x11\n\tmin_score\x18\x05 \x01(\x01\x12\x11\n\tmax_score\x18\x06 \x01(\x01\x12\x1a\n\x12needs_ground_truth\x18\x07 \x01(\x08\"Z\n\x14ListCriteriaResponse\x12)\n\x08\x63riteria\x18\x01 \x03(\x0b\x32\x17.epochlens.v1.Criterion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x13\x45stimateCostRequest\x12\x18\n\x10prediction_count\x18\x01 \x01(\x03\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x13\x61verage_item_tokens\x18\x03 \x01(\x03\"\xc8\x01\n\x14\x45stimateCostResponse\x12\x1a\n\x12judged_predictions\x18\x01 \x01(\x03\x12\x11\n\tllm_calls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\x13\n\x0bjudge_model\x18\x06 \x01(\t\x12\x16\n\x0e\x65xceeds_budget\x18\x07 \x01(\x08\x12\x15\n\rabove_warning\x18\x08 \x01(\x08\"\x95\x01\n\x1aRecordHumanJudgmentRequest\x12/\n\nprediction\x18\x01 \x01(\x0b\x32\x1b.epochlens.v1.PredictionRef\x12\x11\n\tcriterion\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x11\n\treasoning\x18\x05 \x01(\t\"E\n\x1aValidateJudgeConfigRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"D\n\x1bValidateJudgeConfigResponse\x12\x13\n\x0bllm_judging\x18\x01 \x01(\x08\x12\x10\n\x08warnings\x18\x02 \x03(\t\"X\n\x14ResumeJudgingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10rejudge_unscored\x18\x02 \x01(\x08\x12\x16\n\x0erejudge_failed\x18\x03 \x01(\x08\"n\n\x15ResumeJudgingResponse\x12\x1d\n\x15\x63leared_paused_reason\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65leted_unscored\x18\x02 \x01(\x03\x12\x1c\n\x14requeued_predictions\x18\x03 \x01(\x03*f\n\tJudgeType\x12\x1a\n\x16JUDGE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fJUDGE_TYPE_RULE\x10\x01\x12\x12\n\x0eJUDGE_TYPE_LLM\x10\x02\x12\x14\n\x10JUDGE_TYPE_HUMAN\x10\x03*k\n\x0eJudgmentStatus\x12\x1f\n\x1bJUDGMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16JUDGMENT_STATUS_SCORED\x10\x01\x12\x1c\n\x18JUDGMENT_STATUS_UNSCORED\x10\x02\x32\x9b\x05\n\x0cJudgeService\x12\x61\n\x10JudgePredictions\x12%.epochlens.v1.JudgePredictionsRequest\x1a&.epochlens.v1.JudgePredictionsResponse\x12[\n\x0e\x45nqueueJudging\x12#.epochlens.v1.EnqueueJudgingRequest\x1a$.epochlens.v1.EnqueueJudgingResponse\x12U\n\x0cListCriteria\x12!.epochlens.v1.ListCriteriaRequest\x1a\".epochlens.v1.ListCriteriaResponse\x12U\n\x0c\x45stimateCost\x12!.epochlens.v1.EstimateCostRequest\x1a\".epochlens.v1.EstimateCostResponse\x12W\n\x13RecordHumanJudgment\x12(.epochlens.v1.RecordHumanJudgmentRequest\x1a\x16.epochlens.v1.Judgment\x12j\n\x13ValidateJudgeConfig\x12(.epochlens.v1.ValidateJudgeConfigRequest\x1a).epochlens.v1.ValidateJudgeConfigResponse\x12X\n\rResumeJudging\x12\".epochlens.v1.ResumeJudgingRequest\x1a#.epochlens.v1.ResumeJudgingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epochlens.v1.judge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JUDGETYPE']._serialized_start=1986
-  _globals['_JUDGETYPE']._serialized_end=2088
-  _globals['_JUDGMENTSTATUS']._serialized_start=2090
-  _globals['_JUDGMENTSTATUS']._serialized_end=2197
+  _globals['_JUDGETYPE']._serialized_start=2347
+  _globals['_JUDGETYPE']._serialized_end=2449
+  _globals['_JUDGMENTSTATUS']._serialized_start=2451
+  _globals['_JUDGMENTSTATUS']._serialized_end=2558
   _globals['_PREDICTIONREF']._serialized_start=105
   _globals['_PREDICTIONREF']._serialized_end=172
   _globals['_JUDGMENT']._serialized_start=175
-  _globals['_JUDGMENT']._serialized_end=630
-  _globals['_JUDGEITEM']._serialized_start=633
-  _globals['_JUDGEITEM']._serialized_end=793
-  _globals['_JUDGEPREDICTIONSREQUEST']._serialized_start=795
-  _globals['_JUDGEPREDICTIONSREQUEST']._serialized_end=901
-  _globals['_JUDGEPREDICTIONSRESPONSE']._serialized_start=903
-  _globals['_JUDGEPREDICTIONSRESPONSE']._serialized_end=972
-  _globals['_ENQUEUEJUDGINGREQUEST']._serialized_start=974
-  _globals['_ENQUEUEJUDGINGREQUEST']._serialized_end=1094
-  _globals['_ENQUEUEJUDGINGRESPONSE']._serialized_start=1096
-  _globals['_ENQUEUEJUDGINGRESPONSE']._serialized_end=1169
-  _globals['_LISTCRITERIAREQUEST']._serialized_start=1171
-  _globals['_LISTCRITERIAREQUEST']._serialized_end=1231
-  _globals['_CRITERION']._serialized_start=1234
-  _globals['_CRITERION']._serialized_end=1418
-  _globals['_LISTCRITERIARESPONSE']._serialized_start=1420
-  _globals['_LISTCRITERIARESPONSE']._serialized_end=1510
-  _globals['_ESTIMATECOSTREQUEST']._serialized_start=1512
-  _globals['_ESTIMATECOSTREQUEST']._serialized_end=1629
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=1632
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=1832
-  _globals['_RECORDHUMANJUDGMENTREQUEST']._serialized_start=1835
-  _globals['_RECORDHUMANJUDGMENTREQUEST']._serialized_end=1984
-  _globals['_JUDGESERVICE']._serialized_start=2200
-  _globals['_JUDGESERVICE']._serialized_end=2669
+  _globals['_JUDGMENT']._serialized_end=648
+  _globals['_JUDGEITEM']._serialized_start=651
+  _globals['_JUDGEITEM']._serialized_end=811
+  _globals['_JUDGEPREDICTIONSREQUEST']._serialized_start=813
+  _globals['_JUDGEPREDICTIONSREQUEST']._serialized_end=919
+  _globals['_JUDGEPREDICTIONSRESPONSE']._serialized_start=921
+  _globals['_JUDGEPREDICTIONSRESPONSE']._serialized_end=990
+  _globals['_ENQUEUEJUDGINGREQUEST']._serialized_start=992
+  _globals['_ENQUEUEJUDGINGREQUEST']._serialized_end=1112
+  _globals['_ENQUEUEJUDGINGRESPONSE']._serialized_start=1114
+  _globals['_ENQUEUEJUDGINGRESPONSE']._serialized_end=1187
+  _globals['_LISTCRITERIAREQUEST']._serialized_start=1189
+  _globals['_LISTCRITERIAREQUEST']._serialized_end=1249
+  _globals['_CRITERION']._serialized_start=1252
+  _globals['_CRITERION']._serialized_end=1436
+  _globals['_LISTCRITERIARESPONSE']._serialized_start=1438
+  _globals['_LISTCRITERIARESPONSE']._serialized_end=1528
+  _globals['_ESTIMATECOSTREQUEST']._serialized_start=1530
+  _globals['_ESTIMATECOSTREQUEST']._serialized_end=1647
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=1650
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=1850
+  _globals['_RECORDHUMANJUDGMENTREQUEST']._serialized_start=1853
+  _globals['_RECORDHUMANJUDGMENTREQUEST']._serialized_end=2002
+  _globals['_VALIDATEJUDGECONFIGREQUEST']._serialized_start=2004
+  _globals['_VALIDATEJUDGECONFIGREQUEST']._serialized_end=2073
+  _globals['_VALIDATEJUDGECONFIGRESPONSE']._serialized_start=2075
+  _globals['_VALIDATEJUDGECONFIGRESPONSE']._serialized_end=2143
+  _globals['_RESUMEJUDGINGREQUEST']._serialized_start=2145
+  _globals['_RESUMEJUDGINGREQUEST']._serialized_end=2233
+  _globals['_RESUMEJUDGINGRESPONSE']._serialized_start=2235
+  _globals['_RESUMEJUDGINGRESPONSE']._serialized_end=2345
+  _globals['_JUDGESERVICE']._serialized_start=2561
+  _globals['_JUDGESERVICE']._serialized_end=3228
 # @@protoc_insertion_point(module_scope)

@@ -130,6 +130,7 @@ class Judgment(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     PROMPT_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """Epoch of the prediction."""
     criterion: _builtins.str
@@ -160,13 +161,17 @@ class Judgment(_message.Message):
     """Cost in US dollars (LLM only; prices per model come from the judge's configuration)."""
     prompt_version: _builtins.str
     """Version of the judge prompt template (LLM) or of the rule set (rules)."""
+    revision: _builtins.int
+    """Revision of a stored judgment: 1, and for a human judgment one more each time the person
+    changed it (RecordHumanJudgment). 0 in JudgePredictions replies, which store nothing.
+    """
     @_builtins.property
     def prediction(self) -> Global___PredictionRef:
         """The prediction judged (unset in JudgePredictions replies for items without one)."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the judgment was stored (server clock)."""
+        """When the judgment (for a human judgment: its latest revision) was stored (server clock)."""
 
     def __init__(
         self,
@@ -188,10 +193,11 @@ class Judgment(_message.Message):
         cost_usd: _builtins.float = ...,
         prompt_version: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "cost_usd", b"cost_usd", "create_time", b"create_time", "criterion", b"criterion", "epoch", b"epoch", "input_tokens", b"input_tokens", "judge_model", b"judge_model", "judge_type", b"judge_type", "output_tokens", b"output_tokens", "passed", b"passed", "prediction", b"prediction", "prompt_version", b"prompt_version", "reasoning", b"reasoning", "score", b"score", "status", b"status", "threshold", b"threshold", "unscored_reason", b"unscored_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "cost_usd", b"cost_usd", "create_time", b"create_time", "criterion", b"criterion", "epoch", b"epoch", "input_tokens", b"input_tokens", "judge_model", b"judge_model", "judge_type", b"judge_type", "output_tokens", b"output_tokens", "passed", b"passed", "prediction", b"prediction", "prompt_version", b"prompt_version", "reasoning", b"reasoning", "revision", b"revision", "score", b"score", "status", b"status", "threshold", b"threshold", "unscored_reason", b"unscored_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,9 +469,13 @@ class EstimateCostRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     AVERAGE_ITEM_TOKENS_FIELD_NUMBER: _builtins.int
     prediction_count: _builtins.int
-    """Predictions that would be judged (before sample_rate)."""
+    """Predictions that would be judged (before sample_rate): 0 to the service's
+    estimate_max_predictions.
+    """
     average_item_tokens: _builtins.int
-    """Average tokens of prompt + ground truth + prediction (0: the configured default)."""
+    """Average tokens of prompt + ground truth + prediction (0: the configured default; at most
+    the service's estimate_max_item_tokens).
+    """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Judge config, the same shape as the "judge" section of a run's config."""
@@ -549,9 +559,11 @@ class RecordHumanJudgmentRequest(_message.Message):
     criterion: _builtins.str
     """Criterion name."""
     score: _builtins.float
-    """The score given."""
+    """The score given: finite, within the service's human_score_min..human_score_max
+    (0..10 by default, the LLM scale).
+    """
     threshold: _builtins.float
-    """Pass threshold; passed = score >= threshold."""
+    """Pass threshold, in the same range; passed = score >= threshold."""
     reasoning: _builtins.str
     """Why."""
     @_builtins.property
@@ -574,3 +586,123 @@ class RecordHumanJudgmentRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordHumanJudgmentRequest: _TypeAlias = RecordHumanJudgmentRequest  # noqa: Y015
+
+@_typing.final
+class ValidateJudgeConfigRequest(_message.Message):
+    """Request for ValidateJudgeConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """Judge config, the same shape as the "judge" section of a run's config (empty: defaults)."""
+
+    def __init__(
+        self,
+        *,
+        config: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateJudgeConfigRequest: _TypeAlias = ValidateJudgeConfigRequest  # noqa: Y015
+
+@_typing.final
+class ValidateJudgeConfigResponse(_message.Message):
+    """Response of ValidateJudgeConfig (the config is valid; an invalid one is INVALID_ARGUMENT)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LLM_JUDGING_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    llm_judging: _builtins.bool
+    """Whether this judge runs the LLM judge for the config (it asks for one and the provider is
+    configured here).
+    """
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this judge will do differently from what the config asks, for example LLM judging
+        off for want of a key for its provider (rule judges only).
+        """
+
+    def __init__(
+        self,
+        *,
+        llm_judging: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["llm_judging", b"llm_judging", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateJudgeConfigResponse: _TypeAlias = ValidateJudgeConfigResponse  # noqa: Y015
+
+@_typing.final
+class ResumeJudgingRequest(_message.Message):
+    """Request for ResumeJudging."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REJUDGE_UNSCORED_FIELD_NUMBER: _builtins.int
+    REJUDGE_FAILED_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Run whose judging resumes (must be the caller's)."""
+    rejudge_unscored: _builtins.bool
+    """Also delete the run's unscored LLM judgments (paused, budget, provider errors) and queue
+    their predictions again, so that they are judged again.
+    """
+    rejudge_failed: _builtins.bool
+    """Also queue the run's failed predictions (their attempts spent) again, attempts reset."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        rejudge_unscored: _builtins.bool = ...,
+        rejudge_failed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejudge_failed", b"rejudge_failed", "rejudge_unscored", b"rejudge_unscored", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJudgingRequest: _TypeAlias = ResumeJudgingRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJudgingResponse(_message.Message):
+    """Response of ResumeJudging."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLEARED_PAUSED_REASON_FIELD_NUMBER: _builtins.int
+    DELETED_UNSCORED_FIELD_NUMBER: _builtins.int
+    REQUEUED_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    cleared_paused_reason: _builtins.str
+    """Why LLM judging was paused, now cleared; empty when it was not paused."""
+    deleted_unscored: _builtins.int
+    """Unscored LLM judgments deleted (rejudge_unscored)."""
+    requeued_predictions: _builtins.int
+    """Predictions queued again: failed ones (rejudge_failed) and those whose unscored
+    judgments were deleted.
+    """
+    def __init__(
+        self,
+        *,
+        cleared_paused_reason: _builtins.str = ...,
+        deleted_unscored: _builtins.int = ...,
+        requeued_predictions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared_paused_reason", b"cleared_paused_reason", "deleted_unscored", b"deleted_unscored", "requeued_predictions", b"requeued_predictions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJudgingResponse: _TypeAlias = ResumeJudgingResponse  # noqa: Y015

@@ -62,6 +62,16 @@ class JudgeServiceStub:
                 request_serializer=epochlens_dot_v1_dot_judge__pb2.RecordHumanJudgmentRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_judge__pb2.Judgment.FromString,
                 _registered_method=True)
+        self.ValidateJudgeConfig = channel.unary_unary(
+                '/epochlens.v1.JudgeService/ValidateJudgeConfig',
+                request_serializer=epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigResponse.FromString,
+                _registered_method=True)
+        self.ResumeJudging = channel.unary_unary(
+                '/epochlens.v1.JudgeService/ResumeJudging',
+                request_serializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.FromString,
+                _registered_method=True)
 
 
 class JudgeServiceServicer:
@@ -100,7 +110,29 @@ class JudgeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordHumanJudgment(self, request, context):
-        """Stores a person's judgment of one stored prediction (judge_type HUMAN).
+        """Stores a person's judgment of one stored prediction (judge_type HUMAN). Recording it again
+        with another score, threshold or reasoning stores a new revision (the latest counts; every
+        revision is kept, see QueryService.ListJudgmentRevisions); the same values again return the
+        latest revision unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidateJudgeConfig(self, request, context):
+        """Checks a judge config (the "judge" section of a run's config) with the rules EnqueueJudging
+        applies, plus what EstimateCost needs (a price for a paid model): INVALID_ARGUMENT naming
+        each bad field (config.llm.sample_rate, ...). The writer calls it in CreateRun, so that a
+        config the judge would refuse is refused when the run is created.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJudging(self, request, context):
+        """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
+        unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
+        is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +165,16 @@ def add_JudgeServiceServicer_to_server(servicer, server):
                     servicer.RecordHumanJudgment,
                     request_deserializer=epochlens_dot_v1_dot_judge__pb2.RecordHumanJudgmentRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_judge__pb2.Judgment.SerializeToString,
+            ),
+            'ValidateJudgeConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateJudgeConfig,
+                    request_deserializer=epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigResponse.SerializeToString,
+            ),
+            'ResumeJudging': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJudging,
+                    request_deserializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +315,60 @@ class JudgeService:
             '/epochlens.v1.JudgeService/RecordHumanJudgment',
             epochlens_dot_v1_dot_judge__pb2.RecordHumanJudgmentRequest.SerializeToString,
             epochlens_dot_v1_dot_judge__pb2.Judgment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateJudgeConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.JudgeService/ValidateJudgeConfig',
+            epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigRequest.SerializeToString,
+            epochlens_dot_v1_dot_judge__pb2.ValidateJudgeConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJudging(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.JudgeService/ResumeJudging',
+            epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.SerializeToString,
+            epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,7 +47,22 @@ class JudgeServiceStub:
     EstimateCost: _grpc.UnaryUnaryMultiCallable[_judge_pb2.EstimateCostRequest, _judge_pb2.EstimateCostResponse]
     """Expected LLM calls, tokens and cost of judging N predictions with a judge config."""
     RecordHumanJudgment: _grpc.UnaryUnaryMultiCallable[_judge_pb2.RecordHumanJudgmentRequest, _judge_pb2.Judgment]
-    """Stores a person's judgment of one stored prediction (judge_type HUMAN)."""
+    """Stores a person's judgment of one stored prediction (judge_type HUMAN). Recording it again
+    with another score, threshold or reasoning stores a new revision (the latest counts; every
+    revision is kept, see QueryService.ListJudgmentRevisions); the same values again return the
+    latest revision unchanged.
+    """
+    ValidateJudgeConfig: _grpc.UnaryUnaryMultiCallable[_judge_pb2.ValidateJudgeConfigRequest, _judge_pb2.ValidateJudgeConfigResponse]
+    """Checks a judge config (the "judge" section of a run's config) with the rules EnqueueJudging
+    applies, plus what EstimateCost needs (a price for a paid model): INVALID_ARGUMENT naming
+    each bad field (config.llm.sample_rate, ...). The writer calls it in CreateRun, so that a
+    config the judge would refuse is refused when the run is created.
+    """
+    ResumeJudging: _grpc.UnaryUnaryMultiCallable[_judge_pb2.ResumeJudgingRequest, _judge_pb2.ResumeJudgingResponse]
+    """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
+    unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
+    is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class JudgeServiceAsyncStub(JudgeServiceStub):
@@ -68,7 +83,22 @@ class JudgeServiceAsyncStub(JudgeServiceStub):
     EstimateCost: _aio.UnaryUnaryMultiCallable[_judge_pb2.EstimateCostRequest, _judge_pb2.EstimateCostResponse]  # type: ignore[assignment]
     """Expected LLM calls, tokens and cost of judging N predictions with a judge config."""
     RecordHumanJudgment: _aio.UnaryUnaryMultiCallable[_judge_pb2.RecordHumanJudgmentRequest, _judge_pb2.Judgment]  # type: ignore[assignment]
-    """Stores a person's judgment of one stored prediction (judge_type HUMAN)."""
+    """Stores a person's judgment of one stored prediction (judge_type HUMAN). Recording it again
+    with another score, threshold or reasoning stores a new revision (the latest counts; every
+    revision is kept, see QueryService.ListJudgmentRevisions); the same values again return the
+    latest revision unchanged.
+    """
+    ValidateJudgeConfig: _aio.UnaryUnaryMultiCallable[_judge_pb2.ValidateJudgeConfigRequest, _judge_pb2.ValidateJudgeConfigResponse]  # type: ignore[assignment]
+    """Checks a judge config (the "judge" section of a run's config) with the rules EnqueueJudging
+    applies, plus what EstimateCost needs (a price for a paid model): INVALID_ARGUMENT naming
+    each bad field (config.llm.sample_rate, ...). The writer calls it in CreateRun, so that a
+    config the judge would refuse is refused when the run is created.
+    """
+    ResumeJudging: _aio.UnaryUnaryMultiCallable[_judge_pb2.ResumeJudgingRequest, _judge_pb2.ResumeJudgingResponse]  # type: ignore[assignment]
+    """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
+    unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
+    is NOT_FOUND.
+    """
 
 class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Scores predictions: rule judges (cheap, on by default) and LLM judges (opt-in, cost-controlled),
@@ -116,6 +146,33 @@ class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _judge_pb2.RecordHumanJudgmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_judge_pb2.Judgment, _abc.Awaitable[_judge_pb2.Judgment]]:
-        """Stores a person's judgment of one stored prediction (judge_type HUMAN)."""
+        """Stores a person's judgment of one stored prediction (judge_type HUMAN). Recording it again
+        with another score, threshold or reasoning stores a new revision (the latest counts; every
+        revision is kept, see QueryService.ListJudgmentRevisions); the same values again return the
+        latest revision unchanged.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateJudgeConfig(
+        self,
+        request: _judge_pb2.ValidateJudgeConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_judge_pb2.ValidateJudgeConfigResponse, _abc.Awaitable[_judge_pb2.ValidateJudgeConfigResponse]]:
+        """Checks a judge config (the "judge" section of a run's config) with the rules EnqueueJudging
+        applies, plus what EstimateCost needs (a price for a paid model): INVALID_ARGUMENT naming
+        each bad field (config.llm.sample_rate, ...). The writer calls it in CreateRun, so that a
+        config the judge would refuse is refused when the run is created.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeJudging(
+        self,
+        request: _judge_pb2.ResumeJudgingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_judge_pb2.ResumeJudgingResponse, _abc.Awaitable[_judge_pb2.ResumeJudgingResponse]]:
+        """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
+        unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
+        is NOT_FOUND.
+        """
 
 def add_JudgeServiceServicer_to_server(servicer: JudgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -278,19 +278,27 @@ class CompareSampleRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
     sample_index: _builtins.int
     """Index of the sample (>= 0)."""
+    page_size: _builtins.int
+    """Maximum number of predictions to return."""
+    page_token: _builtins.str
+    """Token from a previous CompareSampleResponse for the same run and sample."""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         sample_index: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,17 +367,20 @@ class CompareSampleResponse(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     GROUND_TRUTH_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
     sample_index: _builtins.int
     """Index of the sample."""
     prompt: _builtins.str
-    """The sample's prompt (from its first prediction)."""
+    """The sample's prompt (from its first prediction); the same on every page."""
     ground_truth: _builtins.str
-    """The sample's expected answer, when the dataset has one."""
+    """The sample's expected answer, when the dataset has one; the same on every page."""
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SamplePrediction]:
-        """Every prediction of the sample, ordered by step."""
+        """The predictions of this page, ordered by step."""
 
     def __init__(
         self,
@@ -379,10 +390,11 @@ class CompareSampleResponse(_message.Message):
         prompt: _builtins.str = ...,
         ground_truth: _builtins.str | None = ...,
         predictions: _abc.Iterable[Global___SamplePrediction] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth", "ground_truth", b"ground_truth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth", "ground_truth", b"ground_truth", "predictions", b"predictions", "prompt", b"prompt", "run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth", "ground_truth", b"ground_truth", "next_page_token", b"next_page_token", "predictions", b"predictions", "prompt", b"prompt", "run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ground_truth: _TypeAlias = _typing.Literal["ground_truth"]  # noqa: Y015
     _WhichOneofArgType__ground_truth: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth"]  # noqa: Y015
@@ -559,6 +571,11 @@ class RunSummary(_message.Message):
     BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
     LLM_PAUSED_REASON_FIELD_NUMBER: _builtins.int
     PENDING_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    FAILED_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    HANDOFF_WAITING_FIELD_NUMBER: _builtins.int
+    HANDOFF_ERROR_FIELD_NUMBER: _builtins.int
+    HANDOFF_RETRY_TIME_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
     total_cost_usd: _builtins.float
@@ -570,10 +587,34 @@ class RunSummary(_message.Message):
     llm_paused_reason: _builtins.str
     """Why LLM judging is paused for this run (for example an auth or quota error); empty if not."""
     pending_predictions: _builtins.int
-    """Predictions handed to the judge and not judged yet."""
+    """Predictions handed to the judge and not judged yet (queued or being judged; failed ones are
+    counted in failed_predictions).
+    """
+    failed_predictions: _builtins.int
+    """Predictions the judge gave up on: their task failed on every attempt (see failures).
+    ResumeJudging with rejudge_failed queues them again.
+    """
+    handoff_waiting: _builtins.int
+    """Predictions stored but not yet accepted by the judge: the writer's hand-off is waiting, or
+    retrying after an error.
+    """
+    handoff_error: _builtins.str
+    """The last error of the hand-off of those predictions (for example a judge config the judge
+    refuses, or the judge unreachable); empty when none failed.
+    """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___CriterionEpochSummary]:
         """Rows ordered by epoch, then criterion, judge type, judge model."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___JudgeFailure]:
+        """The first failed predictions (step, sample_index order; at most the query service's
+        summary_max_failures) with the reason.
+        """
+
+    @_builtins.property
+    def handoff_retry_time(self) -> _timestamp_pb2.Timestamp:
+        """When the writer next tries to hand off the predictions that failed (unset when none did)."""
 
     def __init__(
         self,
@@ -585,11 +626,168 @@ class RunSummary(_message.Message):
         budget_exhausted: _builtins.bool = ...,
         llm_paused_reason: _builtins.str = ...,
         pending_predictions: _builtins.int = ...,
+        failed_predictions: _builtins.int = ...,
+        failures: _abc.Iterable[Global___JudgeFailure] | None = ...,
+        handoff_waiting: _builtins.int = ...,
+        handoff_error: _builtins.str = ...,
+        handoff_retry_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["handoff_retry_time", b"handoff_retry_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_usd", b"budget_usd", "llm_paused_reason", b"llm_paused_reason", "pending_predictions", b"pending_predictions", "rows", b"rows", "run_id", b"run_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_usd", b"budget_usd", "failed_predictions", b"failed_predictions", "failures", b"failures", "handoff_error", b"handoff_error", "handoff_retry_time", b"handoff_retry_time", "handoff_waiting", b"handoff_waiting", "llm_paused_reason", b"llm_paused_reason", "pending_predictions", b"pending_predictions", "rows", b"rows", "run_id", b"run_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSummary: _TypeAlias = RunSummary  # noqa: Y015
+
+@_typing.final
+class JudgeFailure(_message.Message):
+    """A prediction the judge gave up on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """Epoch of the prediction."""
+    step: _builtins.int
+    """Global step of the prediction."""
+    sample_index: _builtins.int
+    """Sample index of the prediction."""
+    attempts: _builtins.int
+    """Attempts made."""
+    reason: _builtins.str
+    """Why the last attempt failed."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it failed for good."""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        step: _builtins.int = ...,
+        sample_index: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "epoch", b"epoch", "reason", b"reason", "sample_index", b"sample_index", "step", b"step", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgeFailure: _TypeAlias = JudgeFailure  # noqa: Y015
+
+@_typing.final
+class ListJudgmentRevisionsRequest(_message.Message):
+    """Request for ListJudgmentRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    step: _builtins.int
+    """Global step of the prediction."""
+    sample_index: _builtins.int
+    """Sample index of the prediction."""
+    criterion: _builtins.str
+    """Criterion name (required)."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        sample_index: _builtins.int = ...,
+        criterion: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion", "run_id", b"run_id", "sample_index", b"sample_index", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJudgmentRevisionsRequest: _TypeAlias = ListJudgmentRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class JudgmentRevision(_message.Message):
+    """One revision of a human judgment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Revision number, 1 for the first."""
+    author: _builtins.str
+    """Who recorded it (the user id of the token)."""
+    score: _builtins.float
+    """The score given."""
+    threshold: _builtins.float
+    """Pass threshold."""
+    passed: _builtins.bool
+    """score >= threshold."""
+    reasoning: _builtins.str
+    """Why."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded (server clock)."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        author: _builtins.str = ...,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        passed: _builtins.bool = ...,
+        reasoning: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "create_time", b"create_time", "passed", b"passed", "reasoning", b"reasoning", "revision", b"revision", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgmentRevision: _TypeAlias = JudgmentRevision  # noqa: Y015
+
+@_typing.final
+class ListJudgmentRevisionsResponse(_message.Message):
+    """Response of ListJudgmentRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___JudgmentRevision]:
+        """Every revision, by author, then revision number (oldest first); at most the judge's
+        max_human_revisions per author.
+        """
+
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[Global___JudgmentRevision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJudgmentRevisionsResponse: _TypeAlias = ListJudgmentRevisionsResponse  # noqa: Y015

@@ -30,7 +30,9 @@ class QueryServiceStub:
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     def __init__(self, channel):
@@ -74,13 +76,20 @@ class QueryServiceStub:
                 request_serializer=epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_query__pb2.RunSummary.FromString,
                 _registered_method=True)
+        self.ListJudgmentRevisions = channel.unary_unary(
+                '/epochlens.v1.QueryService/ListJudgmentRevisions',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     def ListRuns(self, request, context):
@@ -112,7 +121,8 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CompareSample(self, request, context):
-        """One sample across the whole run: its prompt and ground truth once, then every prediction in step order.
+        """One sample across the whole run: its prompt and ground truth, then its predictions in step
+        order, paged like the list methods.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +137,14 @@ class QueryServiceServicer:
 
     def GetRunSummary(self, request, context):
         """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJudgmentRevisions(self, request, context):
+        """Every revision of the human judgments of one prediction on one criterion, oldest first:
+        who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +188,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     request_deserializer=epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_query__pb2.RunSummary.SerializeToString,
             ),
+            'ListJudgmentRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJudgmentRevisions,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'epochlens.v1.QueryService', rpc_method_handlers)
@@ -182,7 +205,9 @@ class QueryService:
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     @staticmethod
@@ -364,6 +389,33 @@ class QueryService:
             '/epochlens.v1.QueryService/GetRunSummary',
             epochlens_dot_v1_dot_query__pb2.GetRunSummaryRequest.SerializeToString,
             epochlens_dot_v1_dot_query__pb2.RunSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJudgmentRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.QueryService/ListJudgmentRevisions',
+            epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,9 @@ class QueryServiceStub:
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     @_typing.overload
@@ -47,18 +49,26 @@ class QueryServiceStub:
     ListEpochs: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListEpochsRequest, _query_pb2.ListEpochsResponse]
     """Lists a run's epochs with per-epoch counts and times, in epoch order."""
     CompareSample: _grpc.UnaryUnaryMultiCallable[_query_pb2.CompareSampleRequest, _query_pb2.CompareSampleResponse]
-    """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+    """One sample across the whole run: its prompt and ground truth, then its predictions in step
+    order, paged like the list methods.
+    """
     ListJudgments: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentsRequest, _query_pb2.ListJudgmentsResponse]
     """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model."""
     GetRunSummary: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetRunSummaryRequest, _query_pb2.RunSummary]
     """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
+    ListJudgmentRevisions: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentRevisionsRequest, _query_pb2.ListJudgmentRevisionsResponse]
+    """Every revision of the human judgments of one prediction on one criterion, oldest first:
+    who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -71,17 +81,25 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListEpochs: _aio.UnaryUnaryMultiCallable[_query_pb2.ListEpochsRequest, _query_pb2.ListEpochsResponse]  # type: ignore[assignment]
     """Lists a run's epochs with per-epoch counts and times, in epoch order."""
     CompareSample: _aio.UnaryUnaryMultiCallable[_query_pb2.CompareSampleRequest, _query_pb2.CompareSampleResponse]  # type: ignore[assignment]
-    """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+    """One sample across the whole run: its prompt and ground truth, then its predictions in step
+    order, paged like the list methods.
+    """
     ListJudgments: _aio.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentsRequest, _query_pb2.ListJudgmentsResponse]  # type: ignore[assignment]
     """Lists a run's judgments ordered by step, sample_index, criterion, judge type, judge model."""
     GetRunSummary: _aio.UnaryUnaryMultiCallable[_query_pb2.GetRunSummaryRequest, _query_pb2.RunSummary]  # type: ignore[assignment]
     """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
+    ListJudgmentRevisions: _aio.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentRevisionsRequest, _query_pb2.ListJudgmentRevisionsResponse]  # type: ignore[assignment]
+    """Every revision of the human judgments of one prediction on one criterion, oldest first:
+    who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
+    """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read side over runs and predictions. Every method needs `authorization: Bearer <JWT>`
     and sees only the caller's runs; another user's run is NOT_FOUND.
     List methods follow AIP-158: page_size 0 = the default, above the maximum = the maximum,
-    negative = INVALID_ARGUMENT; page_token is opaque and only valid with the same filters.
+    negative = INVALID_ARGUMENT; page_token is opaque and only valid for the same caller, method
+    and filters. A page also stops early (fewer rows, with a next_page_token) when its encoded
+    size reaches the service's byte budget; it always holds at least one row.
     """
 
     @_abc_1.abstractmethod
@@ -122,7 +140,9 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.CompareSampleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.CompareSampleResponse, _abc.Awaitable[_query_pb2.CompareSampleResponse]]:
-        """One sample across the whole run: its prompt and ground truth once, then every prediction in step order."""
+        """One sample across the whole run: its prompt and ground truth, then its predictions in step
+        order, paged like the list methods.
+        """
 
     @_abc_1.abstractmethod
     def ListJudgments(
@@ -139,5 +159,15 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.RunSummary, _abc.Awaitable[_query_pb2.RunSummary]]:
         """Per epoch and criterion: mean score, pass rate, counts, tokens and cost ("is it getting better")."""
+
+    @_abc_1.abstractmethod
+    def ListJudgmentRevisions(
+        self,
+        request: _query_pb2.ListJudgmentRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ListJudgmentRevisionsResponse, _abc.Awaitable[_query_pb2.ListJudgmentRevisionsResponse]]:
+        """Every revision of the human judgments of one prediction on one criterion, oldest first:
+        who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
+        """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

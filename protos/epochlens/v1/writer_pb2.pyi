@@ -125,19 +125,28 @@ class WritePredictionsResponse(_message.Message):
 
     INSERTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    NUL_REPLACED_FIELDS_FIELD_NUMBER: _builtins.int
     inserted_count: _builtins.int
     """Predictions stored by this call."""
     duplicate_count: _builtins.int
     """Predictions skipped because their (run, step, sample_index) was already stored."""
+    @_builtins.property
+    def nul_replaced_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Texts stored with their NUL characters (U+0000, which the store cannot hold)
+        replaced by U+FFFD, as field paths such as `predictions[3].prediction`. A model may
+        generate a NUL; the prediction is kept rather than refused.
+        """
+
     def __init__(
         self,
         *,
         inserted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
+        nul_replaced_fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count", "nul_replaced_fields", b"nul_replaced_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +224,7 @@ class StreamPredictionsResponse(_message.Message):
     INSERTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    NUL_REPLACED_FIELDS_FIELD_NUMBER: _builtins.int
     acked_sequence: _builtins.int
     """Every batch with a sequence number <= acked_sequence is settled: committed, or listed
     in `rejections` of this or an earlier response.
@@ -227,6 +237,12 @@ class StreamPredictionsResponse(_message.Message):
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRejection]:
         """Batches this response settles that were refused."""
 
+    @_builtins.property
+    def nul_replaced_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Texts of the settled batches stored with NUL (U+0000) replaced by U+FFFD, as
+        `<sequence>:predictions[i].<field>` (see WritePredictionsResponse.nul_replaced_fields).
+        """
+
     def __init__(
         self,
         *,
@@ -234,10 +250,11 @@ class StreamPredictionsResponse(_message.Message):
         inserted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         rejections: _abc.Iterable[Global___BatchRejection] | None = ...,
+        nul_replaced_fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count", "rejections", b"rejections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count", "nul_replaced_fields", b"nul_replaced_fields", "rejections", b"rejections"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,16 +1,21 @@
 """A run's LLM budget and pause state, kept in judge.run_llm_state.
 
 The row is created on the run's first LLM judging with the run's budget (its config's
-budget_usd or the service default). Before each paid call the judge checks spent < budget
-(and that judging is not paused). A completed call's cost counts in memory at once, before its
-concurrency slot is freed, so the next check of this process sees it; it is then written with
-the verdict's cache row by the run's one writer task, which takes every charge queued meanwhile
-into one transaction (group commit: the run's row is updated by one transaction at a time, not
-locked by every call). That UPDATE ... RETURNING also sets budget_exhausted once spent reaches
-the budget and brings back what other workers spent. A judgment is returned only after its
-charge is committed. Calls already in flight when the budget runs out still complete: the
-overshoot is at most the run's concurrency minus one call (per worker process). Ad hoc items
-(no run) have an in-memory budget per request.
+budget_usd or the service default). Spending never exceeds the budget: before each paid call
+the judge reserves the most that call may cost (services.judge.llm.cost.max_call_cost) in the
+run's row, granted only while spent + reserved + this call <= budget, across every worker and
+replica (the run's reserver task takes the reservations queued meanwhile into one transaction:
+one conditional UPDATE when all fit, else the row locked and each granted in order). A call
+that does not fit is not made: while it does not fit only because
+of calls in flight it waits for them to settle; once spent + this call exceeds the budget the
+run's budget is exhausted (budget_exhausted, the summary says so). A completed call is settled
+(its reservation released, its actual cost added) with the verdict's cache row by the run's
+one writer task, which takes every settlement queued meanwhile into one transaction (group
+commit); a judgment is returned only after its charge is committed. A reservation whose judge
+died mid-call is counted as spent at its full amount once reserved_until passes (the call may
+have been billed); reserved_until is the run's latest, so while other calls keep reserving it
+stays reserved, still held against the budget. Ad hoc items (no run) have an in-memory budget
+per request.
 """
 
 import asyncio
@@ -18,21 +23,22 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Row, func, or_, select, update
+from sqlalchemy import Row, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.db import user_transaction
 from services.judge.llm import cache
-from services.judge.llm.providers import ParsedVerdict
 from services.judge.models import run_llm_state_table as state_table
 
 log = logging.getLogger(__name__)
 
 STATE_COLUMNS = (state_table.c.budget_usd, state_table.c.spent_usd, state_table.c.input_tokens,
                  state_table.c.output_tokens, state_table.c.budget_exhausted,
-                 state_table.c.paused_reason)
+                 state_table.c.paused_reason, state_table.c.reserved_usd)
+# Reserved dollars below this are float residue of settled reservations, not calls in flight.
+USD_EPSILON = 1e-12
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class BudgetState:
     output_tokens: int = 0
     budget_exhausted: bool = False
     paused_reason: str | None = None
+    reserved_usd: float = 0.0
 
     def blocked_reason(self) -> str | None:
         """Why no paid call may start now, or None."""
@@ -53,9 +60,15 @@ class BudgetState:
                     f"${self.budget_usd:.6f})")
         return None
 
+    def fits(self, amount_usd: float) -> bool:
+        """Whether a call that may cost `amount_usd` fits beside what is spent and reserved."""
+        return self.spent_usd + self.reserved_usd + amount_usd <= self.budget_usd
+
     def plus(self, charges: Sequence["Charge"]) -> "BudgetState":
+        """This state with `charges` settled: their cost spent, their reservations released."""
         spent = self.spent_usd + sum(c.cost_usd for c in charges)
-        return replace(self, spent_usd=spent,
+        reserved = self.reserved_usd - sum(c.reserved_usd for c in charges)
+        return replace(self, spent_usd=spent, reserved_usd=max(reserved, 0.0),
                        input_tokens=self.input_tokens + sum(c.input_tokens for c in charges),
                        output_tokens=self.output_tokens + sum(c.output_tokens for c in charges),
                        budget_exhausted=self.budget_exhausted or spent >= self.budget_usd)
@@ -63,28 +76,51 @@ class BudgetState:
 
 @dataclass
 class Charge:
-    """A paid call waiting to be written: its cost, tokens and verdict to cache."""
+    """A call's settlement waiting to be written: its cost, tokens, verdict to cache and the
+    reservation it releases."""
 
     cost_usd: float
     input_tokens: int
     output_tokens: int
-    cached: tuple[str, ParsedVerdict] | None
+    cached: cache.Entry | None
+    reserved_usd: float
     stored: asyncio.Future[None] = field(repr=False)
+
+
+@dataclass
+class _Wanted:
+    """A reservation waiting for the run's reserver task: its amount, and whether granted."""
+
+    amount_usd: float
+    granted: asyncio.Future[bool] = field(repr=False)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Marks a background write's error as seen (_write_queued logged it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class RunBudget:
     """Budget and pause state of one run (run_id None: an ad hoc request, memory only)."""
 
     def __init__(self, engine: AsyncEngine, user_id: str, run_id: uuid.UUID | None,
-                 budget_usd: float) -> None:
+                 budget_usd: float, hold_s: float, poll_s: float) -> None:
+        """hold_s: how long a reservation may stay unsettled before it counts as spent;
+        poll_s: longest wait before a reservation that did not fit is tried again."""
         self._engine = engine
         self._user_id = user_id
         self.run_id = run_id
         self.state = BudgetState(budget_usd=budget_usd)
         self.write_failures = 0
+        self._hold_s = hold_s
+        self._poll_s = poll_s
         self._queued: list[Charge] = []
         self._writing: list[Charge] = []
         self._writer: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()
+        self._wanted: list[_Wanted] = []
+        self._reserver: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
         """Creates the run's row when missing and reads the current state."""
@@ -95,17 +131,44 @@ class RunBudget:
                 run_id=self.run_id, user_id=self._user_id, budget_usd=self.state.budget_usd,
                 spent_usd=0.0, input_tokens=0, output_tokens=0,
                 budget_exhausted=self.state.budget_usd <= 0, paused_reason=None,
-                update_time=datetime.now(UTC)))
+                update_time=datetime.now(UTC), reserved_usd=0.0, reserved_until=None))
             row = (await conn.execute(select(*STATE_COLUMNS)
                                       .where(state_table.c.run_id == self.run_id))).one()
         self._set_from_db(row, self._writing + self._queued)
 
+    async def reserve(self, amount_usd: float) -> str | None:
+        """Reserves `amount_usd` for one paid call: None once reserved, else why the call may
+        not be made (paused, or the budget cannot hold it). While it does not fit only because
+        of calls in flight, waits for one to settle (or poll_s) and tries again. A free call
+        (a model without a price) reserves nothing."""
+        if amount_usd <= 0:
+            return self.state.blocked_reason()
+        while True:
+            if await self._reserve_once(amount_usd):
+                return None
+            if (reason := self.state.blocked_reason()) is not None:
+                return reason
+            if self.state.spent_usd + amount_usd > self.state.budget_usd:
+                return await self._exhaust(amount_usd)
+            settled = self._settled
+            try:
+                await asyncio.wait_for(settled.wait(), self._poll_s)
+            except TimeoutError:
+                pass
+
+    def release(self, reserved_usd: float) -> None:
+        """Gives back the reservation of a call that billed nothing (it failed); written in
+        the background (a write that fails is logged and counted by the writer task)."""
+        self.charge(0.0, 0, 0, None, reserved_usd).add_done_callback(_retrieved)
+
     def charge(self, cost_usd: float, input_tokens: int, output_tokens: int,
-               cached: tuple[str, ParsedVerdict] | None) -> asyncio.Future[None]:
-        """Counts a paid call now and queues it for the run's writer; the future is done once
-        the cost (and the verdict's cache row) is committed, or carries the write's error."""
+               cached: cache.Entry | None, reserved_usd: float) -> asyncio.Future[None]:
+        """Settles a paid call in memory now (cost spent, reservation released) and queues it
+        for the run's writer; the future is done once the settlement (and the verdict's cache
+        row) is committed, or carries the write's error."""
         loop = asyncio.get_running_loop()
-        charge = Charge(cost_usd, input_tokens, output_tokens, cached, loop.create_future())
+        charge = Charge(cost_usd, input_tokens, output_tokens, cached, reserved_usd,
+                        loop.create_future())
         self.state = self.state.plus([charge])
         self._queued.append(charge)
         if self._writer is None or self._writer.done():
@@ -128,6 +191,7 @@ class RunBudget:
                 continue
             finally:
                 written, self._writing = self._writing, []
+                self._wake_waiters()
             if row is not None:
                 self._set_from_db(row, self._queued)
             for charge in written:
@@ -145,7 +209,7 @@ class RunBudget:
         entries = [c.cached for c in charges if c.cached is not None]
         async with user_transaction(self._engine, self._user_id) as conn:
             if entries:
-                await cache.store(conn, entries)
+                await cache.store(conn, self._user_id, entries)
             if self.run_id is None:
                 return None
             return await self._add_spend(conn, charges)
@@ -153,9 +217,12 @@ class RunBudget:
     async def _add_spend(self, conn: AsyncConnection, charges: list[Charge]) -> Row:
         t = state_table
         cost = sum(c.cost_usd for c in charges)
+        left = t.c.reserved_usd - sum(c.reserved_usd for c in charges)
         row = (await conn.execute(
             update(t).where(t.c.run_id == self.run_id).values(
                 spent_usd=t.c.spent_usd + cost,
+                reserved_usd=case((left > USD_EPSILON, left), else_=0.0),
+                reserved_until=case((left > USD_EPSILON, t.c.reserved_until), else_=None),
                 input_tokens=t.c.input_tokens + sum(c.input_tokens for c in charges),
                 output_tokens=t.c.output_tokens + sum(c.output_tokens for c in charges),
                 budget_exhausted=or_(t.c.budget_exhausted,
@@ -169,6 +236,125 @@ class RunBudget:
             log.warning("LLM budget of run %s exhausted: spent $%.6f of $%.6f", self.run_id,
                         row.spent_usd, row.budget_usd)
         return row
+
+    def _wake_waiters(self) -> None:
+        """Reservations waiting for calls in flight to settle try again."""
+        self._settled.set()
+        self._settled = asyncio.Event()
+
+    async def _reserve_once(self, amount_usd: float) -> bool:
+        """One attempt to reserve; self.state is the run's state after it either way. The
+        attempts queued meanwhile go to the database together (group commit, the run's row
+        locked once per transaction, as the charges are)."""
+        if self.run_id is None:
+            if self.state.blocked_reason() is not None or not self.state.fits(amount_usd):
+                return False
+            self.state = replace(self.state, reserved_usd=self.state.reserved_usd + amount_usd)
+            return True
+        loop = asyncio.get_running_loop()
+        wanted = _Wanted(amount_usd, loop.create_future())
+        self._wanted.append(wanted)
+        if self._reserver is None or self._reserver.done():
+            self._reserver = loop.create_task(self._reserve_queued())
+        return await wanted.granted
+
+    async def _reserve_queued(self) -> None:
+        while self._wanted:
+            batch, self._wanted = self._wanted, []
+            try:
+                granted = await self._reserve_batch([w.amount_usd for w in batch])
+            except Exception as exc:  # handed to every caller waiting on these reservations
+                self.write_failures += 1
+                log.error("LLM budget reservations of run %s failed (%d calls, none made): "
+                          "%r [write failures: %d]", self.run_id, len(batch), exc,
+                          self.write_failures)
+                for wanted in batch:
+                    if not wanted.granted.done():  # its caller may have been cancelled
+                        wanted.granted.set_exception(exc)
+                continue
+            for wanted, ok in zip(batch, granted, strict=True):
+                if not wanted.granted.done():
+                    wanted.granted.set_result(ok)
+                elif ok:  # its caller is gone: give the reservation back
+                    self.release(wanted.amount_usd)
+
+    async def _reserve_batch(self, amounts: list[float]) -> list[bool]:
+        """One transaction: every amount at once when all fit (one conditional UPDATE, the
+        usual case); else each in order while it fits."""
+        now = datetime.now(UTC)
+        async with user_transaction(self._engine, self._user_id) as conn:
+            row = await self._reserve_all(conn, sum(amounts), now)
+            if row is not None:
+                granted = [True] * len(amounts)
+            else:
+                row, granted = await self._reserve_each(conn, amounts, now)
+        self._set_from_db(row[:len(STATE_COLUMNS)], self._writing + self._queued)
+        return granted
+
+    async def _reserve_all(self, conn: AsyncConnection, total_usd: float,
+                           now: datetime) -> Row | None:
+        """The atomic reservation of total_usd: the run's row after it, None when it does not
+        fit (or an expired reservation is to be counted first)."""
+        t, until = state_table, now + timedelta(seconds=self._hold_s)
+        return (await conn.execute(update(t).where(
+            t.c.run_id == self.run_id, ~t.c.budget_exhausted, t.c.paused_reason.is_(None),
+            t.c.spent_usd + t.c.reserved_usd + total_usd <= t.c.budget_usd,
+            or_(t.c.reserved_usd <= 0, t.c.reserved_until.is_(None), t.c.reserved_until >= now),
+        ).values(
+            reserved_usd=t.c.reserved_usd + total_usd, update_time=now,
+            reserved_until=case((t.c.reserved_until > until, t.c.reserved_until), else_=until),
+        ).returning(*STATE_COLUMNS))).one_or_none()
+
+    async def _reserve_each(self, conn: AsyncConnection, amounts: list[float],
+                            now: datetime) -> tuple[Row | tuple, list[bool]]:
+        """The run's row locked (its expired reservations counted as spent), then each amount
+        granted, in order, while spent + reserved + it fits."""
+        t = state_table
+        row = (await conn.execute(update(t).where(t.c.run_id == self.run_id).values(
+            update_time=now).returning(*STATE_COLUMNS, t.c.reserved_until))).one()
+        spent, reserved, until = self._unexpired(row, now)
+        open_ = not row.budget_exhausted and row.paused_reason is None
+        granted = []
+        for amount in amounts:
+            granted.append(open_ and spent + reserved + amount <= row.budget_usd)
+            reserved += amount if granted[-1] else 0.0
+        if any(granted):
+            until = max(until or now, now + timedelta(seconds=self._hold_s))
+        if (spent, reserved) == (row.spent_usd, row.reserved_usd):
+            return row, granted
+        return (await conn.execute(update(t).where(t.c.run_id == self.run_id).values(
+            spent_usd=spent, reserved_usd=reserved, reserved_until=until,
+            budget_exhausted=row.budget_exhausted or spent >= row.budget_usd,
+        ).returning(*STATE_COLUMNS))).one(), granted
+
+    def _unexpired(self, row: Row, now: datetime) -> tuple[float, float, datetime | None]:
+        """(spent, reserved, reserved_until) of a locked row, reservations whose judge died
+        mid-call (reserved_until passed) counted as spent in full: they may have been billed."""
+        until = row.reserved_until
+        if until is not None and until.tzinfo is None:  # SQLite keeps no time zone
+            until = until.replace(tzinfo=UTC)
+        if row.reserved_usd <= 0 or until is None or until >= now:
+            return row.spent_usd, row.reserved_usd, until
+        log.warning("LLM budget reservations of run %s ($%.6f) were not settled by %s (a judge "
+                    "died mid-call?): counted as spent", self.run_id, row.reserved_usd,
+                    until.isoformat())
+        return row.spent_usd + row.reserved_usd, 0.0, None
+
+    async def _exhaust(self, amount_usd: float) -> str:
+        """Marks the run's budget exhausted: what is left cannot hold a call of amount_usd."""
+        reason = (f"budget exhausted (spent ${self.state.spent_usd:.6f} of "
+                  f"${self.state.budget_usd:.6f}; a call may cost up to ${amount_usd:.6f})")
+        self.state = replace(self.state, budget_exhausted=True)
+        if self.run_id is None:
+            return reason
+        t = state_table
+        async with user_transaction(self._engine, self._user_id) as conn:
+            first = (await conn.execute(update(t).where(
+                t.c.run_id == self.run_id, ~t.c.budget_exhausted).values(
+                budget_exhausted=True, update_time=datetime.now(UTC)))).rowcount
+        if first:
+            log.warning("LLM budget of run %s exhausted: %s", self.run_id, reason)
+        return reason
 
     def _set_from_db(self, row: Row, unwritten: Sequence[Charge]) -> None:
         """The stored state plus the charges not in it yet."""

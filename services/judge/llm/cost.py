@@ -3,7 +3,7 @@
 import math
 
 from services.common.errors import Violations
-from services.judge.llm.prompts import criteria_of, rubric_of, template_chars
+from services.judge.llm.prompts import RenderedPrompt, criteria_of, rubric_of, template_chars
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.schema import LlmJudgeConfig
 
@@ -17,6 +17,16 @@ def call_cost(price: ModelPrice | None, input_tokens: int, output_tokens: int) -
         return 0.0
     return (input_tokens * price.input_per_mtok
             + output_tokens * price.output_per_mtok) / TOKENS_PER_MTOK
+
+
+def max_call_cost(settings: LlmSettings, price: ModelPrice | None,
+                  prompt: RenderedPrompt) -> float:
+    """The most one call with `prompt` may cost, reserved from the run's budget before it is
+    made: its input tokens are bounded by the prompt's UTF-8 bytes (a token covers at least
+    one byte) plus llm_reserve_overhead_tokens, its output by llm_max_output_tokens."""
+    input_bound = (len(prompt.system.encode()) + len(prompt.user.encode())
+                   + settings.llm_reserve_overhead_tokens)
+    return call_cost(price, input_bound, settings.llm_max_output_tokens)
 
 
 def price_or_error(settings: LlmSettings, config: LlmJudgeConfig) -> ModelPrice | None:

@@ -1,12 +1,18 @@
 """LLM-as-judge: one call per (sampled item, criterion), cached, rate- and budget-limited.
 
 judge_items() picks the items by sample_rate (deterministic by prediction identity, so the same
-samples are judged at every epoch), answers what it can from the cache (0 tokens, 0 cost), and
-calls the provider for the rest under the run's concurrency limit and budget. Errors are
+samples are judged at every epoch), answers what it can from the user's own cache (0 tokens, 0
+cost; the cost billed for that very prediction when its judgments were never stored), and calls
+the provider for the rest under the run's concurrency limit and budget (each call's most cost
+reserved before it is made, services.judge.llm.budget). Errors are
 classified before any retry (services.judge.llm.errors); after the retries the run's on_error
 decides: skip -> an unscored verdict with the reason; retry -> retried up to the service's
 retry ceiling, then fail; fail -> LlmJudgingFailed (raised once every started call has settled,
-so no spending goes unrecorded).
+so no spending goes unrecorded). For queued tasks (defer_transient) a transient error (5xx,
+429, network) that outlasts the in-call retries raises RetryLater instead, once every call has
+settled: the queue tries the task again minutes later, and on_error applies on its last
+attempt (what was scored meanwhile is cached, so the next attempt does not pay for it again).
+A job that raises anything else fails its own item only: ItemsFailed, once every call settled.
 """
 
 import asyncio
@@ -17,24 +23,31 @@ import re
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from epochlens.v1 import judge_pb2
 from services.judge.llm import cache, providers
 from services.judge.llm.budget import RunBudget
-from services.judge.llm.cost import PRICED_PROVIDERS, call_cost, missing_price_message
+from services.judge.llm.cost import (
+    PRICED_PROVIDERS,
+    call_cost,
+    max_call_cost,
+    missing_price_message,
+)
 from services.judge.llm.errors import SDK_ERRORS, CallError, ErrorKind, LlmJudgingFailed, classify
 from services.judge.llm.limiter import AimdLimiter
 from services.judge.llm.prompts import RenderedPrompt, criteria_of, render, rubric_of
 from services.judge.llm.providers import ParsedVerdict, ProviderClients, Reply
 from services.judge.llm.settings import LlmSettings, ModelPrice
-from services.judge.schema import Item, LlmJudgeConfig, Verdict
+from services.judge.schema import Item, ItemsFailed, LlmJudgeConfig, RetryLater, Verdict
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SPACE = 2**64
+# Errors that may pass by themselves: a queued task is tried again later (RetryLater).
+TRANSIENT_KINDS = frozenset({ErrorKind.RETRY, ErrorKind.RATE_LIMIT})
 # The class of an unscored reason is its text before the first ':' or '(' (for the logs).
 REASON_CLASS = re.compile(r"[:(]")
 
@@ -54,6 +67,7 @@ class _Job:
     criterion: str
     rubric: str | None
     key: str
+    position: int  # of the item in the judge_items() call
 
 
 @dataclass
@@ -70,6 +84,12 @@ class _Request:
     price: ModelPrice | None
     retries: int
     failure: str | None = None
+    # Transient errors that outlast the in-call retries defer the items (RetryLater) instead
+    # of applying on_error; `deferred` holds the first such error.
+    defer_transient: bool = False
+    deferred: str | None = None
+    # Items whose judging raised: position -> why (only those items fail; ItemsFailed).
+    item_errors: dict[int, str] = field(default_factory=dict)
 
     def blocked_reason(self, ctx: _RunContext) -> str | None:
         if self.failure is not None:
@@ -104,9 +124,11 @@ class LlmJudge:
         criteria_of(config) order. Use judge_items() to get each verdict's item."""
         return [verdict for _, verdict in await self.judge_items(user_id, items, config)]
 
-    async def judge_items(self, user_id: str, items: Sequence[Item],
-                          config: LlmJudgeConfig) -> list[tuple[Item, Verdict]]:
-        jobs = self._jobs(items, config)
+    async def judge_items(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig,
+                          defer_transient: bool = False) -> list[tuple[Item, Verdict]]:
+        """defer_transient: raise RetryLater (once every call settled) when a call still
+        failed with a transient error after its retries, instead of applying on_error."""
+        jobs = self._jobs(user_id, items, config)
         if not jobs:
             return []
         problem = self._config_problem(config)
@@ -114,15 +136,23 @@ class LlmJudge:
             self._count("unscored_config", len(jobs), f"{problem} ({len(jobs)} verdicts)")
             return [(job.item, self._unscored(config, job.criterion, problem)) for job in jobs]
         request = _Request(config, self._settings.price_for(config.provider, config.model),
-                           self._retries(config))
+                           self._retries(config), defer_transient=defer_transient)
         cached = await cache.lookup(self._engine, user_id, [j.key for j in jobs if j.rubric])
         contexts = await self._contexts(user_id, config, jobs)
         verdicts = await asyncio.gather(*(
-            self._judge_job(request, contexts[job.item.run_id], job, cached) for job in jobs))
+            self._isolated_job(request, contexts[job.item.run_id], job, cached)
+            for job in jobs))
+        if request.deferred is not None and request.failure is None:
+            raise RetryLater(request.deferred)
         self._log_unscored(jobs, verdicts)
         if request.failure is not None:
             raise LlmJudgingFailed(request.failure)
-        return [(job.item, verdict) for job, verdict in zip(jobs, verdicts, strict=True)]
+        judged = [(job.item, verdict) for job, verdict in zip(jobs, verdicts, strict=True)]
+        if request.item_errors:
+            raise ItemsFailed(request.item_errors, [
+                pair for job, pair in zip(jobs, judged, strict=True)
+                if job.position not in request.item_errors])
+        return judged
 
     def _log_unscored(self, jobs: list[_Job], verdicts: Sequence[Verdict]) -> None:
         """One line per batch with unscored verdicts: how many, and why (reason classes)."""
@@ -136,23 +166,25 @@ class LlmJudge:
                     sum(reasons.values()), len(verdicts), ", ".join(runs), dict(reasons),
                     self.counters["unscored"])
 
-    def _jobs(self, items: Sequence[Item], config: LlmJudgeConfig) -> list[_Job]:
+    def _jobs(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig) -> list[_Job]:
         version = self._settings.llm_prompt_version
+        url = self._settings.endpoint_url(config.provider, config.endpoint)
         jobs = []
-        for item in items:
+        for position, item in enumerate(items):
             if not is_sampled(item, config.sample_rate):
                 continue
             for criterion in criteria_of(config):
                 rubric = rubric_of(config, criterion)
-                key = "" if rubric is None else cache.cache_key(config, version, criterion,
-                                                                  rubric, item)
-                jobs.append(_Job(item, criterion, rubric, key))
+                key = "" if rubric is None else cache.cache_key(user_id, config, url, version,
+                                                                  criterion, rubric, item)
+                jobs.append(_Job(item, criterion, rubric, key, position))
         return jobs
 
     def _config_problem(self, config: LlmJudgeConfig) -> str | None:
-        if not self._settings.llm_enabled(config.provider, config.base_url):
+        if not self._settings.llm_enabled(config.provider, config.endpoint):
             if config.provider == "openai_compatible":
-                return "llm judging is off: provider openai_compatible needs a base_url"
+                return (f"llm judging is off: no endpoint {config.endpoint!r} is configured "
+                        "here (EPOCHLENS_JUDGE_LLM_ENDPOINTS)")
             return (f"llm judging is off: no API key configured for provider {config.provider} "
                     f"(EPOCHLENS_JUDGE_{config.provider.upper()}_API_KEY)")
         price = self._settings.price_for(config.provider, config.model)
@@ -193,11 +225,27 @@ class LlmJudge:
         s = self._settings
         ceiling = min(config.concurrency or s.llm_default_concurrency, s.llm_max_concurrency)
         budget = s.llm_default_budget_usd if config.budget_usd is None else config.budget_usd
+        hold_s = s.llm_request_timeout_s + s.llm_reservation_grace_s
         return _RunContext(AimdLimiter(ceiling, s.llm_concurrency_increase_after),
-                           RunBudget(self._engine, user_id, run_id, budget))
+                           RunBudget(self._engine, user_id, run_id, budget, hold_s,
+                                     s.llm_budget_poll_s))
+
+    async def _isolated_job(self, request: _Request, ctx: _RunContext, job: _Job,
+                            cached: dict[str, cache.Entry]) -> Verdict:
+        """_judge_job; an exception fails the job's item only (request.item_errors)."""
+        try:
+            return await self._judge_job(request, ctx, job, cached)
+        except Exception as exc:  # noqa: BLE001 - one item's error must not fail the batch
+            reason = f"LLM judging raised {type(exc).__name__}: {exc}"
+            request.item_errors.setdefault(job.position, reason)
+            self.counters["item_errors"] += 1
+            log.error("%s (run %s, prediction %d/%d, criterion %s) [item errors: %d so far]",
+                      reason, job.item.run_id, job.item.step, job.item.sample_index,
+                      job.criterion, self.counters["item_errors"], exc_info=exc)
+            return self._unscored(request.config, job.criterion, reason)
 
     async def _judge_job(self, request: _Request, ctx: _RunContext, job: _Job,
-                         cached: dict[str, ParsedVerdict]) -> Verdict:
+                         cached: dict[str, cache.Entry]) -> Verdict:
         config = request.config
         if job.rubric is None:
             reason = (f"unknown criterion {job.criterion!r}: not a standard criterion and no "
@@ -207,42 +255,70 @@ class LlmJudge:
         hit = cached.get(job.key)
         if hit is not None:
             self.counters["cache_hits"] += 1
-            return self._scored(config, job.criterion, hit, 0, 0, 0.0)
+            # The call made for this very prediction (its judgments were never stored: a
+            # crash, a re-claim) keeps what it billed; a hit for any other costs nothing.
+            usage = ((hit.input_tokens, hit.output_tokens, hit.cost_usd)
+                     if hit.paid_for(job.item) else (0, 0, 0.0))
+            return self._scored(config, job.criterion, hit.verdict, *usage)
         return await self._paid(request, ctx, job)
 
     async def _paid(self, request: _Request, ctx: _RunContext, job: _Job) -> Verdict:
         """Calls the provider, retrying as the error's class allows."""
         prompt = render(self._settings.llm_prompt_version, job.criterion, job.rubric or "",
                         job.item)
+        most = max_call_cost(self._settings, request.price, prompt)
         error: CallError | None = None
-        for attempt in range(request.retries + 1):
+        attempt = 0
+        while attempt <= request.retries:
             if (blocked := request.blocked_reason(ctx)) is not None:
                 return self._blocked(request.config, job, blocked)
-            async with ctx.limiter.slot() as generation:
-                if (blocked := request.blocked_reason(ctx)) is not None:
-                    return self._blocked(request.config, job, blocked)
-                outcome = await self._attempt(request, ctx, job, prompt)
+            outcome, generation = await self._in_slot(request, ctx, job, prompt, most)
+            if outcome is None:
+                continue  # a 429 lowered the limit while this call reserved: queue again
+            if isinstance(outcome, Verdict):
+                return outcome
             if isinstance(outcome, CallError):
                 error = outcome
                 if not await self._after_error(ctx, job, error, generation, attempt, request):
                     break
+                attempt += 1
                 continue
             verdict, stored = outcome
             await stored  # the cost and the cache row are committed before the verdict returns
             return verdict
         return self._give_up(request, job, error)
 
+    async def _in_slot(self, request: _Request, ctx: _RunContext, job: _Job,
+                       prompt: RenderedPrompt, most: float
+                       ) -> tuple[Verdict | CallError | tuple[Verdict, Awaitable[None]] | None,
+                                  int]:
+        """In one concurrency slot: the reservation of the call's most cost, then the call.
+        Returns (a blocked verdict, the call's outcome, or None when a 429 lowered the limit
+        while the reservation was made: the slot is given back), and the slot's generation."""
+        async with ctx.limiter.slot() as generation:
+            blocked = request.blocked_reason(ctx) or await ctx.budget.reserve(most)
+            if blocked is not None:
+                return self._blocked(request.config, job, blocked), generation
+            if ctx.limiter.generation != generation:
+                ctx.budget.release(most)
+                return None, generation
+            return await self._attempt(request, ctx, job, prompt, most), generation
+
     async def _attempt(self, request: _Request, ctx: _RunContext, job: _Job,
-                       prompt: RenderedPrompt) -> CallError | tuple[Verdict, Awaitable[None]]:
-        """One call, inside the run's concurrency slot; a completed call is charged before the
-        slot is freed, so the next call's budget check sees its cost."""
+                       prompt: RenderedPrompt,
+                       reserved: float) -> CallError | tuple[Verdict, Awaitable[None]]:
+        """One call (its most cost `reserved` from the budget), inside the run's concurrency
+        slot; a completed call is settled before the slot is freed, so the next reservation
+        sees its cost. A call that failed gives its reservation back (nothing billed); one
+        that raised anything else keeps it until it expires (it may have been billed)."""
         try:
             self.counters["calls"] += 1
             reply = await providers.call(self._clients, self._settings, request.config, prompt)
         except SDK_ERRORS as exc:
+            ctx.budget.release(reserved)
             return classify(request.config.provider, exc)
         ctx.limiter.on_success()
-        return self._settle(request, ctx, job, reply)
+        return self._settle(request, ctx, job, reply, reserved)
 
     async def _after_error(self, ctx: _RunContext, job: _Job, error: CallError,
                            generation: int, attempt: int, request: _Request) -> bool:
@@ -276,6 +352,11 @@ class LlmJudge:
         if error is not None and error.kind is ErrorKind.PAUSE:
             return self._unscored(config, job.criterion, f"llm judging paused: {message}")
         reason = f"gave up: {message}"
+        if request.defer_transient and error is not None and error.kind in TRANSIENT_KINDS:
+            request.deferred = request.deferred or f"{job.criterion}: {message}"
+            self._count("deferred_transient", 1, f"{reason} (run {job.item.run_id}, criterion "
+                                                  f"{job.criterion}); tried again later")
+            return self._unscored(config, job.criterion, reason)
         fatal = error is not None and error.kind is ErrorKind.FATAL
         if config.on_error == "skip" or (fatal and config.on_error == "retry"):
             self._count("unscored_gave_up", 1, f"{reason} (run {job.item.run_id}, criterion "
@@ -286,12 +367,21 @@ class LlmJudge:
                                  f"{config.on_error}): {message}")
         return self._unscored(config, job.criterion, reason)
 
-    def _settle(self, request: _Request, ctx: _RunContext, job: _Job,
-                reply: Reply) -> tuple[Verdict, Awaitable[None]]:
-        """The verdict of a completed call, and its charge (cost, tokens, cache row) queued."""
+    def _settle(self, request: _Request, ctx: _RunContext, job: _Job, reply: Reply,
+                reserved: float) -> tuple[Verdict, Awaitable[None]]:
+        """The verdict of a completed call, and its charge (cost, tokens, cache row carrying
+        what it billed, reservation released) queued."""
         cost = call_cost(request.price, reply.input_tokens, reply.output_tokens)
-        entry = (job.key, reply.verdict) if reply.verdict is not None else None
-        stored = ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, entry)
+        if cost > reserved:
+            self._count("reservation_exceeded", 1, f"LLM call cost ${cost:.6f}, above the "
+                        f"${reserved:.6f} reserved for it (run {job.item.run_id}): raise "
+                        "llm_reserve_overhead_tokens")
+        item = job.item
+        entry = None if reply.verdict is None else cache.Entry(
+            job.key, reply.verdict, item.run_id, item.step, item.sample_index,
+            reply.input_tokens, reply.output_tokens, cost)
+        stored = ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, entry,
+                                   reserved)
         usage = (reply.input_tokens, reply.output_tokens, cost)
         if reply.verdict is None:
             reason = f"unparseable reply: {reply.parse_error}"

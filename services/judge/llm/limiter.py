@@ -68,6 +68,12 @@ class AimdLimiter:
                 self.in_flight += 1
                 waiter.set_result(None)
 
+    @property
+    def generation(self) -> int:
+        """Changes with every decrease: a holder of a slot from an earlier generation that has
+        not called yet gives its slot back and queues again under the lowered limit."""
+        return self._generation
+
     async def _wait_pause(self) -> None:
         """Waits out the Retry-After pause (a 429 during the wait may extend it)."""
         loop = asyncio.get_running_loop()

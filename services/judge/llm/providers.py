@@ -2,7 +2,8 @@
 
 * openai: chat.completions with a strict JSON schema response format.
 * anthropic: messages with a forced `record_verdict` tool call.
-* openai_compatible (vLLM, Ollama, llama.cpp): the OpenAI SDK at the run's base_url with the
+* openai_compatible (vLLM, Ollama, llama.cpp): the OpenAI SDK at the base URL of the endpoint
+  the run names (operator configuration, with that endpoint's own key) with the
   JSON object response format and a lenient parse (the first JSON object in the text, else a
   "score: N" pattern).
 Every call runs at temperature 0 (except for models configured as rejecting a temperature)
@@ -57,19 +58,20 @@ class Reply:
 
 
 class ProviderClients:
-    """SDK clients, one per (provider, base_url), reused across calls (connection pools)."""
+    """SDK clients, one per (provider, endpoint name), reused across calls (connection
+    pools). URLs and keys come from the settings only: a key is sent to its own URL."""
 
     def __init__(self, settings: LlmSettings) -> None:
         self._settings = settings
         self._clients: dict[tuple[str, str | None], Any] = {}
 
-    def get(self, provider: str, base_url: str | None) -> Any:
-        key = (provider, base_url if provider == "openai_compatible" else None)
+    def get(self, provider: str, endpoint: str | None) -> Any:
+        key = (provider, endpoint if provider == "openai_compatible" else None)
         if key not in self._clients:
-            self._clients[key] = self._create(provider, base_url)
+            self._clients[key] = self._create(provider, endpoint)
         return self._clients[key]
 
-    def _create(self, provider: str, base_url: str | None) -> Any:
+    def _create(self, provider: str, endpoint: str | None) -> Any:
         s = self._settings
         common = {"timeout": s.llm_request_timeout_s, "max_retries": 0}
         if provider == "openai":
@@ -78,8 +80,12 @@ class ProviderClients:
         if provider == "anthropic":
             return anthropic.AsyncAnthropic(api_key=_secret(s.anthropic_api_key),
                                             base_url=s.anthropic_base_url, **common)
-        key = _secret(s.openai_compatible_api_key) or KEYLESS_SERVER_KEY
-        return openai.AsyncOpenAI(api_key=key, base_url=base_url, **common)
+        known = s.llm_endpoints.get(endpoint or "")
+        if known is None:
+            raise ValueError(f"no LLM endpoint named {endpoint!r} is configured "
+                             "(EPOCHLENS_JUDGE_LLM_ENDPOINTS)")
+        return openai.AsyncOpenAI(api_key=known.key() or KEYLESS_SERVER_KEY,
+                                  base_url=known.base_url, **common)
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
@@ -90,7 +96,7 @@ class ProviderClients:
 async def call(clients: ProviderClients, settings: LlmSettings, config: LlmJudgeConfig,
                prompt: RenderedPrompt) -> Reply:
     """One judge call; raises the SDK's errors (classified by the caller)."""
-    client = clients.get(config.provider, config.base_url)
+    client = clients.get(config.provider, config.endpoint)
     # Temperature 0 (deterministic verdicts), sent as a body field: the Anthropic SDK has no
     # argument for it any more, and reasoning models reject one (settings). The schema-bearing
     # fields go as body fields too: the wire format is the same, and the SDKs' recursive

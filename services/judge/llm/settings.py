@@ -6,7 +6,9 @@ is read from EPOCHLENS_JUDGE_LLM_PRICES (JSON). Prices are configuration, never 
 defaults below are only a starting point and must be checked against the providers' price lists.
 """
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from services.judge.llm.prompts import PROMPT_TEMPLATES
@@ -21,6 +23,36 @@ class ModelPrice(BaseModel):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+
+
+class LlmEndpoint(BaseModel):
+    """An OpenAI-compatible server (vLLM, Ollama, llama.cpp) runs may use, by name. Only the
+    operator names URLs and keys: a run config picks an endpoint by its name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(pattern=r"^https?://\S+$")
+    # The key sent to this server only: given here, or the name of an environment variable
+    # holding it; neither: the server needs no key (providers.KEYLESS_SERVER_KEY is sent,
+    # because the SDK refuses an empty one).
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    # Models runs may ask this server for; None: any.
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "LlmEndpoint":
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        if self.api_key_env is not None and self.api_key_env not in os.environ:
+            raise ValueError(f"api_key_env names {self.api_key_env}, which is not set")
+        return self
+
+    def key(self) -> str | None:
+        """The key to send to this endpoint, None when it has none."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ[self.api_key_env] if self.api_key_env is not None else None
 
 
 DEFAULT_PRICES = {
@@ -38,9 +70,12 @@ class LlmSettings(BaseSettings):
         None, description="OpenAI API key; unset: LLM judging with provider openai is off.")
     anthropic_api_key: SecretStr | None = Field(
         None, description="Anthropic API key; unset: LLM judging with provider anthropic is off.")
-    openai_compatible_api_key: SecretStr | None = Field(
-        None, description="Key sent to OpenAI-compatible servers (vLLM, Ollama, llama.cpp); "
-        "unset: none is sent (those servers usually need none).")
+    llm_endpoints: dict[str, LlmEndpoint] = Field(
+        default_factory=dict, description="OpenAI-compatible servers (vLLM, Ollama, llama.cpp) "
+        "runs may use with provider openai_compatible, by name, JSON: {\"name\": {\"base_url\": "
+        "\"http://host:8000/v1\", \"api_key_env\": \"VAR\" or \"api_key\": \"...\", "
+        "\"models\": [...] (optional)}}. A run config names one (llm.endpoint) and never a URL; "
+        "a key goes only to its own endpoint.")
     openai_base_url: str | None = Field(
         None, description="OpenAI API base URL; unset: the SDK default (api.openai.com).")
     anthropic_base_url: str | None = Field(
@@ -100,6 +135,18 @@ class LlmSettings(BaseSettings):
     llm_tracked_runs: int = Field(
         1024, ge=1, description="Runs whose concurrency and budget state a judge keeps in "
         "memory (least recently used are dropped and reloaded when needed).")
+    llm_reserve_overhead_tokens: int = Field(
+        512, ge=0, description="Input tokens a call's budget reservation adds to its prompt "
+        "(UTF-8 bytes, a bound on its tokens) for what the provider also counts: message "
+        "framing, the verdict schema or tool.")
+    llm_reservation_grace_s: float = Field(
+        30.0, gt=0, description="A budget reservation not settled within "
+        "llm_request_timeout_s plus this many seconds (its judge died mid-call) is counted "
+        "as spent at its full amount: the call may have been billed.")
+    llm_budget_poll_s: float = Field(
+        0.2, gt=0, description="While a call's reservation does not fit only because of "
+        "calls in flight, it is tried again when one of this judge's calls settles, or "
+        "after this many seconds (calls of other judge replicas), seconds.")
 
     @field_validator("llm_prompt_version")
     @classmethod
@@ -108,16 +155,25 @@ class LlmSettings(BaseSettings):
             raise ValueError(f"unknown prompt version {value!r}; known: {sorted(PROMPT_TEMPLATES)}")
         return value
 
-    def llm_enabled(self, provider: str, base_url: str | None = None) -> bool:
-        """Whether LLM judging with `provider` can run: a key for it (a base_url for
-        openai_compatible, the run config's)."""
+    def llm_enabled(self, provider: str, endpoint: str | None = None) -> bool:
+        """Whether LLM judging with `provider` can run: a key for it (for openai_compatible,
+        `endpoint` names a configured endpoint)."""
         if provider == "openai":
             return self.openai_api_key is not None
         if provider == "anthropic":
             return self.anthropic_api_key is not None
         if provider == "openai_compatible":
-            return bool(base_url)
+            return endpoint is not None and endpoint in self.llm_endpoints
         return False
+
+    def endpoint_url(self, provider: str, endpoint: str | None) -> str | None:
+        """Base URL the calls of `provider` go to (None: the SDK's default)."""
+        if provider == "openai":
+            return self.openai_base_url
+        if provider == "anthropic":
+            return self.anthropic_base_url
+        known = self.llm_endpoints.get(endpoint or "")
+        return known.base_url if known is not None else None
 
     def price_for(self, provider: str, model: str) -> ModelPrice | None:
         """The configured price of `provider/model` (or of `model`), None when unknown."""
