@@ -5,6 +5,7 @@ the embedded SQLite store)."""
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,20 +59,28 @@ def auth_settings() -> AuthSettings:
     return AuthSettings(jwt_secret=JWT_SECRET, _env_file=None)
 
 
-@pytest.fixture(scope="session")
-async def pg_database() -> AsyncIterator[str]:
-    """A new database, migrated; dropped after the session."""
-    name = f"epochlens_test_{uuid.uuid4().hex[:8]}"
+@asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """A new PostgreSQL database named epochlens_test_<prefix>_<random>, migrated by the
+    migrate step (both schemas, the three roles); dropped on exit."""
+    name = f"epochlens_test_{prefix}_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name),
                                       writer_role=WRITER_ROLE, reader_role=READER_ROLE,
-                                      judge_role=JUDGE_ROLE))
+                                      judge_role=JUDGE_ROLE, _env_file=None))
         yield name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_database() -> AsyncIterator[str]:
+    """A new database for the session, migrated; dropped after the session."""
+    async with migrated_database("session") as name:
+        yield name
 
 
 async def _start_stack(backend: str, auth: AuthSettings, database: str | None,

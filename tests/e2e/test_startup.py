@@ -7,7 +7,6 @@ role read the revision of every schema it uses."""
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -19,17 +18,14 @@ from services.common.schema_check import script_heads
 from services.common.startup import StartupError
 from services.query.config import QuerySettings
 from services.query.server import start as start_query
-from services.writer.config import MigrateSettings
-from services.writer.migrate import migrate
 from tests.conftest import (
-    JUDGE_ROLE,
     JWT_SECRET,
     PAGE_SECRET,
     PG_ADMIN,
     PG_HOST,
     PG_PORT,
     READER_ROLE,
-    WRITER_ROLE,
+    migrated_database,
     pg_url,
 )
 from tests.e2e.test_stack import free_port
@@ -126,17 +122,8 @@ def test_a_second_writer_on_the_same_port_exits_with_one_line(tmp_path):
 @pytest.fixture
 async def fresh_pg_database():
     """A new database migrated by the migrate step; dropped afterwards."""
-    name = f"epochlens_test_startup_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name), writer_role=WRITER_ROLE,
-                                      reader_role=READER_ROLE, judge_role=JUDGE_ROLE,
-                                      _env_file=None))
+    async with migrated_database("startup") as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_query_role_reads_both_revisions_and_refuses_a_schema_behind(fresh_pg_database,

@@ -28,7 +28,6 @@ from services.judge.config import JudgeSettings
 from services.judge.models import judgments_table
 from services.judge.server import start as start_judge
 from services.writer.config import MigrateSettings, WriterSettings
-from services.writer.migrate import migrate
 from services.writer.models import WriterBase, judge_outbox_table
 from services.writer.outbox import backoff_s
 from services.writer.server import start as start_writer
@@ -37,8 +36,8 @@ from tests.conftest import (
     PG_ADMIN,
     PG_HOST,
     PG_PORT,
-    READER_ROLE,
     WRITER_ROLE,
+    migrated_database,
     pg_url,
 )
 from tests.helpers import create_run, item
@@ -68,17 +67,8 @@ async def wait_until(check: Callable[[], Awaitable[bool]], what: str,
 @pytest.fixture(scope="module")
 async def handoff_db() -> AsyncIterator[str]:
     """A database of this module's own, migrated (schemas writer and judge, roles)."""
-    name = f"epochlens_test_handoff_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name), writer_role=WRITER_ROLE,
-                                      reader_role=READER_ROLE, judge_role=JUDGE_ROLE,
-                                      _env_file=None))
+    async with migrated_database("handoff") as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture

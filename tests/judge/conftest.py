@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,7 +21,7 @@ from services.judge.schema import Item
 from services.writer.config import MigrateSettings
 from services.writer.migrate import migrate
 from services.writer.models import predictions_table, runs_table
-from tests.conftest import JUDGE_ROLE, PG_ADMIN, PG_HOST, PG_PORT, pg_url
+from tests.conftest import JUDGE_ROLE, PG_ADMIN, migrated_database, pg_url
 
 TABLES = ("judgments", "tasks", "llm_cache", "run_llm_state", "judgment_revisions")
 
@@ -79,16 +78,8 @@ class JudgeDb:
 
 @pytest.fixture(scope="session")
 async def judge_pg_database() -> AsyncIterator[str]:
-    name = f"epochlens_test_judge_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name), judge_role=JUDGE_ROLE,
-                                      _env_file=None))
+    async with migrated_database("judge") as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(scope="session")

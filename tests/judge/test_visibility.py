@@ -42,11 +42,17 @@ from services.judge.server import start
 from services.judge.store import TaskState
 from services.query.config import QuerySettings
 from services.query.server import start as start_query
-from services.writer.config import MigrateSettings
-from services.writer.migrate import migrate
 from services.writer.models import judge_outbox_table
 from services.writer.server import start as start_writer
-from tests.conftest import JUDGE_ROLE, PAGE_SECRET, PG_ADMIN, PG_HOST, PG_PORT, READER_ROLE, pg_url
+from tests.conftest import (
+    JUDGE_ROLE,
+    PAGE_SECRET,
+    PG_HOST,
+    PG_PORT,
+    READER_ROLE,
+    migrated_database,
+    pg_url,
+)
 from tests.helpers import create_run, field_violations, grid, rich_status
 from tests.integration.test_handoff import free_port, judge_up, wait_until, writer_settings
 from tests.integration.test_query_judgments import NO_JUDGING, insert_rows, settled, task_row
@@ -253,6 +259,9 @@ async def test_resume_clears_a_pause_and_judges_again(judge, fake_llm):
      "config.judge.llm.budget_usd"),
     ({"llm": {"provider": "nope", "model": "m"}}, "config.judge.llm.provider"),
     ({"rules": {"criteria": ["no_such_rule"]}}, "config.judge.rules.criteria"),
+    ({"rules": {"pattern": r"(a)\1"}}, "config.judge.rules.pattern"),
+    ({"llm": {"provider": "openai_compatible", "model": "m",
+              "base_url": "http://169.254.169.254/"}}, "config.judge.llm.base_url"),
     ("rules only", "config.judge"),
 ])
 async def test_create_run_refuses_a_judge_section_the_judge_refuses(stack, writer_stub,
@@ -271,16 +280,8 @@ async def test_create_run_refuses_a_judge_section_the_judge_refuses(stack, write
 async def own_db() -> AsyncIterator[str]:
     """A PostgreSQL database of this module's own: its writers and judges come and go
     without the shared stack's dispatcher handing rows around."""
-    name = f"epochlens_test_visibility_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, database="postgres")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        await migrate(MigrateSettings(database_url=pg_url(PG_ADMIN, name), judge_role=JUDGE_ROLE,
-                                      _env_file=None))
+    async with migrated_database("visibility") as name:
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_create_run_is_unavailable_while_the_judge_is_down(own_db, auth_settings):
