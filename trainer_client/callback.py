@@ -213,10 +213,10 @@ class PredictionsCallback(TrainerCallback):
         self.counts["failed_samples"] += failed
         steps = state.global_step
         train_s = time.perf_counter() - self._train_started - self._prediction_s
-        in_steps = elapsed / (train_s / steps) if steps and train_s > 0 else float("nan")
-        log.info("predictions at epoch %d step %d: %d generated, %d failed, %.2fs "
-                 "(= %.1f training steps)", epoch, steps, len(results) - failed, failed,
-                 elapsed, in_steps)
+        cost = (f"= {elapsed / (train_s / steps):.1f} training steps" if steps and train_s > 0
+                else "before any training step")
+        log.info("predictions at epoch %d step %d: %d generated, %d failed, %.2fs (%s)",
+                 epoch, steps, len(results) - failed, failed, elapsed, cost)
 
     def _run_name(self, args) -> str:
         name = self._names["run"] or getattr(args, "run_name", None)

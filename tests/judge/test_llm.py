@@ -25,6 +25,7 @@ from services.common.config import DatabaseSettings
 from services.common.db import create_engine
 from services.common.errors import InvalidArgument
 from services.judge.llm import cost
+from services.judge.llm.budget import RunBudget
 from services.judge.llm.errors import LlmJudgingFailed, retry_after
 from services.judge.llm.judge import LlmJudge, is_sampled
 from services.judge.llm.limiter import AimdLimiter
@@ -405,6 +406,47 @@ async def test_budget_holds_at_concurrency_4(fake, judge_for, pg_db):
     row = await state_row(pg_db, run_id)
     assert row.budget_exhausted and row.spent_usd == pytest.approx(len(fake.requests) * CALL_COST)
     assert row.spent_usd <= 0.009 and row.reserved_usd == 0.0
+
+
+async def test_budget_lease_reserves_once_for_several_calls_and_returns_the_rest(any_db):
+    """lease_calls=4: the first call reserves four calls' worth in the row, the next three
+    take it without touching the database; a settled call takes its cost out of the row's
+    reservation, and once no call is in flight the rest of the lease goes back."""
+    run_id, amount = uuid.uuid4(), 0.01
+    budget = RunBudget(any_db.engine, USER, run_id, 1.0, hold_s=60, poll_s=0.1,
+                       lease_calls=4, lease_fresh_s=30)
+    await budget.load()
+    assert [await budget.reserve(amount) for _ in range(4)] == [None] * 4
+    assert (await state_row(any_db, run_id)).reserved_usd == pytest.approx(4 * amount)
+    assert await budget.reserve(amount) is None  # the lease is spoken for: four more
+    assert (await state_row(any_db, run_id)).reserved_usd == pytest.approx(8 * amount)
+    await budget.charge(0.002, 10, 10, None, amount)
+    row = await state_row(any_db, run_id)
+    assert (row.spent_usd, row.reserved_usd) == (pytest.approx(0.002), pytest.approx(0.078))
+    for _ in range(3):
+        budget.release(amount)
+    await budget.charge(0.003, 10, 10, None, amount)
+    await budget.drain()
+    row = await state_row(any_db, run_id)
+    assert (row.spent_usd, row.reserved_usd, row.reserved_until) == (
+        pytest.approx(0.005), 0.0, None)
+    assert budget.state.reserved_usd == 0.0 and budget.state.spent_usd == pytest.approx(0.005)
+
+
+async def test_budget_lease_falls_back_to_one_call_when_the_lease_does_not_fit(any_db):
+    run_id = uuid.uuid4()
+    budget = RunBudget(any_db.engine, USER, run_id, 0.025, hold_s=60, poll_s=0.1,
+                       lease_calls=4, lease_fresh_s=30)
+    await budget.load()
+    assert [await budget.reserve(0.01) for _ in range(2)] == [None, None]
+    assert (await state_row(any_db, run_id)).reserved_usd == pytest.approx(0.02)
+    third = asyncio.create_task(budget.reserve(0.01))
+    await asyncio.sleep(0.3)
+    assert not third.done()  # it fits only once a call in flight settles
+    await budget.charge(0.002, 10, 10, None, 0.01)
+    assert await third is None
+    row = await state_row(any_db, run_id)
+    assert (row.spent_usd, row.reserved_usd) == (pytest.approx(0.002), pytest.approx(0.02))
 
 
 async def test_zero_budget_makes_no_call(fake, judge_for):

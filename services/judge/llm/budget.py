@@ -5,7 +5,9 @@ budget_usd or the service default). Spending never exceeds the budget: before ea
 the judge reserves the most that call may cost (services.judge.llm.cost.max_call_cost) in the
 run's row, granted only while spent + reserved + this call <= budget, across every worker and
 replica (the run's reserver task takes the reservations queued meanwhile into one transaction:
-one conditional UPDATE when all fit, else the row locked and each granted in order). A call
+one conditional UPDATE when all fit, else the row locked and each granted in order). A judge
+reserves lease_calls calls' worth at once (its lease) and hands it to its own calls without a
+round trip; the lease's unspent rest goes back once none of its calls is in flight. A call
 that does not fit is not made: while it does not fit only because
 of calls in flight it waits for them to settle; once spent + this call exceeds the budget the
 run's budget is exhausted (budget_exhausted, the summary says so). A completed call is settled
@@ -20,6 +22,7 @@ per request.
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -105,9 +108,13 @@ class RunBudget:
     """Budget and pause state of one run (run_id None: an ad hoc request, memory only)."""
 
     def __init__(self, engine: AsyncEngine, user_id: str, run_id: uuid.UUID | None,
-                 budget_usd: float, hold_s: float, poll_s: float) -> None:
+                 budget_usd: float, hold_s: float, poll_s: float, lease_calls: int = 1,
+                 lease_fresh_s: float = 0.0) -> None:
         """hold_s: how long a reservation may stay unsettled before it counts as spent;
-        poll_s: longest wait before a reservation that did not fit is tried again."""
+        poll_s: longest wait before a reservation that did not fit is tried again;
+        lease_calls: calls' worth of budget reserved in the database at once (the lease),
+        handed out locally; lease_fresh_s: how long after it is taken a lease may be handed
+        out (hold_s less the longest call, so a call from it settles before it expires)."""
         self._engine = engine
         self._user_id = user_id
         self.run_id = run_id
@@ -121,6 +128,11 @@ class RunBudget:
         self._settled = asyncio.Event()
         self._wanted: list[_Wanted] = []
         self._reserver: asyncio.Task[None] | None = None
+        self._lease_calls = lease_calls
+        self._lease_fresh_s = lease_fresh_s
+        self._lease = 0.0  # reserved in the database by this judge and not spent yet
+        self._held = 0.0  # the part of the lease held by calls in flight
+        self._lease_fresh_until = 0.0  # monotonic time the lease may be handed out until
 
     async def load(self) -> None:
         """Creates the run's row when missing and reads the current state."""
@@ -144,7 +156,9 @@ class RunBudget:
         if amount_usd <= 0:
             return self.state.blocked_reason()
         while True:
-            if await self._reserve_once(amount_usd):
+            if (reason := self.state.blocked_reason()) is not None:
+                return reason
+            if self._from_lease(amount_usd) or await self._extend_lease(amount_usd):
                 return None
             if (reason := self.state.blocked_reason()) is not None:
                 return reason
@@ -156,6 +170,44 @@ class RunBudget:
             except TimeoutError:
                 pass
 
+    def _from_lease(self, amount_usd: float) -> bool:
+        """Takes amount_usd from this judge's lease when it is fresh and holds enough."""
+        if (self.run_id is None or time.monotonic() > self._lease_fresh_until
+                or self._lease - self._held < amount_usd - USD_EPSILON):
+            return False
+        self._held += amount_usd
+        return True
+
+    async def _extend_lease(self, amount_usd: float) -> bool:
+        """Adds lease_calls calls' worth to the lease in the database (only what the lease
+        lacks for this call when that does not fit) and takes amount_usd from it; any new
+        reservation renews the run's reserved_until, so the whole lease is fresh again."""
+        if self.run_id is None:
+            return await self._reserve_once(amount_usd)
+        granted = True
+        while granted:  # calls of this judge may take the lease while this one waits
+            lacking = max(amount_usd - (self._lease - self._held), 0.0)
+            for wanted in dict.fromkeys((amount_usd * self._lease_calls, lacking)):
+                if granted := await self._reserve_once(wanted):
+                    self._lease += wanted
+                    self._lease_fresh_until = time.monotonic() + self._lease_fresh_s
+                    break
+            if granted and self._from_lease(amount_usd):
+                return True
+        return False
+
+    def _settle_lease(self, cost_usd: float, reserved_usd: float) -> float:
+        """A call of reserved_usd settled at cost_usd: what the database's reserved_usd drops
+        by (the cost leaves the lease; once no call is in flight the rest goes back too)."""
+        if self.run_id is None:
+            return reserved_usd
+        self._held = max(self._held - reserved_usd, 0.0)
+        released = min(cost_usd, self._lease)
+        self._lease -= released
+        if self._held <= USD_EPSILON:
+            released, self._lease, self._held = released + self._lease, 0.0, 0.0
+        return released
+
     def release(self, reserved_usd: float) -> None:
         """Gives back the reservation of a call that billed nothing (it failed); written in
         the background (a write that fails is logged and counted by the writer task)."""
@@ -166,13 +218,16 @@ class RunBudget:
         """Settles a paid call in memory now (cost spent, reservation released) and queues it
         for the run's writer; the future is done once the settlement (and the verdict's cache
         row) is committed, or carries the write's error."""
-        loop = asyncio.get_running_loop()
-        charge = Charge(cost_usd, input_tokens, output_tokens, cached, reserved_usd,
-                        loop.create_future())
+        charge = Charge(cost_usd, input_tokens, output_tokens, cached,
+                        self._settle_lease(cost_usd, reserved_usd),
+                        asyncio.get_running_loop().create_future())
+        return self._queue_charge(charge)
+
+    def _queue_charge(self, charge: "Charge") -> asyncio.Future[None]:
         self.state = self.state.plus([charge])
         self._queued.append(charge)
         if self._writer is None or self._writer.done():
-            self._writer = loop.create_task(self._write_queued())
+            self._writer = asyncio.get_running_loop().create_task(self._write_queued())
         return charge.stored
 
     async def _write_queued(self) -> None:
@@ -275,8 +330,11 @@ class RunBudget:
             for wanted, ok in zip(batch, granted, strict=True):
                 if not wanted.granted.done():
                     wanted.granted.set_result(ok)
-                elif ok:  # its caller is gone: give the reservation back
-                    self.release(wanted.amount_usd)
+                elif ok:  # its caller is gone: give the reservation back to the database
+                    self._queue_charge(Charge(
+                        0.0, 0, 0, None, wanted.amount_usd,
+                        asyncio.get_running_loop().create_future())).add_done_callback(
+                        _retrieved)
 
     async def _reserve_batch(self, amounts: list[float]) -> list[bool]:
         """One transaction: every amount at once when all fit (one conditional UPDATE, the

@@ -228,7 +228,8 @@ class LlmJudge:
         hold_s = s.llm_request_timeout_s + s.llm_reservation_grace_s
         return _RunContext(AimdLimiter(ceiling, s.llm_concurrency_increase_after),
                            RunBudget(self._engine, user_id, run_id, budget, hold_s,
-                                     s.llm_budget_poll_s))
+                                     s.llm_budget_poll_s, s.llm_reserve_lease_calls,
+                                     s.llm_reservation_grace_s))
 
     async def _isolated_job(self, request: _Request, ctx: _RunContext, job: _Job,
                             cached: dict[str, cache.Entry]) -> Verdict:

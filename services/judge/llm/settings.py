@@ -139,6 +139,11 @@ class LlmSettings(BaseSettings):
         512, ge=0, description="Input tokens a call's budget reservation adds to its prompt "
         "(UTF-8 bytes, a bound on its tokens) for what the provider also counts: message "
         "framing, the verdict schema or tool.")
+    llm_reserve_lease_calls: int = Field(
+        8, ge=1, description="A judge reserves budget for this many calls at once (while "
+        "they fit) and hands it out to its own calls without a database round trip (for "
+        "llm_reservation_grace_s after it is taken); what is left goes back once none of its "
+        "calls is in flight. 1: one reservation per call.")
     llm_reservation_grace_s: float = Field(
         30.0, gt=0, description="A budget reservation not settled within "
         "llm_request_timeout_s plus this many seconds (its judge died mid-call) is counted "
