@@ -160,6 +160,7 @@ class RunBudget:
                 return reason
             if self._from_lease(amount_usd) or await self._extend_lease(amount_usd):
                 return None
+            self._return_idle_lease()
             if (reason := self.state.blocked_reason()) is not None:
                 return reason
             if self.state.spent_usd + amount_usd > self.state.budget_usd:
@@ -195,6 +196,21 @@ class RunBudget:
             if granted and self._from_lease(amount_usd):
                 return True
         return False
+
+    def _return_idle_lease(self) -> None:
+        """Gives the lease back to the database when none of this judge's calls holds any of
+        it (a lease taken by a call that then did not fit, or its unused rest): other judges
+        of the run may need it."""
+        if self.run_id is None or self._held > USD_EPSILON or self._lease <= 0:
+            return
+        lease, self._lease, self._held = self._lease, 0.0, 0.0
+        self._give_back(lease)
+
+    def _give_back(self, reserved_usd: float) -> None:
+        """Releases reserved_usd of the run's row that no call holds, in the background."""
+        self._queue_charge(Charge(0.0, 0, 0, None, reserved_usd,
+                                  asyncio.get_running_loop().create_future())
+                           ).add_done_callback(_retrieved)
 
     def _settle_lease(self, cost_usd: float, reserved_usd: float) -> float:
         """A call of reserved_usd settled at cost_usd: what the database's reserved_usd drops
@@ -331,10 +347,7 @@ class RunBudget:
                 if not wanted.granted.done():
                     wanted.granted.set_result(ok)
                 elif ok:  # its caller is gone: give the reservation back to the database
-                    self._queue_charge(Charge(
-                        0.0, 0, 0, None, wanted.amount_usd,
-                        asyncio.get_running_loop().create_future())).add_done_callback(
-                        _retrieved)
+                    self._give_back(wanted.amount_usd)
 
     async def _reserve_batch(self, amounts: list[float]) -> list[bool]:
         """One transaction: every amount at once when all fit (one conditional UPDATE, the
