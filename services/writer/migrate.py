@@ -31,14 +31,16 @@ async def migrate(settings: MigrateSettings) -> None:
     await migrate_judge(settings)
 
 
-# Table privileges per role kind. Predictions are immutable: the writer may not update them.
+# Table privileges per role kind. Predictions and metrics are immutable: the writer may not
+# update them.
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
-                 "judge_outbox": "SELECT, INSERT, UPDATE, DELETE"}
+                 "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
+                 "metrics": "SELECT, INSERT"}
 # The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
 # is waiting, and why.
 READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",
-                 "judge_outbox": "SELECT"}
+                 "judge_outbox": "SELECT", "metrics": "SELECT"}
 
 
 async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> None:

@@ -116,7 +116,27 @@ class JudgeOutboxRow(WriterBase):
     __table_args__ = (Index(None, "next_attempt_time"),)
 
 
+class MetricRow(WriterBase):
+    """One training scalar per (run, step, name). Immutable like predictions: the first value
+    stored for a key stays (services.writer.repository.MetricWrite)."""
+
+    __tablename__ = "metrics"
+
+    # No foreign key to runs, like predictions: the commit locks the owned runs instead.
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    value: Mapped[float] = mapped_column(Float(precision=53))
+    epoch: Mapped[float | None] = mapped_column(Float(precision=53))
+    wall_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index(None, "run_id", "name", "step"),)
+
+
 runs_table = RunRow.__table__
 predictions_table = PredictionRow.__table__
 epochs_table = EpochRow.__table__
 judge_outbox_table = JudgeOutboxRow.__table__
+metrics_table = MetricRow.__table__

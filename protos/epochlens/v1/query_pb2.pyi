@@ -791,3 +791,177 @@ class ListJudgmentRevisionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJudgmentRevisionsResponse: _TypeAlias = ListJudgmentRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class ListMetricsRequest(_message.Message):
+    """Request for ListMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_FIELD_NUMBER: _builtins.int
+    START_STEP_FIELD_NUMBER: _builtins.int
+    END_STEP_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    max_points: _builtins.int
+    """Most points per series: 0 means the service default, above the service maximum is
+    clamped, negative is INVALID_ARGUMENT. The service may lower it further so that the whole
+    response stays within its total point budget.
+    """
+    start_step: _builtins.int
+    """Only steps >= start_step, when set."""
+    end_step: _builtins.int
+    """Only steps <= end_step, when set."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these metric names; empty means every name of the run (up to the service's limit
+        on series per response, in name order).
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        max_points: _builtins.int = ...,
+        start_step: _builtins.int | None = ...,
+        end_step: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "start_step", b"start_step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "max_points", b"max_points", "names", b"names", "run_id", b"run_id", "start_step", b"start_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_step: _TypeAlias = _typing.Literal["end_step"]  # noqa: Y015
+    _WhichOneofArgType__end_step: _TypeAlias = _typing.Literal["_end_step", b"_end_step"]  # noqa: Y015
+    _WhichOneofReturnType__start_step: _TypeAlias = _typing.Literal["start_step"]  # noqa: Y015
+    _WhichOneofArgType__start_step: _TypeAlias = _typing.Literal["_start_step", b"_start_step"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_step) -> _WhichOneofReturnType__end_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_step) -> _WhichOneofReturnType__start_step | None: ...
+
+Global___ListMetricsRequest: _TypeAlias = ListMetricsRequest  # noqa: Y015
+
+@_typing.final
+class MetricPoint(_message.Message):
+    """One point of a metric series: a stored value, or the summary of a bucket of steps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    WALL_TIME_FIELD_NUMBER: _builtins.int
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step of the point (for a bucket: its last step)."""
+    value: _builtins.float
+    """The value at that step."""
+    epoch: _builtins.float
+    """Fractional training epoch at that step, when the trainer sent it."""
+    min_value: _builtins.float
+    """Smallest value in the bucket (equals value when the series is not downsampled)."""
+    max_value: _builtins.float
+    """Largest value in the bucket (equals value when the series is not downsampled)."""
+    count: _builtins.int
+    """Number of stored values the point stands for (1 when not downsampled)."""
+    @_builtins.property
+    def wall_time(self) -> _timestamp_pb2.Timestamp:
+        """When the trainer logged the value."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        value: _builtins.float = ...,
+        epoch: _builtins.float | None = ...,
+        wall_time: _timestamp_pb2.Timestamp | None = ...,
+        min_value: _builtins.float = ...,
+        max_value: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "wall_time", b"wall_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "count", b"count", "epoch", b"epoch", "max_value", b"max_value", "min_value", b"min_value", "step", b"step", "value", b"value", "wall_time", b"wall_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
+
+@_typing.final
+class MetricSeries(_message.Message):
+    """One metric of a run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    STORED_COUNT_FIELD_NUMBER: _builtins.int
+    DOWNSAMPLED_FIELD_NUMBER: _builtins.int
+    BUCKET_STEPS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The metric name."""
+    stored_count: _builtins.int
+    """Number of stored values of the series in the requested step range."""
+    downsampled: _builtins.bool
+    """True when points are step buckets rather than the stored values themselves."""
+    bucket_steps: _builtins.int
+    """Width of a bucket in steps (1 when not downsampled)."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """The points, ordered by step."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+        stored_count: _builtins.int = ...,
+        downsampled: _builtins.bool = ...,
+        bucket_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_steps", b"bucket_steps", "downsampled", b"downsampled", "name", b"name", "points", b"points", "stored_count", b"stored_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricSeries: _TypeAlias = MetricSeries  # noqa: Y015
+
+@_typing.final
+class ListMetricsResponse(_message.Message):
+    """Response of ListMetricsRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    OMITTED_NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSeries]:
+        """One series per metric name, in name order."""
+
+    @_builtins.property
+    def omitted_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the run left out because the response holds at most the service's number of
+        series (only when no names were requested); ask for them by name.
+        """
+
+    def __init__(
+        self,
+        *,
+        series: _abc.Iterable[Global___MetricSeries] | None = ...,
+        omitted_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["omitted_names", b"omitted_names", "series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricsResponse: _TypeAlias = ListMetricsResponse  # noqa: Y015

@@ -81,6 +81,11 @@ class QueryServiceStub:
                 request_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.FromString,
                 _registered_method=True)
+        self.ListMetrics = channel.unary_unary(
+                '/epochlens.v1.QueryService/ListMetrics',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -150,6 +155,15 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMetrics(self, request, context):
+        """A run's training metrics, one series per name ordered by step. Not paged: a series longer
+        than max_points is downsampled on the server into at most max_points step buckets, each
+        with the last point of the bucket and the bucket's minimum and maximum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +206,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListJudgmentRevisions,
                     request_deserializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.SerializeToString,
+            ),
+            'ListMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetrics,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +435,33 @@ class QueryService:
             '/epochlens.v1.QueryService/ListJudgmentRevisions',
             epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsRequest.SerializeToString,
             epochlens_dot_v1_dot_query__pb2.ListJudgmentRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.QueryService/ListMetrics',
+            epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,11 @@ class QueryServiceStub:
     """Every revision of the human judgments of one prediction on one criterion, oldest first:
     who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
     """
+    ListMetrics: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListMetricsRequest, _query_pb2.ListMetricsResponse]
+    """A run's training metrics, one series per name ordered by step. Not paged: a series longer
+    than max_points is downsampled on the server into at most max_points step buckets, each
+    with the last point of the bucket and the bucket's minimum and maximum.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -91,6 +96,11 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListJudgmentRevisions: _aio.UnaryUnaryMultiCallable[_query_pb2.ListJudgmentRevisionsRequest, _query_pb2.ListJudgmentRevisionsResponse]  # type: ignore[assignment]
     """Every revision of the human judgments of one prediction on one criterion, oldest first:
     who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
+    """
+    ListMetrics: _aio.UnaryUnaryMultiCallable[_query_pb2.ListMetricsRequest, _query_pb2.ListMetricsResponse]  # type: ignore[assignment]
+    """A run's training metrics, one series per name ordered by step. Not paged: a series longer
+    than max_points is downsampled on the server into at most max_points step buckets, each
+    with the last point of the bucket and the bucket's minimum and maximum.
     """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -168,6 +178,17 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_query_pb2.ListJudgmentRevisionsResponse, _abc.Awaitable[_query_pb2.ListJudgmentRevisionsResponse]]:
         """Every revision of the human judgments of one prediction on one criterion, oldest first:
         who recorded it, when, and what (ListJudgments and GetRunSummary count the latest only).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMetrics(
+        self,
+        request: _query_pb2.ListMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ListMetricsResponse, _abc.Awaitable[_query_pb2.ListMetricsResponse]]:
+        """A run's training metrics, one series per name ordered by step. Not paged: a series longer
+        than max_points is downsampled on the server into at most max_points step buckets, each
+        with the last point of the bucket and the bucket's minimum and maximum.
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,6 +8,7 @@ from epochlens.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
@@ -20,6 +21,110 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class MetricInput(_message.Message):
+    """One training scalar at one step, as the trainer logged it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    WALL_TIME_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Global optimizer step the value belongs to (>= 0)."""
+    name: _builtins.str
+    """Metric name, for example "loss", "learning_rate" or "eval/accuracy" (required)."""
+    value: _builtins.float
+    """The value; must be finite."""
+    epoch: _builtins.float
+    """Fractional training epoch at that step (the trainer's float epoch), when known."""
+    @_builtins.property
+    def wall_time(self) -> _timestamp_pb2.Timestamp:
+        """When the trainer logged it (client clock); unset means when the writer stored it."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+        epoch: _builtins.float | None = ...,
+        wall_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "wall_time", b"wall_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "name", b"name", "step", b"step", "value", b"value", "wall_time", b"wall_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___MetricInput: _TypeAlias = MetricInput  # noqa: Y015
+
+@_typing.final
+class WriteMetricsRequest(_message.Message):
+    """Request for WriteMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Run the metrics belong to."""
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricInput]:
+        """The batch (1 to the configured maximum). One invalid item rejects the whole batch."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        metrics: _abc.Iterable[Global___MetricInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteMetricsRequest: _TypeAlias = WriteMetricsRequest  # noqa: Y015
+
+@_typing.final
+class WriteMetricsResponse(_message.Message):
+    """Response of WriteMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSERTED_COUNT_FIELD_NUMBER: _builtins.int
+    DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    CONFLICTING_FIELDS_FIELD_NUMBER: _builtins.int
+    inserted_count: _builtins.int
+    """Metrics stored by this call."""
+    duplicate_count: _builtins.int
+    """Metrics skipped because the same value was already stored for their (run, step, name)."""
+    @_builtins.property
+    def conflicting_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Metrics not stored because a different value (or epoch) was already stored for their
+        (run, step, name), as field paths such as `metrics[3]`. The stored value stays.
+        """
+
+    def __init__(
+        self,
+        *,
+        inserted_count: _builtins.int = ...,
+        duplicate_count: _builtins.int = ...,
+        conflicting_fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_fields", b"conflicting_fields", "duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteMetricsResponse: _TypeAlias = WriteMetricsResponse  # noqa: Y015
 
 @_typing.final
 class CreateRunRequest(_message.Message):
@@ -161,6 +266,7 @@ class StreamPredictionsRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Client-assigned sequence number, > 0 and strictly increasing within one stream.
     The client keeps a batch until an ack covers its sequence number.
@@ -169,7 +275,13 @@ class StreamPredictionsRequest(_message.Message):
     """Run the predictions belong to."""
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PredictionInput]:
-        """The batch (1 to the configured maximum). One invalid item rejects the whole batch."""
+        """The predictions of the batch (0 to the configured maximum). One invalid item rejects the
+        whole batch. A batch carries at least one prediction or one metric.
+        """
+
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricInput]:
+        """Training metrics of the batch (0 to the configured maximum), stored like WriteMetrics."""
 
     def __init__(
         self,
@@ -177,10 +289,11 @@ class StreamPredictionsRequest(_message.Message):
         sequence: _builtins.int = ...,
         run_id: _builtins.str = ...,
         predictions: _abc.Iterable[_common_pb2.PredictionInput] | None = ...,
+        metrics: _abc.Iterable[Global___MetricInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions", "run_id", b"run_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "predictions", b"predictions", "run_id", b"run_id", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,6 +338,9 @@ class StreamPredictionsResponse(_message.Message):
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
     NUL_REPLACED_FIELDS_FIELD_NUMBER: _builtins.int
+    METRIC_INSERTED_COUNT_FIELD_NUMBER: _builtins.int
+    METRIC_DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    METRIC_CONFLICTING_FIELDS_FIELD_NUMBER: _builtins.int
     acked_sequence: _builtins.int
     """Every batch with a sequence number <= acked_sequence is settled: committed, or listed
     in `rejections` of this or an earlier response.
@@ -233,6 +349,10 @@ class StreamPredictionsResponse(_message.Message):
     """Predictions newly stored by the batches this response settles."""
     duplicate_count: _builtins.int
     """Predictions of those batches that were already stored (replays)."""
+    metric_inserted_count: _builtins.int
+    """Metrics newly stored by the batches this response settles."""
+    metric_duplicate_count: _builtins.int
+    """Metrics of those batches whose same value was already stored (replays)."""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRejection]:
         """Batches this response settles that were refused."""
@@ -243,6 +363,12 @@ class StreamPredictionsResponse(_message.Message):
         `<sequence>:predictions[i].<field>` (see WritePredictionsResponse.nul_replaced_fields).
         """
 
+    @_builtins.property
+    def metric_conflicting_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Metrics of those batches not stored because a different value was already stored for
+        their (run, step, name), as `<sequence>:metrics[i]` (see WriteMetricsResponse).
+        """
+
     def __init__(
         self,
         *,
@@ -251,10 +377,13 @@ class StreamPredictionsResponse(_message.Message):
         duplicate_count: _builtins.int = ...,
         rejections: _abc.Iterable[Global___BatchRejection] | None = ...,
         nul_replaced_fields: _abc.Iterable[_builtins.str] | None = ...,
+        metric_inserted_count: _builtins.int = ...,
+        metric_duplicate_count: _builtins.int = ...,
+        metric_conflicting_fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count", "nul_replaced_fields", b"nul_replaced_fields", "rejections", b"rejections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_count", b"duplicate_count", "inserted_count", b"inserted_count", "metric_conflicting_fields", b"metric_conflicting_fields", "metric_duplicate_count", b"metric_duplicate_count", "metric_inserted_count", b"metric_inserted_count", "nul_replaced_fields", b"nul_replaced_fields", "rejections", b"rejections"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

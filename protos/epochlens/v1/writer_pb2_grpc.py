@@ -57,6 +57,11 @@ class PredictionWriterServiceStub:
                 request_serializer=epochlens_dot_v1_dot_writer__pb2.StreamPredictionsRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_writer__pb2.StreamPredictionsResponse.FromString,
                 _registered_method=True)
+        self.WriteMetrics = channel.unary_unary(
+                '/epochlens.v1.PredictionWriterService/WriteMetrics',
+                request_serializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class PredictionWriterServiceServicer:
@@ -89,6 +94,16 @@ class PredictionWriterServiceServicer:
     def StreamPredictions(self, request_iterator, context):
         """Bidirectional upload: batches tagged with sequence numbers go in, acks come out once
         the batches are committed. A bad batch is rejected alone; the stream stays open.
+        A batch may also carry training metrics, so one stream uploads both.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteMetrics(self, request, context):
+        """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
+        Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
+        same value is a duplicate, a different value is a conflict (reported, never stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +131,11 @@ def add_PredictionWriterServiceServicer_to_server(servicer, server):
                     servicer.StreamPredictions,
                     request_deserializer=epochlens_dot_v1_dot_writer__pb2.StreamPredictionsRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_writer__pb2.StreamPredictionsResponse.SerializeToString,
+            ),
+            'WriteMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteMetrics,
+                    request_deserializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +248,33 @@ class PredictionWriterService:
             '/epochlens.v1.PredictionWriterService/StreamPredictions',
             epochlens_dot_v1_dot_writer__pb2.StreamPredictionsRequest.SerializeToString,
             epochlens_dot_v1_dot_writer__pb2.StreamPredictionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.PredictionWriterService/WriteMetrics',
+            epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.SerializeToString,
+            epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class PredictionWriterServiceStub:
     StreamPredictions: _grpc.StreamStreamMultiCallable[_writer_pb2.StreamPredictionsRequest, _writer_pb2.StreamPredictionsResponse]
     """Bidirectional upload: batches tagged with sequence numbers go in, acks come out once
     the batches are committed. A bad batch is rejected alone; the stream stays open.
+    A batch may also carry training metrics, so one stream uploads both.
+    """
+    WriteMetrics: _grpc.UnaryUnaryMultiCallable[_writer_pb2.WriteMetricsRequest, _writer_pb2.WriteMetricsResponse]
+    """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
+    Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
+    same value is a duplicate, a different value is a conflict (reported, never stored).
     """
 
 @_typing.type_check_only
@@ -67,6 +73,12 @@ class PredictionWriterServiceAsyncStub(PredictionWriterServiceStub):
     StreamPredictions: _aio.StreamStreamMultiCallable[_writer_pb2.StreamPredictionsRequest, _writer_pb2.StreamPredictionsResponse]  # type: ignore[assignment]
     """Bidirectional upload: batches tagged with sequence numbers go in, acks come out once
     the batches are committed. A bad batch is rejected alone; the stream stays open.
+    A batch may also carry training metrics, so one stream uploads both.
+    """
+    WriteMetrics: _aio.UnaryUnaryMultiCallable[_writer_pb2.WriteMetricsRequest, _writer_pb2.WriteMetricsResponse]  # type: ignore[assignment]
+    """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
+    Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
+    same value is a duplicate, a different value is a conflict (reported, never stored).
     """
 
 class PredictionWriterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -108,6 +120,18 @@ class PredictionWriterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_writer_pb2.StreamPredictionsResponse], _abc.AsyncIterator[_writer_pb2.StreamPredictionsResponse]]:
         """Bidirectional upload: batches tagged with sequence numbers go in, acks come out once
         the batches are committed. A bad batch is rejected alone; the stream stays open.
+        A batch may also carry training metrics, so one stream uploads both.
+        """
+
+    @_abc_1.abstractmethod
+    def WriteMetrics(
+        self,
+        request: _writer_pb2.WriteMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writer_pb2.WriteMetricsResponse, _abc.Awaitable[_writer_pb2.WriteMetricsResponse]]:
+        """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
+        Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
+        same value is a duplicate, a different value is a conflict (reported, never stored).
         """
 
 def add_PredictionWriterServiceServicer_to_server(servicer: PredictionWriterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
