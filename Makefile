@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: browser install proto proto-check pg test test-unit test-integration test-e2e fuzz up down demo smoke bench lint clean
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+.PHONY: browser install node-deps proto descriptors proto-check contracts pg test test-unit test-integration test-e2e fuzz up down demo smoke bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +22,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# buf (contract lint and breaking checks) and the Node.js example's gRPC packages, pinned by
+# clients/node/package-lock.json, into clients/node/node_modules. Re-installs when they change.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
+
 # Headless Chromium and its driver (Debian packages) for the HTML report tests.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -26,10 +38,21 @@ browser:
 
 proto: install
 	PATH="$(abspath $(BIN)):$$PATH" PYTHON=$(PY) scripts/gen_protos.sh
+	PYTHON=$(PY) scripts/gen_descriptors.sh
+
+# protos/epochlens.binpb: the contracts as one self-contained FileDescriptorSet (imports and
+# comments included) for other languages' tooling; committed, made by `make proto` too.
+descriptors: install
+	PYTHON=$(PY) scripts/gen_descriptors.sh
+
+# buf lint (buf.yaml) and buf breaking against EPOCHLENS_BUF_AGAINST (default HEAD~1); a clone
+# without that commit skips the breaking check and says so (exit status 3 of the script).
+contracts: install node-deps
+	$(PY) scripts/check_contracts.py || [ $$? -eq 3 ]
 
 # Fails when the committed generated code differs from what the protos give.
-proto-check: install
-	$(BIN)/pytest -q tests/unit/test_repository_hygiene.py
+proto-check: install node-deps
+	$(BIN)/pytest -q tests/unit/test_repository_hygiene.py tests/unit/test_contracts.py
 
 # Starts the local PostgreSQL cluster when it is not accepting connections.
 pg:
@@ -37,16 +60,16 @@ pg:
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
 	  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1
 
-test: install pg browser
+test: install pg browser node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: install
+test-unit: install node-deps
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: install pg
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-test-e2e: install pg
+test-e2e: install pg node-deps
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 # The property-based fuzz suite at length (every RPC, 1500 examples each; `make test` runs

@@ -15,6 +15,12 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ENV_FILE, ServiceSettings
 
+# Largest encoded ListMetrics point (step, value, epoch, wall time, min, max, count, tags and
+# length prefix, at their widest) and series header (a name of the writer's
+# max_metric_name_chars, 128, in 4-byte UTF-8, plus its other fields), in bytes.
+METRIC_POINT_MAX_BYTES = 80
+METRIC_SERIES_MAX_BYTES = 560
+
 
 class QuerySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="EPOCHLENS_QUERY_", env_file=ENV_FILE,
@@ -34,10 +40,28 @@ class QuerySettings(ServiceSettings):
     summary_max_failures: int = Field(
         20, ge=0, description="Failed predictions GetRunSummary lists with their reason (the "
         "first ones in step, sample_index order; failed_predictions counts them all).")
+    metrics_points_default: int = Field(
+        1000, ge=1, description="Points per series ListMetrics returns when the request asks "
+        "for 0 (longer series are downsampled to this many step buckets).")
+    metrics_points_max: int = Field(
+        10000, ge=1, description="Larger max_points in ListMetrics are clamped to this.")
+    metrics_max_series: int = Field(
+        50, ge=1, description="Most series in one ListMetrics response (more names requested: "
+        "INVALID_ARGUMENT; none requested: the first ones by name, the rest listed as omitted).")
+    metrics_max_points_total: int = Field(
+        40000, ge=1, description="Points in one ListMetrics response, all series together: "
+        "each series gets at most this divided by the number of series.")
 
     @model_validator(mode="after")
     def _pages_fit_in_a_message(self) -> "QuerySettings":
         if self.max_response_bytes >= self.max_message_bytes:
             raise ValueError(f"max_response_bytes ({self.max_response_bytes}) must be below "
                              f"max_message_bytes ({self.max_message_bytes})")
+        metrics_bytes = (self.metrics_max_points_total * METRIC_POINT_MAX_BYTES
+                         + self.metrics_max_series * METRIC_SERIES_MAX_BYTES)
+        if metrics_bytes > self.max_response_bytes:
+            raise ValueError(f"metrics_max_points_total ({self.metrics_max_points_total}) and "
+                             f"metrics_max_series ({self.metrics_max_series}) allow ListMetrics "
+                             f"responses of {metrics_bytes} bytes, above max_response_bytes "
+                             f"({self.max_response_bytes})")
         return self

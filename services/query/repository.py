@@ -13,6 +13,7 @@ from epochlens.v1 import query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
 from services.query import judgments
+from services.query.metrics import MetricsQuery, list_metrics
 from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
@@ -136,6 +137,14 @@ class QueryRepository:
             await _owned_run(conn, user_id, run_id)
             return await judgments.revisions(conn, user_id, run_id, step, sample_index,
                                              criterion)
+
+
+    async def list_metrics(self, user_id: str, query: MetricsQuery
+                           ) -> query_pb2.ListMetricsResponse:
+        """The run's metric series (services.query.metrics); NOT_FOUND for another's run."""
+        async with user_transaction(self._engine, user_id) as conn:
+            await _owned_run(conn, user_id, query.run_id)
+            return await list_metrics(conn, user_id, query)
 
 
 async def _owned_run(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> Row:

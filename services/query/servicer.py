@@ -23,6 +23,7 @@ from services.query.pagination import (
     fill_page,
     resolve_page_size,
 )
+from services.query.metrics import MetricsQuery
 from services.query.repository import QueryRepository
 
 # The keyset key of each paged method, as its page tokens carry it.
@@ -196,3 +197,31 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                                                    request.sample_index, request.criterion)
         return query_pb2.ListJudgmentRevisionsResponse(
             revisions=[revision_to_proto(r) for r in rows])
+
+    async def ListMetrics(self, request: query_pb2.ListMetricsRequest,
+                          context: grpc.aio.ServicerContext) -> query_pb2.ListMetricsResponse:
+        """Not paged: every series is downsampled to its point budget (services.query.metrics)."""
+        return await self._repo.list_metrics(current_user(), self._metrics_query(request))
+
+    def _metrics_query(self, request: query_pb2.ListMetricsRequest) -> MetricsQuery:
+        cfg = self._settings
+        run_id = parse_run_id(request.run_id)
+        start = request.start_step if request.HasField("start_step") else None
+        end = request.end_step if request.HasField("end_step") else None
+        _check_non_negative("start_step", start)
+        _check_non_negative("end_step", end)
+        violations = []
+        if request.max_points < 0:
+            violations.append(FieldViolation("max_points", f"must be >= 0, got "
+                                             f"{request.max_points}"))
+        if start is not None and end is not None and end < start:
+            violations.append(FieldViolation("end_step", f"must be >= start_step ({start})"))
+        names = tuple(sorted(set(request.names)))
+        if len(names) > cfg.metrics_max_series:
+            violations.append(FieldViolation("names", f"{len(names)} names exceed the maximum "
+                                             f"of {cfg.metrics_max_series} series"))
+        if violations:
+            raise InvalidArgument(violations)
+        points = min(request.max_points or cfg.metrics_points_default, cfg.metrics_points_max)
+        return MetricsQuery(run_id, names, points, cfg.metrics_max_points_total,
+                            cfg.metrics_max_series, start, end)

@@ -16,6 +16,10 @@ class WriterSettings(ServiceSettings):
         32768, ge=1, description="Longest prompt, ground truth or prediction, in characters.")
     max_name_chars: int = Field(256, ge=1, description="Longest run/model/dataset name.")
     max_config_bytes: int = Field(65536, ge=2, description="Largest run config (JSON bytes).")
+    max_metrics_batch_size: int = Field(
+        1000, ge=1, description="Most metrics in one WriteMetrics call or one stream message.")
+    max_metric_name_chars: int = Field(
+        128, ge=1, description="Longest metric name, in characters.")
     stream_read_ahead_batches: int = Field(
         64, ge=1, description="Batches read from a stream ahead of the commit in progress.")
     stream_group_rows: int = Field(

@@ -7,17 +7,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, text, update
+from sqlalchemy import Row, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from epochlens.v1 import common_pb2
+from epochlens.v1 import common_pb2, writer_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
 from services.writer.models import (
     SCHEMA,
     epochs_table,
     judge_outbox_table,
+    metrics_table,
     predictions_table,
     runs_table,
 )
@@ -67,18 +68,114 @@ _PG_BULK_INSERT = text(_PG_INSERT_CTE + _PG_COUNT)
 _PG_BULK_INSERT_JUDGED = text(_PG_INSERT_CTE + _PG_OUTBOX_CTE + _PG_COUNT)
 
 
+# Keys looked up per statement when metrics are checked against what is stored (3 bind
+# parameters each: well within SQLite's and asyncpg's limits).
+METRIC_LOOKUP_CHUNK = 1000
+
+_MetricKey = tuple[uuid.UUID, int, str]
+
+
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: the run it targets and its predictions."""
+    """A validated batch: the run it targets, its predictions and its metrics."""
 
     run_id: uuid.UUID
     items: Sequence[common_pb2.PredictionInput]
+    metrics: Sequence[writer_pb2.MetricInput] = ()
 
 
 @dataclass(frozen=True)
 class CommitResult:
     inserted: int
     duplicates: int
+    metric_inserted: int = 0
+    metric_duplicates: int = 0
+    # (position of the batch in the commit, index of the metric in the batch) of every metric
+    # not stored because its key holds a different value.
+    metric_conflicts: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class MetricWrite:
+    """Metrics of one transaction, settled first-value-wins per (run, step, name): a key
+    already stored (or earlier in the same transaction) with the same value and epoch is a
+    duplicate, with a different one a conflict; only new keys are inserted."""
+
+    user_id: str
+    inserted: int = 0
+    duplicates: int = 0
+    conflicts: list[tuple[int, int]] | None = None
+
+    async def run(self, conn: AsyncConnection, batches: Sequence[Batch],
+                  owned: set[uuid.UUID]) -> None:
+        self.conflicts = []
+        first: dict[_MetricKey, writer_pb2.MetricInput] = {}
+        new: list[tuple[tuple[int, int], _MetricKey, writer_pb2.MetricInput]] = []
+        for position, batch in enumerate(batches):
+            if batch.run_id not in owned:
+                continue
+            for index, metric in enumerate(batch.metrics):
+                key = (batch.run_id, metric.step, metric.name)
+                if key not in first:
+                    first[key] = metric
+                    new.append(((position, index), key, metric))
+                else:
+                    self._settle_known((position, index), metric, first[key])
+        if new:
+            await self._store(conn, new)
+
+    def _settle_known(self, where: tuple[int, int], metric: writer_pb2.MetricInput,
+                      stored: tuple[float, float | None] | writer_pb2.MetricInput) -> None:
+        value, epoch = stored if isinstance(stored, tuple) else _value_and_epoch(stored)
+        if (value, epoch) == _value_and_epoch(metric):
+            self.duplicates += 1
+        else:
+            self.conflicts.append(where)
+
+    async def _store(self, conn: AsyncConnection, new: list) -> None:
+        stored = await _stored_metrics(conn, [key for _, key, _ in new])
+        rows = []
+        for where, key, metric in new:
+            if key in stored:
+                self._settle_known(where, metric, stored[key])
+            else:
+                rows.append(_metric_row(self.user_id, key, metric))
+        if not rows:
+            return
+        rows.sort(key=lambda row: (row["run_id"], row["step"], row["name"]))
+        stmt = (_insert(conn, metrics_table).on_conflict_do_nothing()
+                .returning(metrics_table.c.step))
+        inserted = len((await conn.execute(stmt, rows)).all())
+        # A key a concurrent transaction stored first: counted as a duplicate.
+        self.inserted += inserted
+        self.duplicates += len(rows) - inserted
+
+
+def _value_and_epoch(metric: writer_pb2.MetricInput) -> tuple[float, float | None]:
+    return metric.value, (metric.epoch if metric.HasField("epoch") else None)
+
+
+async def _stored_metrics(conn: AsyncConnection, keys: list[_MetricKey]
+                          ) -> dict[_MetricKey, tuple[float, float | None]]:
+    """(value, epoch) of the keys already stored (the caller's own, under RLS)."""
+    table = metrics_table.c
+    found: dict[_MetricKey, tuple[float, float | None]] = {}
+    for start in range(0, len(keys), METRIC_LOOKUP_CHUNK):
+        chunk = keys[start:start + METRIC_LOOKUP_CHUNK]
+        result = await conn.execute(
+            select(table.run_id, table.step, table.name, table.value, table.epoch)
+            .where(tuple_(table.run_id, table.step, table.name).in_(chunk)))
+        for run_id, step, name, value, epoch in result:
+            found[(run_id, step, name)] = (value, epoch)
+    return found
+
+
+def _metric_row(user_id: str, key: _MetricKey, metric: writer_pb2.MetricInput) -> dict:
+    now = _now()
+    wall = metric.wall_time.ToDatetime(tzinfo=UTC) if metric.HasField("wall_time") else now
+    value, epoch = _value_and_epoch(metric)
+    return {"run_id": key[0], "step": key[1], "name": key[2], "user_id": user_id,
+            "value": value, "epoch": epoch, "wall_time": wall, "create_time": now}
 
 
 def _now() -> datetime:
@@ -143,9 +240,13 @@ class WriterRepository:
             ).with_for_update(key_share=True, read=True))).scalars())
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
             inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
+            metrics = MetricWrite(user_id)
+            if any(batch.metrics for batch in batches):
+                await metrics.run(conn, batches, owned)
         if inserted:
             self._last_commit = time.monotonic()
-        return CommitResult(inserted, len(rows) - inserted), run_ids - owned
+        return CommitResult(inserted, len(rows) - inserted, metrics.inserted,
+                            metrics.duplicates, tuple(metrics.conflicts or ())), run_ids - owned
 
     async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
                                   rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:

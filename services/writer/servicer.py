@@ -22,12 +22,13 @@ from services.common.errors import (
 from services.common.interceptors import RejectedRequest
 from services.writer.config import WriterSettings
 from services.writer.judge_check import JudgeConfigCheck
-from services.writer.repository import Batch, WriterRepository
+from services.writer.repository import Batch, CommitResult, WriterRepository
 from services.writer.validation import (
     check_finish_state,
     replace_nul_texts,
     validate_batch,
     validate_create_run,
+    validate_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,36 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             inserted_count=result.inserted, duplicate_count=result.duplicates,
             nul_replaced_fields=replaced)
 
+    async def WriteMetrics(self, request: writer_pb2.WriteMetricsRequest,
+                           context: grpc.aio.ServicerContext) -> writer_pb2.WriteMetricsResponse:
+        """First value wins per (run, step, name); see services.writer.repository.MetricWrite."""
+        run_id = validate_metrics(request.run_id, request.metrics, self._settings)
+        try:
+            result, missing = await self._repo.commit(
+                current_user(), [Batch(run_id, (), request.metrics)])
+        except BATCH_DATA_ERRORS as exc:
+            raise _refused_by_store(exc) from exc
+        if missing:
+            raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
+        conflicts = self._note_metrics(current_user(), result, lambda _: "")
+        return writer_pb2.WriteMetricsResponse(
+            inserted_count=result.metric_inserted, duplicate_count=result.metric_duplicates,
+            conflicting_fields=conflicts)
+
+    def _note_metrics(self, user: str, result: CommitResult, prefix_of) -> list[str]:
+        """Counts the metrics of a commit; logs and returns the conflicting ones as paths
+        (prefix_of(position of the batch) + `metrics[i]`)."""
+        self.counts["metrics_inserted"] += result.metric_inserted
+        self.counts["metric_duplicates"] += result.metric_duplicates
+        paths = [f"{prefix_of(position)}metrics[{index}]"
+                 for position, index in result.metric_conflicts]
+        if paths:
+            self.counts["metric_conflicts"] += len(paths)
+            log.warning("%d metrics of %s not stored: another value is stored for their (run, "
+                        "step, name) (%s; %d conflicts so far)", len(paths), user,
+                        ", ".join(paths[:5]), self.counts["metric_conflicts"])
+        return paths
+
     def _replace_nul(self, user: str, run_id, items, prefix: str) -> list[str]:
         """Replaces NUL in the batch's model texts; logs and counts what it changed."""
         replaced = replace_nul_texts(items)
@@ -134,8 +165,8 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                     if group.requests:
                         response, batches = self._prepare(user, group.requests, acked)
                         acked = response.acked_sequence
-                        commits.append(asyncio.create_task(
-                            self._commit(user, response, batches)))
+                        commits.append(asyncio.create_task(self._commit(
+                            user, response, batches, _metrics_wait(batches, commits))))
         finally:
             for task in (reader, fetch, *commits):
                 if task is not None:
@@ -152,7 +183,8 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             if isinstance(item, BaseException):
                 raise item
             group.requests.append(item)
-            group.rows += len(_message_of(item).predictions)
+            message = _message_of(item)
+            group.rows += len(message.predictions) + len(message.metrics)
             if group.rows >= self._settings.stream_group_rows or queue.empty():
                 return group
             item = queue.get_nowait()
@@ -175,8 +207,12 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         return response, batches
 
     async def _commit(self, user: str, response: writer_pb2.StreamPredictionsResponse,
-                      batches: _Sequenced) -> writer_pb2.StreamPredictionsResponse:
-        """Commits the valid batches of one group together; unknown runs become rejections."""
+                      batches: _Sequenced, after: list[asyncio.Task] | None = None
+                      ) -> writer_pb2.StreamPredictionsResponse:
+        """Commits the valid batches of one group together; unknown runs become rejections.
+        after: commits of earlier groups to wait for first (see _metrics_wait)."""
+        if after:
+            await asyncio.wait(after)
         if not batches:
             return response
         try:
@@ -194,6 +230,10 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         response.duplicate_count += result.duplicates
         self.counts["inserted"] += result.inserted
         self.counts["duplicates"] += result.duplicates
+        response.metric_inserted_count += result.metric_inserted
+        response.metric_duplicate_count += result.metric_duplicates
+        response.metric_conflicting_fields.extend(self._note_metrics(
+            user, result, lambda position: f"{batches[position][0]}:"))
         for sequence, batch in batches:
             if batch.run_id in missing:
                 self._reject(response, user, sequence, NotFound(
@@ -206,8 +246,9 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             _check_sequence(request.request.sequence, acked)
             raise request.error
         _check_sequence(request.sequence, acked)
-        run_id = validate_batch(request.run_id, request.predictions, self._settings)
-        return Batch(run_id, request.predictions)
+        run_id = validate_batch(request.run_id, request.predictions, self._settings,
+                                metrics=request.metrics)
+        return Batch(run_id, request.predictions, request.metrics)
 
     def _reject(self, response: writer_pb2.StreamPredictionsResponse, user: str, sequence: int,
                 exc: DomainError) -> None:
@@ -215,6 +256,13 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         log.warning("stream batch %d of %s rejected (%s, total rejected %d): %s", sequence, user,
                     exc.reason, self.counts["rejected_batches"], exc.message)
         response.rejections.add(sequence=sequence, status=exc.to_status())
+
+
+def _metrics_wait(batches: _Sequenced, commits: deque[asyncio.Task]) -> list[asyncio.Task]:
+    """A group with metrics commits after every earlier group of the stream: the first value
+    stored for a (run, step, name) is then the one sent first (groups of predictions only
+    commit concurrently; a replayed prediction is identical, so their order does not matter)."""
+    return list(commits) if any(batch.metrics for _, batch in batches) else []
 
 
 def _refused_by_store(exc: sa_exc.DBAPIError) -> StorageRefused:

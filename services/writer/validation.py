@@ -18,6 +18,8 @@ REQUIRED_TEXT = ("prompt",)
 # The model texts of a prediction, stored with NUL replaced (services.common.validation).
 MODEL_TEXT = ("prompt", "ground_truth", "prediction")
 _MODEL_TEXT_OF = attrgetter(*MODEL_TEXT)
+# 9999-12-31T23:59:59Z: the last second a stored timestamp (and Python's datetime) can hold.
+MAX_TIMESTAMP_SECONDS = 253402300799
 
 
 def replace_nul_texts(items: Sequence[common_pb2.PredictionInput]) -> list[str]:
@@ -36,14 +38,21 @@ def replace_nul_texts(items: Sequence[common_pb2.PredictionInput]) -> list[str]:
 
 
 def validate_batch(run_id: str, items: Sequence[common_pb2.PredictionInput],
-                   settings: WriterSettings) -> uuid.UUID:
+                   settings: WriterSettings,
+                   metrics: Sequence[writer_pb2.MetricInput] | None = None) -> uuid.UUID:
     """The batch's run id, or InvalidArgument naming every offending item and field.
     Non-finite numbers, NUL in identifiers and out-of-range integers never get here
-    (the edge check in services.common.interceptors refused them)."""
+    (the edge check in services.common.interceptors refused them).
+
+    metrics: the batch's metrics on the upload stream (None for WritePredictions); a stream
+    batch needs at least one prediction or one metric."""
     violations = Violations()
     parsed = parse_run_id(run_id, violations=violations)
+    if metrics is not None:
+        _check_metrics(metrics, settings, violations, required=not items)
     if not items:
-        violations.add("predictions", "a batch needs at least one prediction")
+        if metrics is None:
+            violations.add("predictions", "a batch needs at least one prediction")
     elif len(items) > settings.max_batch_size:
         violations.add("predictions", f"{len(items)} predictions exceed the maximum batch size "
                        f"of {settings.max_batch_size}")
@@ -76,6 +85,50 @@ def _check_item(item: common_pb2.PredictionInput, path: str, max_chars: int,
     for name in ("prompt_tokens", "completion_tokens"):
         if item.HasField(name) and getattr(item, name) < 0:
             violations.add(f"{path}.{name}", "must be >= 0")
+
+
+def validate_metrics(run_id: str, metrics: Sequence[writer_pb2.MetricInput],
+                     settings: WriterSettings) -> uuid.UUID:
+    """The run id of a WriteMetrics batch, or InvalidArgument naming every offending field."""
+    violations = Violations()
+    parsed = parse_run_id(run_id, violations=violations)
+    _check_metrics(metrics, settings, violations, required=True)
+    violations.raise_if_any()
+    assert parsed is not None
+    return parsed
+
+
+def _check_metrics(metrics: Sequence[writer_pb2.MetricInput], settings: WriterSettings,
+                   violations: Violations, required: bool) -> None:
+    if not metrics:
+        if required:
+            violations.add("metrics", "a batch needs at least one prediction or metric")
+        return
+    if len(metrics) > settings.max_metrics_batch_size:
+        violations.add("metrics", f"{len(metrics)} metrics exceed the maximum batch size of "
+                       f"{settings.max_metrics_batch_size}")
+        return
+    for index, metric in enumerate(metrics):
+        _check_metric(metric, f"metrics[{index}]", settings.max_metric_name_chars, violations)
+
+
+def _check_metric(metric: writer_pb2.MetricInput, path: str, max_chars: int,
+                  violations: Violations) -> None:
+    """Value finiteness is the edge check's (NaN and +-inf never get here)."""
+    if metric.step < 0:
+        violations.add(f"{path}.step", f"must be >= 0, got {metric.step}")
+    if not metric.name.strip():
+        violations.add(f"{path}.name", "required (empty)")
+    elif len(metric.name) > max_chars:
+        violations.add(f"{path}.name", f"{len(metric.name)} characters exceed the maximum "
+                       f"of {max_chars}")
+    if metric.HasField("epoch") and metric.epoch < 0:
+        violations.add(f"{path}.epoch", f"must be >= 0, got {metric.epoch}")
+    if metric.HasField("wall_time"):
+        seconds, nanos = metric.wall_time.seconds, metric.wall_time.nanos
+        if not (0 <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos < 1_000_000_000):
+            violations.add(f"{path}.wall_time", "must be between 1970-01-01 and "
+                           "9999-12-31 (UTC)")
 
 
 def validate_create_run(request: writer_pb2.CreateRunRequest,

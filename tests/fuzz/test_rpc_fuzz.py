@@ -93,6 +93,8 @@ class Target:
             for query in ("SELECT * FROM writer.runs WHERE user_id = 'victim' ORDER BY id",
                           "SELECT * FROM writer.predictions WHERE user_id = 'victim' "
                           "ORDER BY run_id, step, sample_index",
+                          "SELECT * FROM writer.metrics WHERE user_id = 'victim' "
+                          "ORDER BY run_id, step, name",
                           "SELECT * FROM judge.judgments WHERE user_id = 'victim' "
                           "ORDER BY 1, 2, 3"):
                 rows.extend(await conn.fetch(query))
@@ -111,6 +113,9 @@ async def target(stack):
         victim = await create_run(writer, victim_md, name="victim-run")
         await writer.WritePredictions(writer_pb2.WritePredictionsRequest(
             run_id=victim.id, predictions=grid(2, 3)), metadata=victim_md)
+        await writer.WriteMetrics(writer_pb2.WriteMetricsRequest(
+            run_id=victim.id, metrics=[writer_pb2.MetricInput(step=s, name="loss", value=1.0 / s)
+                                       for s in range(1, 4)]), metadata=victim_md)
         own = await create_run(writer, stack.metadata("fuzzer"), name="own-run")
     fuzz_target = Target(stack, victim.id, own.id)
     await fuzz_target.settled()
