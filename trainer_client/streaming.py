@@ -37,6 +37,7 @@ from google.protobuf import struct_pb2
 
 from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from trainer_client.config import PredictionsConfig
+from trainer_client.credentials import Credentials, CredentialsError, resolve_credentials
 from trainer_client.payload import PayloadEncoder
 from trainer_client.spool import Spool
 
@@ -89,11 +90,15 @@ class StreamingClient:
     """Uploads a spool in a background thread; `submit` adds a pass's results to it."""
 
     def __init__(self, config: PredictionsConfig, spool: Spool, address: str,
-                 token: str | None) -> None:
+                 token: str | Credentials | None) -> None:
+        """token: a bearer token, or credentials (trainer_client.credentials); None: the API
+        key of EPOCHLENS_API_KEY or the credentials file, exchanged for short-lived tokens
+        that are refreshed before they end; no key either: calls go without a token."""
         self._config = config
         self._spool = spool
         self._address = address
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._credentials = resolve_credentials(token, address)
+        self._refreshed_after_refusal = False
         self._record = spool.record()
         self._encoder = PayloadEncoder(config)
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
@@ -289,12 +294,16 @@ class StreamingClient:
             except grpc.RpcError as exc:
                 if not self._retry_or_stop(exc, action):
                     continue
+            except CredentialsError as exc:
+                if not self._exchange_failed(exc):
+                    continue
             except Exception as exc:
                 self._count("upload_errors")
                 log.error("unexpected error during %s (%d so far); retrying: %s", action,
                           self.counts["upload_errors"], exc, exc_info=True)
             else:
                 attempt = 0
+                self._refreshed_after_refusal = False
                 continue
             attempt += 1
             await asyncio.sleep(self._backoff(attempt))
@@ -323,6 +332,8 @@ class StreamingClient:
         details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
         if action == "stream" and code in POISON_CODES:
             self._note_stream_failure(code, details)
+        if code == grpc.StatusCode.UNAUTHENTICATED and self._refresh_after_refusal(details):
+            return True
         if code in RETRYABLE:
             self._count("connection_errors")
             log.warning("writer %s: %s failed with %s (%s); retrying (errors so far: %d, "
@@ -332,6 +343,41 @@ class StreamingClient:
         self._error = f"{action} failed with {code.name}: {details}"
         log.error("writer %s: %s failed with %s (%s); not retrying, everything stays in %s",
                   self._address, action, code.name, details, self._spool.path)
+        return False
+
+    async def _auth(self) -> tuple[tuple[str, str], ...]:
+        """The authorization metadata of the next call: a token exchanged for the API key is
+        refreshed (in a worker thread, off the loop) when it is near its end."""
+        if self._credentials is None:
+            return ()
+        if not self._credentials.refreshable:
+            return self._credentials.metadata()
+        return await asyncio.to_thread(self._credentials.metadata)
+
+    def _refresh_after_refusal(self, details: str) -> bool:
+        """A token from an API key refused (expired early for the writer's clock): True once,
+        after dropping it, so the next attempt exchanges the key again and reconnects."""
+        if (self._credentials is None or not self._credentials.refreshable
+                or self._refreshed_after_refusal):
+            return False
+        self._refreshed_after_refusal = True
+        self._credentials.invalidate()
+        self._count("token_refused_refreshed")
+        log.warning("writer %s refused the token (%s); exchanging the API key again and "
+                    "reconnecting (%d times so far)", self._address, details,
+                    self.counts["token_refused_refreshed"])
+        return True
+
+    def _exchange_failed(self, exc: CredentialsError) -> bool:
+        """An API key exchange that failed: True (retry with backoff) when the writer was
+        unreachable or busy; otherwise the upload stops and everything stays spooled."""
+        if exc.code in RETRYABLE:
+            self._count("exchange_errors")
+            log.warning("%s; retrying (%d exchange errors so far)", exc,
+                        self.counts["exchange_errors"])
+            return True
+        self._error = str(exc)
+        log.error("%s; not retrying, everything stays in %s", exc, self._spool.path)
         return False
 
     def _note_stream_failure(self, code: grpc.StatusCode, details: str) -> None:
@@ -380,7 +426,7 @@ class StreamingClient:
         run = await stub.CreateRun(writer_pb2.CreateRunRequest(
             name=record.name, model_name=record.model_name, dataset_name=record.dataset_name,
             config=config, request_id=record.request_id),
-            metadata=self._metadata, timeout=self._config.rpc_timeout_s)
+            metadata=await self._auth(), timeout=self._config.rpc_timeout_s)
         self._spool.set_run_id(run.id)
         record.run_id = run.id
         self._run_known.set()
@@ -389,7 +435,7 @@ class StreamingClient:
     async def _finish_run(self, stub: writer_pb2_grpc.PredictionWriterServiceStub) -> None:
         state = self._record.finish_state or common_pb2.RUN_STATE_SUCCEEDED
         await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=self._record.run_id, state=state),
-                             metadata=self._metadata, timeout=self._config.rpc_timeout_s)
+                             metadata=await self._auth(), timeout=self._config.rpc_timeout_s)
         self._spool.mark_finished()
         self._record.finished = True
         log.info("run %s finished (%s)", self._record.run_id, common_pb2.RunState.Name(state))
@@ -397,7 +443,7 @@ class StreamingClient:
     async def _stream(self, stub: writer_pb2_grpc.PredictionWriterServiceStub) -> None:
         """One stream: sends every spooled batch in order (at most max_in_flight_batches
         unacked), half-closes, and returns when the writer has settled all of them."""
-        call = stub.StreamPredictions(metadata=self._metadata)
+        call = stub.StreamPredictions(metadata=await self._auth())
         self._acked = 0
         reader = asyncio.create_task(self._read_acks(call))
         try:

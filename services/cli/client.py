@@ -15,6 +15,12 @@ from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.cli.config import CliSettings
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
+from trainer_client.credentials import (
+    Credentials,
+    CredentialsError,
+    StaticToken,
+    resolve_credentials,
+)
 
 
 class CliError(Exception):
@@ -34,8 +40,19 @@ def resolve_token(settings: CliSettings) -> str:
     try:
         return mint_token(AuthSettings(), settings.user)
     except (ValidationError, ValueError, OSError) as exc:
-        raise CliError("no token: set EPOCHLENS_CLI_TOKEN (or pass --token), or configure "
+        raise CliError("no token: set EPOCHLENS_CLI_TOKEN (or pass --token), log in with an "
+                       "API key (`epochlens login`, or EPOCHLENS_API_KEY), or configure "
                        "EPOCHLENS_AUTH_JWT_SECRET so one can be minted", 2) from exc
+
+
+def resolve_credentials_for(settings: CliSettings) -> Credentials:
+    """--token / EPOCHLENS_CLI_TOKEN; else the API key (EPOCHLENS_API_KEY or the file
+    `epochlens login` wrote) exchanged at the writer; else a token minted for settings.user."""
+    try:
+        credentials = resolve_credentials(settings.token, settings.writer_address)
+    except CredentialsError as exc:
+        raise CliError(str(exc), 2) from None
+    return credentials if credentials is not None else StaticToken(resolve_token(settings))
 
 
 class ServiceClient:
@@ -46,7 +63,8 @@ class ServiceClient:
     def __init__(self, settings: CliSettings, address: str, token: str | None = None) -> None:
         self._settings = settings
         self._address = address
-        self._metadata = (("authorization", f"Bearer {token or resolve_token(settings)}"),)
+        self._credentials = resolve_credentials_for(
+            settings if token is None else settings.model_copy(update={"token": token}))
         self._channel = grpc.insecure_channel(
             self._address, options=[("grpc.max_receive_message_length",
                                      settings.max_message_bytes)])
@@ -58,11 +76,30 @@ class ServiceClient:
         self._channel.close()
 
     def call(self, method: Callable, request: Any, what: str = "") -> Any:
-        """One RPC; a failure becomes a CliError naming what was asked for."""
+        """One RPC; a failure becomes a CliError naming what was asked for. A token from an
+        API key that the service refuses is exchanged again once (a clock behind the
+        server's), then the call is made again."""
         try:
-            return method(request, metadata=self._metadata, timeout=self._settings.timeout_s)
+            return self._call_once(method, request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED or not self._credentials.refreshable:
+                raise self._error(exc, what) from None
+        self._credentials.invalidate()
+        try:
+            return self._call_once(method, request)
         except grpc.RpcError as exc:
             raise self._error(exc, what) from None
+
+    def _call_once(self, method: Callable, request: Any) -> Any:
+        return method(request, metadata=self._metadata(), timeout=self._settings.timeout_s)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        try:
+            return self._credentials.metadata()
+        except CredentialsError as exc:
+            retryable = exc.code in (grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise CliError(str(exc), 1 if retryable else 2, retryable=retryable) from None
 
     def _error(self, exc: grpc.RpcError, what: str) -> CliError:
         code, details = exc.code(), exc.details() or ""

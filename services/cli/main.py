@@ -8,7 +8,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
-from services.cli import judging, report, stack, views
+from services.cli import judging, keys, report, stack, views
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
@@ -161,6 +161,8 @@ def _all_pages(method, request, field: str, metadata, timeout: float) -> tuple[A
 app.command("report")(report.report)
 views.register(app)
 app.add_typer(judging.app, name="judge")
+app.add_typer(keys.app, name="keys")
+app.command("login")(keys.login)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,12 @@ class TokenVerifier:
 
 def mint_token(settings: AuthSettings, user_id: str, ttl_s: int | None = None) -> str:
     """A signed token for `user_id`, valid for ttl_s (default: settings.token_ttl_s)."""
+    return mint_token_expiring(settings, user_id, ttl_s)[0]
+
+
+def mint_token_expiring(settings: AuthSettings, user_id: str,
+                        ttl_s: int | None = None) -> tuple[str, int]:
+    """A signed token for `user_id` and its `exp` (seconds since the epoch)."""
     now = int(time.time())
     ttl = ttl_s or settings.token_ttl_s
     claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl}
@@ -68,7 +74,17 @@ def mint_token(settings: AuthSettings, user_id: str, ttl_s: int | None = None) -
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_algorithm == "HS256":
-        return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
-    if settings.jwt_private_key_file is None:
-        raise ValueError("EPOCHLENS_AUTH_JWT_PRIVATE_KEY_FILE is required to mint RS256 tokens")
-    return jwt.encode(claims, settings.jwt_private_key_file.read_bytes(), algorithm="RS256")
+        return jwt.encode(claims, settings.jwt_secret, algorithm="HS256"), now + ttl
+    reason = signing_unavailable(settings)
+    if reason is not None:
+        raise ValueError(reason)
+    key = settings.jwt_private_key_file.read_bytes()  # type: ignore[union-attr]
+    return jwt.encode(claims, key, algorithm="RS256"), now + ttl
+
+
+def signing_unavailable(settings: AuthSettings) -> str | None:
+    """Why tokens cannot be minted with these settings (None: they can): RS256 verifies with
+    the public key, and signing needs the private key file."""
+    if settings.jwt_algorithm == "RS256" and settings.jwt_private_key_file is None:
+        return "EPOCHLENS_AUTH_JWT_PRIVATE_KEY_FILE is required to mint RS256 tokens"
+    return None

@@ -71,6 +71,14 @@ class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 
 
+class ResourceExhausted(DomainError):
+    """The caller used up an allowance (too many failed attempts in a window, too many keys);
+    ErrorInfo metadata says which and, where it applies, when to try again."""
+
+    code = code_pb2.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class StorageRefused(DomainError):
     """The database refused well-formed input (a constraint or data error): a server-side
     fault, reported for the one item that caused it."""

@@ -33,6 +33,9 @@ PUBLIC_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+# Methods that take no bearer token (their request carries its own credential) but still
+# pass the edge check and the error mapping: the API key exchange.
+TOKENLESS_METHODS = frozenset({"/epochlens.v1.AuthService/ExchangeApiKey"})
 UNAVAILABLE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
                       ConnectionError, OSError, TimeoutError)
 
@@ -153,7 +156,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 deserializer, handler.response_serializer)
         raise TypeError(f"{details.method}: only unary-unary and stream-stream RPCs are served")
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+    def _authenticate(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if method in TOKENLESS_METHODS:
+            return
         metadata = dict(context.invocation_metadata() or ())
         set_current_user(self._verifier.verify_header(metadata.get("authorization")))
 
@@ -179,7 +184,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, inner: Callable, method: str) -> Callable:
         async def behavior(request, context: grpc.aio.ServicerContext):
             try:
-                self._authenticate(context)
+                self._authenticate(context, method)
                 return await inner(self._checked(request), context)
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
@@ -190,7 +195,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, inner: Callable, method: str) -> Callable:
         async def behavior(request_iterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
             try:
-                self._authenticate(context)
+                self._authenticate(context, method)
                 async for response in inner(self._checked_stream(request_iterator), context):
                     yield response
             except Exception as exc:

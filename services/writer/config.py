@@ -1,6 +1,6 @@
 """Settings of the writer service (env prefix EPOCHLENS_WRITER_)."""
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ENV_FILE, DatabaseSettings, ServiceSettings
@@ -64,6 +64,23 @@ class WriterSettings(ServiceSettings):
         10.0, gt=0, description="Deadline of the judge's check of a run's judge section in "
         "CreateRun (ValidateJudgeConfig), seconds; a judge that does not answer makes "
         "CreateRun UNAVAILABLE.")
+
+    api_token_ttl_s: int = Field(
+        900, ge=1, le=86400, description="Lifetime of the tokens ExchangeApiKey gives, seconds "
+        "(clients exchange their API key again before it ends).")
+    api_key_pepper: SecretStr | None = Field(
+        None, description="Server-side secret mixed into the stored hash of every API key "
+        "(HMAC-SHA-256); unset: plain SHA-256. Changing it invalidates every API key.")
+    api_key_max_per_user: int = Field(
+        100, ge=1, description="Most API keys one user may hold that are not revoked.")
+    api_key_max_days: int = Field(
+        365, ge=1, description="Longest lifetime CreateApiKey accepts, days (expire_days 0, "
+        "no expiry, is also accepted).")
+    api_key_max_failures: int = Field(
+        20, ge=1, description="Failed ExchangeApiKey calls one client address may make within "
+        "api_key_failure_window_s; beyond it the address gets RESOURCE_EXHAUSTED.")
+    api_key_failure_window_s: float = Field(
+        60.0, gt=0, description="Window of api_key_max_failures, seconds.")
 
 
 class MigrateSettings(DatabaseSettings):

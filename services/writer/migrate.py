@@ -36,7 +36,8 @@ async def migrate(settings: MigrateSettings) -> None:
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
-                 "metrics": "SELECT, INSERT"}
+                 "metrics": "SELECT, INSERT", "api_keys": "SELECT, INSERT, UPDATE"}
+# API keys: no DELETE (a key is revoked, its row kept); the reader has no grant on them.
 # The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
 # is waiting, and why.
 READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",

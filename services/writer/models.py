@@ -135,8 +135,28 @@ class MetricRow(WriterBase):
     __table_args__ = (Index(None, "run_id", "name", "step"),)
 
 
+class ApiKeyRow(WriterBase):
+    """A user's API key: only its hash (HMAC-SHA-256 with the writer's pepper) and a short
+    prefix to recognise it by are stored; ExchangeApiKey trades the key for a token."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text)
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expire_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoke_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index(None, "user_id", "create_time"),)
+
+
 runs_table = RunRow.__table__
 predictions_table = PredictionRow.__table__
 epochs_table = EpochRow.__table__
 judge_outbox_table = JudgeOutboxRow.__table__
 metrics_table = MetricRow.__table__
+api_keys_table = ApiKeyRow.__table__

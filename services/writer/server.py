@@ -1,7 +1,7 @@
 """Entry point of the writer service: `epochlens-writer`."""
 
 
-from epochlens.v1 import writer_pb2, writer_pb2_grpc
+from epochlens.v1 import auth_pb2_grpc, writer_pb2, writer_pb2_grpc
 from services.common.config import AuthSettings
 from services.common.schema_check import open_engine
 from services.common.server import (
@@ -9,6 +9,9 @@ from services.common.server import (
     create_server,
     run_service,
 )
+from services.writer.api_keys import ApiKeyRepository
+from services.writer.auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
+from services.writer.auth_servicer import AuthServicer
 from services.writer.config import WriterSettings
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.models import SCHEMA
@@ -30,17 +33,19 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
                   if judging else None)
     check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
     servicer = WriterServicer(repository, settings, check)
+    keys = AuthServicer(ApiKeyRepository(engine, settings.api_key_max_per_user), settings, auth)
 
     async def on_stop() -> None:
         if dispatcher is not None:
             await dispatcher.stop()
         await engine.dispose()
 
-    running = await create_server(
-        settings, auth,
-        lambda server: writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(
-            servicer, server),
-        [SERVICE_NAME], on_failure=on_stop)
+    def register(server) -> None:
+        writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(servicer, server)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(keys, server)
+
+    running = await create_server(settings, auth, register, [SERVICE_NAME, AUTH_SERVICE_NAME],
+                                  on_failure=on_stop)
     if dispatcher is not None:
         dispatcher.start()
     running.on_stop = on_stop

@@ -13,11 +13,12 @@ from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
 from services.writer.config import MigrateSettings, WriterSettings
 from trainer_client.config import PredictionsConfig
+from trainer_client.credentials import CredentialSettings
 from trainer_client.demo import DemoSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = (AuthSettings, WriterSettings, QuerySettings, MigrateSettings, CliSettings,
-            StackSettings, PredictionsConfig, DemoSettings, JudgeSettings)
+            StackSettings, PredictionsConfig, DemoSettings, JudgeSettings, CredentialSettings)
 
 
 def known_names() -> set[str]:
