@@ -13,6 +13,7 @@ from services.query.judgments import (
     add_judgments,
     revision_to_proto,
 )
+from services.query.metrics import MetricsQuery
 from services.query.pagination import (
     INT,
     TEXT,
@@ -23,7 +24,6 @@ from services.query.pagination import (
     fill_page,
     resolve_page_size,
 )
-from services.query.metrics import MetricsQuery
 from services.query.repository import QueryRepository
 
 # The keyset key of each paged method, as its page tokens carry it.
