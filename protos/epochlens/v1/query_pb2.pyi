@@ -936,7 +936,7 @@ Global___MetricSeries: _TypeAlias = MetricSeries  # noqa: Y015
 
 @_typing.final
 class ListMetricsResponse(_message.Message):
-    """Response of ListMetricsRequest."""
+    """Response of ListMetrics."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
