@@ -1,14 +1,14 @@
 """Property-based fuzzing of every RPC of every service (issue 8, "Proving it").
 
-For each method of PredictionWriterService, QueryService and JudgeService (found from the
-descriptors, so a new RPC is fuzzed without touching this file), Hypothesis builds
-arbitrary requests (tests/fuzz/strategies.py) and near-valid corrupt bytes, sends them to
+For each method of PredictionWriterService, QueryService, JudgeService and AuthService
+(found from the descriptors, so a new RPC is fuzzed without touching this file), Hypothesis
+builds arbitrary requests (tests/fuzz/strategies.py) and near-valid corrupt bytes, sends them to
 the real servers on PostgreSQL as user "fuzzer", and asserts:
 
 * no INTERNAL, UNKNOWN, UNAVAILABLE or DEADLINE_EXCEEDED: every bad input gets a precise
   status, and nothing hangs;
 * the services still answer their health checks;
-* another user's stored runs, predictions and judgments are unchanged.
+* another user's stored runs, predictions, metrics, judgments and API keys are unchanged.
 
 EPOCHLENS_FUZZ_PROFILE picks the effort: "ci" (the default, part of `make test`) or
 "long" (`make fuzz`).
@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epochlens.v1 import judge_pb2, query_pb2, writer_pb2, writer_pb2_grpc
+from epochlens.v1 import auth_pb2, auth_pb2_grpc, judge_pb2, query_pb2, writer_pb2, writer_pb2_grpc
 from services.common.auth import mint_token
 from services.judge.store import TaskState
 from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT
@@ -46,7 +46,10 @@ PROFILE = os.environ.get("EPOCHLENS_FUZZ_PROFILE", "ci")
 
 SERVICES = {"writer": writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"],
             "query": query_pb2.DESCRIPTOR.services_by_name["QueryService"],
-            "judge": judge_pb2.DESCRIPTOR.services_by_name["JudgeService"]}
+            "judge": judge_pb2.DESCRIPTOR.services_by_name["JudgeService"],
+            "auth": auth_pb2.DESCRIPTOR.services_by_name["AuthService"]}
+# Services hosted by another service's server: AuthService is on the writer.
+HOSTS = {"auth": "writer"}
 METHODS = [(server, method) for server, service in SERVICES.items()
            for method in service.methods]
 CONFIGS = [{"judge": {"rules": {"pattern": "(a+)+$", "format": "json"}}},
@@ -96,7 +99,8 @@ class Target:
                           "SELECT * FROM writer.metrics WHERE user_id = 'victim' "
                           "ORDER BY run_id, step, name",
                           "SELECT * FROM judge.judgments WHERE user_id = 'victim' "
-                          "ORDER BY 1, 2, 3"):
+                          "ORDER BY 1, 2, 3",
+                          "SELECT * FROM writer.api_keys WHERE user_id = 'victim' ORDER BY id"):
                 rows.extend(await conn.fetch(query))
             return hashlib.sha256(repr([tuple(r) for r in rows]).encode()).hexdigest()
         finally:
@@ -116,6 +120,8 @@ async def target(stack):
         await writer.WriteMetrics(writer_pb2.WriteMetricsRequest(
             run_id=victim.id, metrics=[writer_pb2.MetricInput(step=s, name="loss", value=1.0 / s)
                                        for s in range(1, 4)]), metadata=victim_md)
+        await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(name="victim-key"), metadata=victim_md)
         own = await create_run(writer, stack.metadata("fuzzer"), name="own-run")
     fuzz_target = Target(stack, victim.id, own.id)
     await fuzz_target.settled()
@@ -123,7 +129,7 @@ async def target(stack):
 
 
 def _address(stack, server: str) -> str:
-    return getattr(stack, server).address
+    return getattr(stack, HOSTS.get(server, server)).address
 
 
 async def _send(channel: grpc.aio.Channel, method, payload, metadata) -> None:
