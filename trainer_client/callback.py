@@ -36,8 +36,9 @@ from epochlens.v1 import common_pb2
 from trainer_client import distributed
 from trainer_client.config import PredictionsConfig
 from trainer_client.cost import CostEstimate, check_ceiling, estimate_cost, measure_ms_per_step
+from trainer_client.genconfig import apply_generation_config
 from trainer_client.generator import Generator, trainer_autocast_dtype
-from trainer_client.sampler import Formatter, Sampler, detect_format
+from trainer_client.sampler import Formatter, SampleDraw, Sampler
 from trainer_client.spool import RunRecord, Spool
 from trainer_client.streaming import FlushReport, StreamingClient
 
@@ -54,15 +55,24 @@ def epoch_number(epoch: float | None) -> int:
 
 
 class PredictionsCallback(TrainerCallback):
-    """Streams predictions on a fixed sample of `dataset` while a Trainer trains."""
+    """Streams predictions on a fixed sample of `dataset` while a Trainer trains.
 
-    def __init__(self, config: PredictionsConfig | None = None, *, dataset: Any,
+    Without a dataset, the trainer's eval_dataset is used: call attach(trainer), or it is
+    taken from the eval dataloader when the trainer passes one at train begin.
+    A transformers.GenerationConfig (generation_config=...) overrides the generation
+    settings it shares with the config (see trainer_client.genconfig).
+    """
+
+    def __init__(self, config: PredictionsConfig | None = None, *, dataset: Any = None,
                  tokenizer: Any = None, writer: str | None = None, token: str | None = None,
                  run_name: str | None = None, model_name: str | None = None,
                  dataset_name: str | None = None, formatter: Formatter | None = None,
-                 run_config: Mapping[str, Any] | None = None) -> None:
-        self.config = config if config is not None else PredictionsConfig()
+                 run_config: Mapping[str, Any] | None = None,
+                 generation_config: Any = None) -> None:
+        config = config if config is not None else PredictionsConfig()
+        self.config = apply_generation_config(config, generation_config)
         self._dataset, self._tokenizer, self._formatter = dataset, tokenizer, formatter
+        self._draw: SampleDraw | None = None
         self._writer = writer or self.config.writer_address
         secret = self.config.token.get_secret_value() if self.config.token else None
         self._token = token or secret
@@ -81,11 +91,23 @@ class PredictionsCallback(TrainerCallback):
         self._prediction_s = 0.0
         # Trainer-thread seconds spent handing results to the upload thread (all passes).
         self.submit_s = 0.0
-        if self.config.enabled:
-            if formatter is None:
-                detect_format(dataset[0])
-            if tokenizer is not None:
-                self.sampler = Sampler(dataset, self.config, tokenizer, formatter)
+        if self.config.enabled and dataset is not None:
+            self._use_dataset(dataset)
+
+    def attach(self, trainer: Any) -> "PredictionsCallback":
+        """Adds this callback to `trainer`; without a dataset, its eval_dataset is the one."""
+        if self.config.enabled and self._draw is None:
+            self._use_dataset(_single_eval_dataset(getattr(trainer, "eval_dataset", None)))
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def _use_dataset(self, dataset: Any) -> None:
+        """Draws and checks the sample now (a bad row fails here, not at the first epoch)."""
+        self._dataset = dataset
+        self._draw = SampleDraw(dataset, self.config, self._formatter)
+        if self._tokenizer is not None:
+            self.sampler = Sampler(self._draw, self.config, self._tokenizer)
 
     # ----- trainer events -----
 
@@ -97,8 +119,10 @@ class PredictionsCallback(TrainerCallback):
         if tokenizer is None:
             raise ValueError("PredictionsCallback needs a tokenizer: pass tokenizer=... or give "
                              "the Trainer a processing_class")
+        if self._draw is None:
+            self._use_dataset(_dataset_of_loader(kwargs.get("eval_dataloader")))
         if self.sampler is None:
-            self.sampler = Sampler(self._dataset, self.config, tokenizer, self._formatter)
+            self.sampler = Sampler(self._draw, self.config, tokenizer)
         self.generator = Generator(self.config, tokenizer)
         self._dtype = trainer_autocast_dtype(args)
         self.estimate = distributed.broadcast_from_rank0(self._estimate(state, model))
@@ -226,7 +250,8 @@ class PredictionsCallback(TrainerCallback):
         if self._names["model"]:
             return self._names["model"]
         path = getattr(getattr(model, "config", None), "_name_or_path", "")
-        return path or type(model).__name__
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return path or type(base).__name__
 
     def _dataset_name(self) -> str:
         if self._names["dataset"]:
@@ -245,6 +270,30 @@ class PredictionsCallback(TrainerCallback):
                             "learning_rate": getattr(args, "learning_rate", None)},
                 "sample": self.sampler.describe(),
                 "cost_estimate": self.estimate.as_dict() if self.estimate else None}
+
+
+def _single_eval_dataset(dataset: Any) -> Any:
+    """The trainer's eval_dataset; a dict of several is refused (which one is ambiguous)."""
+    if dataset is None:
+        raise ValueError("PredictionsCallback has no dataset and the trainer has no "
+                         "eval_dataset: pass dataset=... or give the trainer an eval_dataset")
+    if isinstance(dataset, Mapping):
+        if len(dataset) != 1:
+            raise ValueError(f"the trainer's eval_dataset is a dict of {sorted(dataset)}: "
+                             "pass dataset=trainer.eval_dataset[<name>]")
+        return next(iter(dataset.values()))
+    return dataset
+
+
+def _dataset_of_loader(loader: Any) -> Any:
+    """The dataset of the eval dataloader the trainer hands to callbacks, if any."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError("PredictionsCallback has no dataset: pass dataset=..., or call "
+                         "callback.attach(trainer) to use the trainer's eval_dataset")
+    log.info("predictions sample drawn from the trainer's eval dataloader dataset (%s)",
+             type(dataset).__name__)
+    return dataset
 
 
 def _tokenizer_of(processing_class: Any) -> Any:

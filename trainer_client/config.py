@@ -39,6 +39,9 @@ class PredictionsConfig(BaseSettings):
     predict_at_start: bool = Field(False, description="Also predict once before training "
                                    "(epoch 0, step 0), as a baseline.")
     seed: int = Field(42, description="Seed of the sample draw and of sampled decoding.")
+    stream_sample_rows: int = Field(1000, ge=1, description="Rows read from the start of a "
+                                    "streaming (iterable) dataset; the sample is drawn from "
+                                    "them.")
 
     # --- prompt extraction ---
     instruction_template: str = Field(
@@ -54,6 +57,10 @@ class PredictionsConfig(BaseSettings):
     greedy: bool = Field(True, description="Greedy decoding; false samples with temperature.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (greedy=false).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (greedy=false).")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k likeliest tokens "
+                              "(greedy=false); unset: no top-k cut.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty on repeated "
+                                             "tokens (1.0 = none); unset: the model's own.")
     generation_batch_size: int = Field(16, ge=1, description="Prompts generated together "
                                        "(left-padded batch).")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this keep "

@@ -192,6 +192,10 @@ class Generator:
                                   "do_sample": not cfg.greedy}
         if not cfg.greedy:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+            if cfg.top_k is not None:
+                kwargs["top_k"] = cfg.top_k
+        if cfg.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = cfg.repetition_penalty
         return kwargs
 
     def _decode(self, new_ids: torch.Tensor) -> tuple[str, int]:
