@@ -106,7 +106,7 @@ bench: install pg browser
 	$(PY) bench/report.py
 
 lint: install
-	$(BIN)/ruff check services tests bench trainer_client
+	$(BIN)/ruff check services tests bench trainer_client scripts clients/python
 
 clean:
 	rm -rf .epochlens .run

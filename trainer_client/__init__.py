@@ -8,8 +8,10 @@
 Predictions that could not be uploaded stay in the spool folder; upload them
 later with `epochlens-sync` (see trainer_client.offline).
 
-The names below are imported on first use, so that the upload side (the sync
-command) does not pay for importing torch and transformers.
+The names below are imported on first use, so that the upload side (Run,
+StreamingClient, the sync command) does not pay for importing torch and
+transformers, and installs without them (the light distribution
+epochlens-client, clients/python: torch only with its [torch] extra).
 """
 
 import importlib
@@ -28,6 +30,8 @@ _EXPORTS = {
     "FlushReport": "trainer_client.streaming",
     "StreamingClient": "trainer_client.streaming",
     "sync": "trainer_client.offline",
+    "Run": "trainer_client.run",
+    "Predictor": "trainer_client.predictor",
 }
 
 __all__ = sorted(_EXPORTS)

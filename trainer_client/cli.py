@@ -1,47 +1,53 @@
 """The ``epochlens-sync`` command (also ``python -m trainer_client.cli``).
 
 Uploads what training left in the spool folder; see trainer_client.offline.
+Built on argparse so that the light client install (epochlens-client) needs no
+command-line framework.
 """
 
+import argparse
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from trainer_client.offline import FINISH_STATES, sync
 
-app = typer.Typer(help="Upload predictions left in the epochlens spool.", add_completion=False)
+TOKEN_ENV = "EPOCHLENS_TRAINER_TOKEN"
 
 
-@app.command()
-def main_command(
-        spool_dir: Annotated[Path | None, typer.Option(
-            help="Spool folder; default EPOCHLENS_TRAINER_SPOOL_DIR.")] = None,
-        writer: Annotated[str | None, typer.Option(
-            help="Writer host:port; default EPOCHLENS_TRAINER_WRITER_ADDRESS.")] = None,
-        token: Annotated[str | None, typer.Option(
-            envvar="EPOCHLENS_TRAINER_TOKEN", help="Bearer token for the writer.")] = None,
-        timeout: Annotated[float | None, typer.Option(
-            help="Seconds to wait per spool; default EPOCHLENS_TRAINER_FLUSH_TIMEOUT_S.")] = None,
-        finish: Annotated[str | None, typer.Option(
-            help="Finish runs whose training never recorded an end state: succeeded, failed "
-            "or cancelled.")] = None) -> None:
-    """Upload every spool file; exit 1 when anything is left un-uploaded."""
-    if finish is not None and finish not in FINISH_STATES:
-        raise typer.BadParameter(f"--finish must be one of {sorted(FINISH_STATES)}")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epochlens-sync", description="Upload predictions left in the epochlens spool.")
+    parser.add_argument("--spool-dir", type=Path, default=None,
+                        help="Spool folder; default EPOCHLENS_TRAINER_SPOOL_DIR.")
+    parser.add_argument("--writer", default=None,
+                        help="Writer host:port; default EPOCHLENS_TRAINER_WRITER_ADDRESS.")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"Bearer token for the writer; default {TOKEN_ENV}.")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="Seconds to wait per spool; "
+                        "default EPOCHLENS_TRAINER_FLUSH_TIMEOUT_S.")
+    parser.add_argument("--finish", choices=sorted(FINISH_STATES), default=None,
+                        help="Finish runs whose training never recorded an end state.")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Upload every spool file; 0 when everything was uploaded, 1 when anything is left."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    reports = sync(spool_dir, writer=writer, token=token, timeout=timeout, finish=finish)
+    reports = sync(args.spool_dir, writer=args.writer, token=args.token, timeout=args.timeout,
+                   finish=args.finish)
     for report in reports:
-        typer.echo(report.describe())
+        print(report.describe())
     if not reports:
-        typer.echo("nothing to sync")
-    raise typer.Exit(0 if all(r.complete for r in reports) else 1)
+        print("nothing to sync")
+    return 0 if all(r.complete for r in reports) else 1
 
 
 def main() -> None:
     """Console entry point (epochlens-sync)."""
-    app()
+    raise SystemExit(run())
 
 
 if __name__ == "__main__":
