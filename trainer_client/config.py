@@ -81,6 +81,11 @@ class PredictionsConfig(BaseSettings):
                                    "it was uploaded (normally it is deleted).")
     stream_batch_predictions: int = Field(50, ge=1, description="Most predictions in one "
                                           "streamed batch (keep <= writer max_batch_size).")
+    stream_batch_metrics: int = Field(500, ge=1, description="Most metrics in one streamed "
+                                      "batch (keep <= writer max_metrics_batch_size).")
+    max_metric_name_chars: int = Field(128, ge=1, description="Longest metric name "
+                                       "log_metrics accepts (keep <= writer "
+                                       "max_metric_name_chars).")
     max_in_flight_batches: int = Field(32, ge=1, description="Batches sent and not yet acked.")
     rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of CreateRun and FinishRun.")
     create_run_wait_s: float = Field(5.0, ge=0, description="How long train begin waits to "

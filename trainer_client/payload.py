@@ -8,13 +8,26 @@ generator already logged and counted them).
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
 
 from epochlens.v1 import common_pb2, writer_pb2
 from trainer_client.config import PredictionsConfig
 from trainer_client.results import GenerationResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricsItem:
+    """One log_metrics call: scalars by name at one step, logged at wall_time (epoch seconds)."""
+
+    step: int
+    values: Mapping[str, float]
+    epoch: float | None
+    wall_time: float
 
 
 class PayloadEncoder:
@@ -35,6 +48,29 @@ class PayloadEncoder:
             request = writer_pb2.WritePredictionsRequest(predictions=chunk)
             batches.append((request.SerializeToString(), len(chunk)))
         return batches
+
+    def encode_metrics(self, item: MetricsItem) -> list[tuple[bytes, int]]:
+        """(serialized WriteMetricsRequest without run_id, metric count) per batch of at most
+        stream_batch_metrics. Values that are not finite are left out (the writer refuses
+        them with the whole batch): logged with their names and counted."""
+        wall = timestamp_pb2.Timestamp()
+        wall.FromNanoseconds(int(item.wall_time * 1e9))
+        kept, dropped = [], []
+        for name, value in item.values.items():
+            (kept if math.isfinite(value) else dropped).append((name, value))
+        if dropped:
+            self.counts["non_finite_metrics"] += len(dropped)
+            log.warning("step %d: %d metrics not sent, their values are not finite (%s; %d so "
+                        "far)", item.step, len(dropped),
+                        ", ".join(f"{n}={v!r}" for n, v in dropped[:5]),
+                        self.counts["non_finite_metrics"])
+        metrics = [writer_pb2.MetricInput(step=item.step, name=name, value=value,
+                                          epoch=item.epoch, wall_time=wall)
+                   for name, value in kept]
+        size = self._config.stream_batch_metrics
+        return [(writer_pb2.WriteMetricsRequest(metrics=metrics[start:start + size])
+                 .SerializeToString(), len(metrics[start:start + size]))
+                for start in range(0, len(metrics), size)]
 
     def _item(self, epoch: int, step: int, result: GenerationResult) -> common_pb2.PredictionInput:
         item = common_pb2.PredictionInput(

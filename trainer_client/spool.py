@@ -8,8 +8,12 @@ be created at train begin is created exactly once later, and the finish state
 to send once everything is uploaded.
 
 The row id of a batch (AUTOINCREMENT: never reused, always increasing) is its
-stream sequence number. A batch the writer rejects moves to the ``rejected``
-table, where it stays for inspection; a spool file with rejected batches is kept.
+stream sequence number. A batch holds predictions (a serialized WritePredictionsRequest) or
+training metrics (a serialized WriteMetricsRequest), as its ``kind`` says; both go up the
+same stream in sequence order. Spool files written before metrics existed get the column
+(every batch of theirs holds predictions) when opened. A batch the writer rejects moves to
+the ``rejected`` table, where it stays for inspection; a spool file with rejected batches is
+kept.
 
 One process owns a spool at a time (an exclusive lock on ``<file>.lock``).
 """
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPOOL_SUFFIX = ".spool.sqlite"
+PREDICTIONS = "predictions"
+METRICS = "metrics"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY CHECK (id = 1), "
@@ -31,10 +37,11 @@ _SCHEMA = (
     "dataset_name TEXT NOT NULL, config_json TEXT NOT NULL, run_id TEXT, "
     "finish_state INTEGER, finished INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS batches (sequence INTEGER PRIMARY KEY AUTOINCREMENT, "
-    "payload BLOB NOT NULL, count INTEGER NOT NULL, created_at REAL NOT NULL)",
+    "payload BLOB NOT NULL, count INTEGER NOT NULL, created_at REAL NOT NULL, "
+    f"kind TEXT NOT NULL DEFAULT '{PREDICTIONS}')",
     "CREATE TABLE IF NOT EXISTS rejected (sequence INTEGER PRIMARY KEY, payload BLOB NOT NULL, "
     "count INTEGER NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL, "
-    "rejected_at REAL NOT NULL)",
+    f"rejected_at REAL NOT NULL, kind TEXT NOT NULL DEFAULT '{PREDICTIONS}')",
 )
 
 
@@ -68,6 +75,11 @@ class Spool:
         self._db.execute("PRAGMA synchronous=NORMAL")
         for statement in _SCHEMA:
             self._db.execute(statement)
+        for table in ("batches", "rejected"):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "kind" not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN kind TEXT NOT NULL "
+                                 f"DEFAULT '{PREDICTIONS}'")
 
     @classmethod
     def create(cls, spool_dir: Path, record: RunRecord) -> "Spool":
@@ -102,34 +114,45 @@ class Spool:
     def mark_finished(self) -> None:
         self._update("UPDATE run SET finished = 1 WHERE id = 1", ())
 
-    def append(self, payload: bytes, count: int) -> int:
-        """Stores a batch; returns its sequence number."""
+    def append(self, payload: bytes, count: int, kind: str = PREDICTIONS) -> int:
+        """Stores a batch of `count` predictions or metrics; returns its sequence number."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO batches (payload, count, created_at) VALUES (?, ?, ?)",
-                (payload, count, time.time()))
+                "INSERT INTO batches (payload, count, created_at, kind) VALUES (?, ?, ?, ?)",
+                (payload, count, time.time(), kind))
             return int(cursor.lastrowid)
 
-    def pending(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to limit batches with a sequence above `after`, in order."""
+    def pending(self, after: int, limit: int) -> list[tuple[int, bytes, str]]:
+        """Up to limit (sequence, payload, kind) with a sequence above `after`, in order."""
         with self._lock:
             return self._db.execute(
-                "SELECT sequence, payload FROM batches WHERE sequence > ? ORDER BY sequence "
-                "LIMIT ?", (after, limit)).fetchall()
+                "SELECT sequence, payload, kind FROM batches WHERE sequence > ? "
+                "ORDER BY sequence LIMIT ?", (after, limit)).fetchall()
 
     def pending_counts(self) -> tuple[int, int]:
-        """(batches, predictions) not acked yet."""
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM batches")
-            batches, predictions = row.fetchone()
-        return int(batches), int(predictions)
+        """(batches, predictions) not acked yet (batches of either kind)."""
+        return self._counts("batches", PREDICTIONS)
+
+    def pending_metrics(self) -> int:
+        """Metrics not acked yet."""
+        return self._counts("batches", METRICS)[1]
 
     def rejected_counts(self) -> tuple[int, int]:
-        """(batches, predictions) the writer refused."""
+        """(batches, predictions) the writer refused (batches of either kind)."""
+        return self._counts("rejected", PREDICTIONS)
+
+    def rejected_metrics(self) -> int:
+        """Metrics the writer refused."""
+        return self._counts("rejected", METRICS)[1]
+
+    def _counts(self, table: str, kind: str) -> tuple[int, int]:
+        """(batches of any kind, items of batches of `kind`) in `table`."""
         with self._lock:
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM rejected")
-            batches, predictions = row.fetchone()
-        return int(batches), int(predictions)
+            row = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ? THEN count END), 0) "
+                f"FROM {table}", (kind,))
+            batches, items = row.fetchone()
+        return int(batches), int(items)
 
     def settle(self, acked: int, rejections: dict[int, tuple[str, str]]) -> None:
         """Drops batches up to `acked`; rejected ones move to the rejected table."""
@@ -138,8 +161,8 @@ class Spool:
             for sequence, (code, message) in rejections.items():
                 self._db.execute(
                     "INSERT OR REPLACE INTO rejected (sequence, payload, count, code, message, "
-                    "rejected_at) SELECT sequence, payload, count, ?, ?, ? FROM batches "
-                    "WHERE sequence = ?", (code, message, time.time(), sequence))
+                    "rejected_at, kind) SELECT sequence, payload, count, ?, ?, ?, kind "
+                    "FROM batches WHERE sequence = ?", (code, message, time.time(), sequence))
             self._db.execute("DELETE FROM batches WHERE sequence <= ?", (acked,))
             self._db.execute("COMMIT")
 

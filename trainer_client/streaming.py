@@ -38,8 +38,8 @@ from google.protobuf import struct_pb2
 from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from trainer_client.config import PredictionsConfig
 from trainer_client.credentials import Credentials, CredentialsError, resolve_credentials
-from trainer_client.payload import PayloadEncoder
-from trainer_client.spool import Spool
+from trainer_client.payload import MetricsItem, PayloadEncoder
+from trainer_client.spool import METRICS, PREDICTIONS, Spool
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class FlushReport:
     rejected_predictions: int
     spool_path: str | None
     error: str | None
+    metrics_inserted: int = 0
+    pending_metrics: int = 0
+    rejected_metrics: int = 0
 
     @property
     def complete(self) -> bool:
@@ -73,7 +76,11 @@ class FlushReport:
 
     def describe(self) -> str:
         text = (f"run {self.run_id or '(not created yet)'}: {self.inserted} predictions stored, "
-                f"{self.duplicates} replays skipped, finished={self.finished}")
+                f"{self.duplicates} replays skipped, {self.metrics_inserted} metrics stored, "
+                f"finished={self.finished}")
+        if self.pending_metrics or self.rejected_metrics:
+            text += (f"; metrics still spooled: {self.pending_metrics}, rejected: "
+                     f"{self.rejected_metrics}")
         if self.pending_batches:
             text += (f"; {self.pending_predictions} predictions in {self.pending_batches} "
                      f"batches still spooled in {self.spool_path} (upload them with "
@@ -138,11 +145,20 @@ class StreamingClient:
 
     def submit(self, epoch: int, step: int, results: list) -> None:
         """Hands one pass's results to the upload thread (queue-full policy applies)."""
-        item = (epoch, step, results)
+        self._enqueue((epoch, step, results))
+
+    def submit_metrics(self, item: MetricsItem) -> None:
+        """Hands one log_metrics call to the upload thread (queue-full policy applies); the
+        metrics go up the same stream as the predictions, in submission order."""
+        self._enqueue(item)
+
+    def _enqueue(self, item: tuple | MetricsItem) -> None:
+        step = _step_of(item)
         if self._thread is None or not self._thread.is_alive():
             self._count("spooled_without_thread")
-            log.error("upload thread is not running: pass at step %d written to the spool "
-                      "directly (%d times so far)", step, self.counts["spooled_without_thread"])
+            log.error("upload thread is not running: %s at step %d written to the spool "
+                      "directly (%d times so far)", _kind_of(item), step,
+                      self.counts["spooled_without_thread"])
             self._spool_item(item)
             return
         try:
@@ -172,12 +188,12 @@ class StreamingClient:
 
     # ----- trainer-thread helpers -----
 
-    def _on_full(self, item: tuple) -> None:
+    def _on_full(self, item: tuple | MetricsItem) -> None:
         if self._config.queue_full_policy == "spool":
             self._count("spooled_queue_full")
-            log.warning("upload queue full (queue_size=%d): pass at step %d written to the "
-                        "spool directly (%d times so far)", self._config.queue_size, item[1],
-                        self.counts["spooled_queue_full"])
+            log.warning("upload queue full (queue_size=%d): %s at step %d written to the "
+                        "spool directly (%d times so far)", self._config.queue_size,
+                        _kind_of(item), _step_of(item), self.counts["spooled_queue_full"])
             self._spool_item(item)
             return
         self._count("blocked_queue_full")
@@ -193,7 +209,13 @@ class StreamingClient:
                 continue
         self._spool_item(item)
 
-    def _spool_item(self, item: tuple) -> None:
+    def _spool_item(self, item: tuple | MetricsItem) -> None:
+        if isinstance(item, MetricsItem):
+            batches = self._encoder.encode_metrics(item)
+            for payload, count in batches:
+                self._spool.append(payload, count, METRICS)
+            self._count("spooled_metrics", sum(count for _, count in batches))
+            return
         epoch, step, results = item
         for payload, count in self._encoder.encode(epoch, step, results):
             self._spool.append(payload, count)
@@ -224,8 +246,9 @@ class StreamingClient:
                 moved = True
             except Exception as exc:
                 self._count("intake_errors")
-                log.error("could not spool the pass at step %d (%d intake errors so far): %s",
-                          item[1], self.counts["intake_errors"], exc, exc_info=True)
+                log.error("could not spool the %s at step %d (%d intake errors so far): %s",
+                          _kind_of(item), _step_of(item), self.counts["intake_errors"], exc,
+                          exc_info=True)
 
     def _report(self) -> FlushReport:
         batches, predictions = self._spool.pending_counts()
@@ -233,10 +256,12 @@ class StreamingClient:
         done = self._spool.is_done()
         delete = done and rejected == 0 and not self._config.keep_spool_files
         path = None if delete else str(self._spool.path)
+        metrics = (self._spool.pending_metrics(), self._spool.rejected_metrics())
         self._spool.close(delete=delete)
         return FlushReport(self._record.run_id, self._record.finished, self.counts["inserted"],
                            self.counts["duplicates"], batches, predictions, rejected,
-                           rejected_predictions, path, self._error)
+                           rejected_predictions, path, self._error,
+                           self.counts["metrics_inserted"], *metrics)
 
     # ----- upload thread -----
 
@@ -466,8 +491,8 @@ class StreamingClient:
             room = self._config.max_in_flight_batches - len(sent)
             rows = self._spool.pending(last_sent, room) if room > 0 else []
             isolating = bool(rows) and self._isolating(rows[0][0])
-            for sequence, payload in rows[:1] if isolating else rows:
-                await call.write(self._request(sequence, payload))
+            for sequence, payload, kind in rows[:1] if isolating else rows:
+                await call.write(self._request(sequence, payload, kind))
                 self._count("sent_batches")
                 sent.append(sequence)
                 last_sent = self._highest_sent = sequence
@@ -476,7 +501,12 @@ class StreamingClient:
             if not rows:
                 await self._wait_any(self._kick.wait(), reader)
 
-    def _request(self, sequence: int, payload: bytes) -> writer_pb2.StreamPredictionsRequest:
+    def _request(self, sequence: int, payload: bytes,
+                 kind: str) -> writer_pb2.StreamPredictionsRequest:
+        if kind == METRICS:
+            metrics = writer_pb2.WriteMetricsRequest.FromString(payload).metrics
+            return writer_pb2.StreamPredictionsRequest(
+                sequence=sequence, run_id=self._record.run_id, metrics=metrics)
         batch = writer_pb2.WritePredictionsRequest.FromString(payload)
         return writer_pb2.StreamPredictionsRequest(sequence=sequence, run_id=self._record.run_id,
                                                    predictions=batch.predictions)
@@ -497,6 +527,9 @@ class StreamingClient:
             self._acked = response.acked_sequence
             self._count("inserted", response.inserted_count)
             self._count("duplicates", response.duplicate_count)
+            self._count("metrics_inserted", response.metric_inserted_count)
+            self._count("metric_duplicates", response.metric_duplicate_count)
+            self._note_conflicts(response.metric_conflicting_fields)
             self._kick.set()
 
     def _note_replaced(self, fields) -> None:
@@ -507,6 +540,15 @@ class StreamingClient:
                     "far)", len(fields), self._record.run_id, ", ".join(fields[:5]),
                     self.counts["nul_replaced_fields"])
 
+    def _note_conflicts(self, fields) -> None:
+        if not fields:
+            return
+        self._count("metric_conflicts", len(fields))
+        log.warning("writer kept the values already stored for %d metrics of run %s and did "
+                    "not store the new ones (same run, step and name, another value: %s; %d "
+                    "so far)", len(fields), self._record.run_id, ", ".join(fields[:5]),
+                    self.counts["metric_conflicts"])
+
     @staticmethod
     async def _wait_any(awaitable, task: asyncio.Task) -> None:
         waiter = asyncio.ensure_future(awaitable)
@@ -514,3 +556,11 @@ class StreamingClient:
             await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+
+
+def _step_of(item: tuple | MetricsItem) -> int:
+    return item.step if isinstance(item, MetricsItem) else item[1]
+
+
+def _kind_of(item: tuple | MetricsItem) -> str:
+    return METRICS if isinstance(item, MetricsItem) else f"{PREDICTIONS} pass"
