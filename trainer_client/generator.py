@@ -10,6 +10,10 @@ What the GPU measurements in DESIGN.md decided:
   checkpointing flags, ``config.use_cache``, the tokenizer's padding and
   truncation sides and pad token, and the global RNG state.
 
+Under FSDP2 the parameters are gathered once per pass and generation then runs
+with no collective (trainer_client.distributed.full_parameters); DeepSpeed ZeRO-3
+is refused with an ERROR (untested here, and it would deadlock).
+
 A batch that raises is retried one prompt at a time so that a single bad sample
 cannot take the others down; a sample that still fails is logged at ERROR with
 its context and counted. Nothing here raises into the training loop.
@@ -24,11 +28,15 @@ from typing import Any
 
 import torch
 
+from trainer_client import distributed
 from trainer_client.config import PredictionsConfig
 from trainer_client.results import GenerationResult
 from trainer_client.sampler import Sample
 
 log = logging.getLogger(__name__)
+
+ZERO3_REFUSED = ("DeepSpeed ZeRO-3 partitions this model's parameters; predictions under "
+                 "ZeRO-3 are not supported (see docs/ARCHITECTURE.md, trainer side)")
 
 
 def trainer_autocast_dtype(args: Any) -> torch.dtype | None:
@@ -112,18 +120,35 @@ class Generator:
     def generate(self, model: Any, samples: Sequence[Sample], autocast_dtype: torch.dtype | None,
                  seed_offset: int = 0, max_new_tokens: int | None = None
                  ) -> list[GenerationResult]:
-        """One result per sample, in order. Never raises (failures are in result.error)."""
-        if not samples:
-            return []
+        """One result per sample, in order. Never raises (failures are in result.error).
+
+        Under FSDP2 this is a collective: every rank calls it at every pass, also a rank
+        with no samples, because the parameters are gathered once for the pass
+        (distributed.full_parameters) and generation then runs without collectives.
+        """
+        if distributed.zero3_partitioned(model):
+            return self._refuse_zero3(samples)
         try:
-            return self._generate_all(model, samples, autocast_dtype, seed_offset,
-                                      max_new_tokens or self._config.max_new_tokens)
+            with distributed.full_parameters(model):
+                if not samples:
+                    return []
+                return self._generate_all(model, samples, autocast_dtype, seed_offset,
+                                          max_new_tokens or self._config.max_new_tokens)
         except Exception as exc:  # setup or restore failed: every sample of this pass fails
             self.counts["failed_passes"] += 1
             log.error("predictions pass failed outside generation (%d samples lost at this "
                       "pass, %d passes failed so far): %s: %s", len(samples),
                       self.counts["failed_passes"], type(exc).__name__, exc, exc_info=True)
             return [_failed(s, exc) for s in samples]
+
+    def _refuse_zero3(self, samples: Sequence[Sample]) -> list[GenerationResult]:
+        """DeepSpeed ZeRO-3 is untested here and its forward passes are collectives that
+        would deadlock on uneven generation: every sample fails with the reason, loudly."""
+        self.counts["refused_passes"] += 1
+        reason = RuntimeError(ZERO3_REFUSED)
+        log.error("%s (%d samples not generated at this pass, %d passes refused so far)",
+                  ZERO3_REFUSED, len(samples), self.counts["refused_passes"])
+        return [_failed(s, reason) for s in samples]
 
     def _generate_all(self, model: Any, samples: Sequence[Sample],
                       autocast_dtype: torch.dtype | None, seed_offset: int,
@@ -189,7 +214,10 @@ class Generator:
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
                                   "pad_token_id": self._tokenizer.pad_token_id,
                                   "eos_token_id": sorted(self._stop_ids),
-                                  "do_sample": not cfg.greedy}
+                                  "do_sample": not cfg.greedy,
+                                  # Generation is local to each rank (under FSDP2 on
+                                  # parameters gathered for the pass): no lockstep.
+                                  "synced_gpus": False}
         if not cfg.greedy:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
             if cfg.top_k is not None:
