@@ -68,7 +68,9 @@ class PredictionsConfig(BaseSettings):
 
     # --- streaming client ---
     writer_address: str = Field("localhost:50051", description="host:port of the writer.")
-    token: SecretStr | None = Field(None, description="Bearer token for the writer.")
+    token: SecretStr | None = Field(None, description="Bearer token for the writer; unset: "
+                                    "the API key (trainer_client.credentials), exchanged for "
+                                    "short-lived tokens refreshed automatically.")
     run_name: str | None = Field(None, description="Run name; unset: the trainer's run_name "
                                  "or output_dir.")
     queue_size: int = Field(64, ge=1, description="Pass results waiting for the upload thread.")
