@@ -36,8 +36,11 @@ async def migrate(settings: MigrateSettings) -> None:
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
-                 "metrics": "SELECT, INSERT", "api_keys": "SELECT, INSERT, UPDATE"}
-# API keys: no DELETE (a key is revoked, its row kept); the reader has no grant on them.
+                 "metrics": "SELECT, INSERT",
+                 "api_keys": "SELECT, INSERT, UPDATE (revoke_time, last_used_time)"}
+# API keys: only revoke_time and last_used_time may change (a key never moves to another
+# user, even in a transaction that knows its hash), no DELETE (a revoked key's row is
+# kept); the reader has no grant on them.
 # The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
 # is waiting, and why.
 READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",

@@ -17,24 +17,28 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 import jwt
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from typer.testing import CliRunner
 
 from epochlens.v1 import auth_pb2, auth_pb2_grpc, common_pb2, query_pb2, query_pb2_grpc
 from services.cli.main import app
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
-from services.common.db import create_engine
+from services.common.db import RLS_USER_SETTING, create_engine
+from services.writer.api_keys import KEY_HASH_SETTING
 from services.writer.config import MigrateSettings, WriterSettings
 from services.writer.migrate import migrate
-from services.writer.models import api_keys_table, predictions_table, runs_table
+from services.writer.models import WriterBase, api_keys_table, predictions_table, runs_table
 from services.writer.server import start as start_writer
-from tests.conftest import JWT_SECRET, PG_ADMIN, pg_url
+from tests.conftest import JWT_SECRET, PG_ADMIN, PG_HOST, PG_PORT, WRITER_ROLE, pg_url
 from tests.helpers import create_run, error_reason, rich_status
 from trainer_client.config import PredictionsConfig
 from trainer_client.credentials import ApiKeyCredentials, CredentialSettings
@@ -219,6 +223,71 @@ async def test_login_refuses_a_revoked_key_and_keeps_the_file(stack, tmp_path):
     assert result.exit_code == 2 and not path.exists()
     assert "API key not stored" in result.stderr and "UNAUTHENTICATED" in result.stderr
     assert "was revoked" in result.stderr
+
+
+async def test_row_level_security_shows_the_owner_or_the_hash_only(stack):
+    """As the writer role, unfiltered: a user sees their own keys; the exchange's hash
+    setting shows the one row with that hash; nothing set shows nothing."""
+    if stack.backend != "postgres":
+        pytest.skip("row-level security is PostgreSQL's")
+    alice, bob = unique("rls-keys-a"), unique("rls-keys-b")
+    await cli_create_key(stack, alice)
+    await cli_create_key(stack, alice)
+    _, bob_key = await cli_create_key(stack, bob)
+    bob_hash = hashlib.sha256(bob_key.encode()).hexdigest()
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=WRITER_ROLE,
+                                 database=stack.database)
+    try:
+        seen = {}
+        for label, name, value in (("alice", RLS_USER_SETTING, alice),
+                                   ("bob-hash", KEY_HASH_SETTING, bob_hash),
+                                   ("nothing", RLS_USER_SETTING, "")):
+            async with conn.transaction():
+                await conn.execute("SELECT set_config($1, $2, true)", name, value)
+                # Deliberately no user filter: only the policies separate the users.
+                seen[label] = sorted(r["user_id"] for r in await conn.fetch(
+                    "SELECT user_id FROM writer.api_keys"))
+        assert seen == {"alice": [alice, alice], "bob-hash": [bob], "nothing": []}
+        assert await updated(conn, KEY_HASH_SETTING, bob_hash,
+                             "UPDATE writer.api_keys SET last_used_time = now()") == "UPDATE 1"
+        assert await updated(conn, RLS_USER_SETTING, alice,
+                             "UPDATE writer.api_keys SET revoke_time = now() WHERE user_id "
+                             "LIKE 'rls-keys-b-%'") == "UPDATE 0"
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await updated(conn, KEY_HASH_SETTING, bob_hash,
+                          f"UPDATE writer.api_keys SET user_id = '{alice}'")
+    finally:
+        await conn.close()
+    [row] = await key_rows(stack, bob)
+    assert (row.user_id, row.revoke_time) == (bob, None) and row.last_used_time is not None
+
+
+async def updated(conn, name: str, value: str, statement: str) -> str:
+    async with conn.transaction():
+        await conn.execute("SELECT set_config($1, $2, true)", name, value)
+        return await conn.execute(statement)
+
+
+async def test_model_matches_the_migration(stack):
+    if stack.backend != "postgres":
+        pytest.skip("compared on PostgreSQL")
+    engine = create_engine(MigrateSettings(database_url=pg_url(PG_ADMIN, stack.database),
+                                           _env_file=None), ("writer",))
+
+    def differences(sync_conn) -> list:
+        context = MigrationContext.configure(sync_conn, opts={"include_schemas": True})
+        return [diff for diff in compare_metadata(context, WriterBase.metadata)
+                if "api_keys" in repr(diff)]
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(differences) == []
+            policies = set(await conn.scalars(text(
+                "SELECT policyname FROM pg_policies WHERE schemaname = 'writer' "
+                "AND tablename = 'api_keys'")))
+    finally:
+        await engine.dispose()
+    assert policies == {"api_keys_owner", "api_keys_exchange_select",
+                        "api_keys_exchange_update"}
 
 
 # ----- writers of their own (settings of the exchange) -----
