@@ -29,6 +29,8 @@ from sqlalchemy import select, text, update
 from typer.testing import CliRunner
 
 from epochlens.v1 import auth_pb2, auth_pb2_grpc, common_pb2, query_pb2, query_pb2_grpc
+from services.cli.config import CliSettings
+from services.cli.keys import KeysClient
 from services.cli.main import app
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
@@ -125,6 +127,7 @@ async def test_cli_creates_lists_and_revokes_keys_stored_hashed(stack):
 
     revoked = ok(await cli(stack, user, "keys", "revoke", key_id))
     assert revoked.startswith(f"revoked API key {key_id} ({key[:12]}...) at ")
+    assert ok(await cli(stack, user, "keys", "revoke", key_id)) == revoked
     assert ok(await cli(stack, user, "keys", "list")) == "no API keys\n"
     [row] = await key_rows(stack, user)
     assert row.revoke_time is not None
@@ -365,6 +368,28 @@ async def test_rs256_writer_without_a_private_key_refuses_to_exchange(tmp_path):
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert caught.value.details() == ("this writer cannot sign tokens: EPOCHLENS_AUTH_JWT_"
                                           "PRIVATE_KEY_FILE is required to mint RS256 tokens")
+    finally:
+        await writer.stop(0.2)
+
+
+async def test_cli_client_refreshes_its_token(tmp_path, monkeypatch):
+    auth = AuthSettings(jwt_secret=JWT_SECRET, jwt_leeway_s=0, _env_file=None)
+    writer = await own_writer(tmp_path, auth, api_token_ttl_s=2)
+    try:
+        key = await create_key_grpc(writer.address, auth, "cli-refresh")
+        monkeypatch.setenv("EPOCHLENS_API_KEY", key)
+        settings = CliSettings(_env_file=None, writer_address=writer.address)
+
+        def list_three_times() -> tuple[list[int], int]:
+            with KeysClient(settings) as client:
+                counts = []
+                for _ in range(3):
+                    counts.append(len(client.list()))
+                    time.sleep(1.2)
+                return counts, client._credentials.exchanges
+
+        counts, exchanges = await asyncio.to_thread(list_three_times)
+        assert counts == [1, 1, 1] and exchanges == 3
     finally:
         await writer.stop(0.2)
 
