@@ -23,8 +23,8 @@ Predictions made before training (predict_at_start) are epoch 0, step 0.
 
 import logging
 import math
+import numbers
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,19 +32,24 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from epochlens.v1 import common_pb2
 from trainer_client import distributed
 from trainer_client.config import PredictionsConfig
 from trainer_client.cost import CostEstimate, check_ceiling, estimate_cost, measure_ms_per_step
 from trainer_client.genconfig import apply_generation_config
 from trainer_client.generator import Generator, trainer_autocast_dtype
+from trainer_client.matching import exact_match_rate
+from trainer_client.predictor import Predictor
+from trainer_client.run import Run
 from trainer_client.sampler import Formatter, SampleDraw, Sampler
-from trainer_client.spool import RunRecord, Spool
 from trainer_client.streaming import FlushReport, StreamingClient
 
 log = logging.getLogger(__name__)
 
 EPOCH_DECIMALS = 6
+# Names of the numbers a predictions pass reports (metrics and the trainer's log_history).
+PASS_PREFIX = "epochlens/"
+# Keys of the trainer's logs that are not metrics (the position of the log).
+NOT_METRICS = frozenset({"epoch", "step"})
 
 
 def epoch_number(epoch: float | None) -> int:
@@ -82,7 +87,12 @@ class PredictionsCallback(TrainerCallback):
         self.counts: Counter[str] = Counter()
         self.sampler: Sampler | None = None
         self.generator: Generator | None = None
-        self.client: StreamingClient | None = None
+        # The pass runner and the run handle (trainer_client.predictor / .run) it is built on.
+        self.predictor: Predictor | None = None
+        self.run: Run | None = None
+        self._trainer: Any = None
+        # Headline numbers of the last pass (also in the trainer's log_history).
+        self.last_pass_metrics: dict[str, float] = {}
         self.estimate: CostEstimate | None = None
         self.last_report: FlushReport | None = None
         self.upload_counts: dict[str, int] = {}
@@ -100,6 +110,7 @@ class PredictionsCallback(TrainerCallback):
             self._use_dataset(_single_eval_dataset(getattr(trainer, "eval_dataset", None)))
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        self._trainer = trainer
         return self
 
     def _use_dataset(self, dataset: Any) -> None:
@@ -121,10 +132,10 @@ class PredictionsCallback(TrainerCallback):
                              "the Trainer a processing_class")
         if self._draw is None:
             self._use_dataset(_dataset_of_loader(kwargs.get("eval_dataloader")))
-        if self.sampler is None:
-            self.sampler = Sampler(self._draw, self.config, tokenizer)
-        self.generator = Generator(self.config, tokenizer)
         self._dtype = trainer_autocast_dtype(args)
+        self.predictor = Predictor(self.sampler or self._draw, tokenizer, self.config,
+                                   autocast_dtype=self._dtype)
+        self.sampler, self.generator = self.predictor.sampler, self.predictor.generator
         self.estimate = distributed.broadcast_from_rank0(self._estimate(state, model))
         self._report_estimate()
         if distributed.rank() == 0:
@@ -143,24 +154,43 @@ class PredictionsCallback(TrainerCallback):
         if self.generator is not None and self.config.frequency == "epoch":
             self._predict(state, model, epoch_number(state.epoch))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.client is None:
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Forwards the numeric scalars the trainer logs (loss, learning_rate, grad_norm,
+        eval_*, train_*) as metrics at the current step; the pass's own epochlens/* numbers
+        went up with the pass."""
+        if self.run is None or not logs:
             return
-        client, self.client = self.client, None
+        values = {name: float(value) for name, value in logs.items()
+                  if _is_scalar(value) and name not in NOT_METRICS
+                  and not name.startswith(PASS_PREFIX)}
+        if values:
+            epoch = logs.get("epoch", state.epoch)
+            self.run.log_metrics(state.global_step, values,
+                                 epoch=float(epoch) if _is_scalar(epoch) else None)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        client = run.client
         try:
-            client.finish(common_pb2.RUN_STATE_SUCCEEDED)
-            self.last_report = client.close(self.config.flush_timeout_s)
+            self.last_report = run.finish("succeeded")
         except Exception as exc:  # training is over; report, never raise
             self.counts["flush_errors"] += 1
             log.error("flushing the predictions failed; what was not acked stays in %s: %s",
                       self.config.spool_dir, exc, exc_info=True)
             return
         finally:
-            self.upload_counts = dict(client.counts)
+            self.upload_counts = dict(client.counts) if client is not None else {}
         message = f"epochlens: {self.last_report.describe()}"
         print(message, flush=True)
         if not self.last_report.complete:
             log.warning(message)
+
+    @property
+    def client(self) -> StreamingClient | None:
+        """The run's upload client (rank 0, between train begin and train end)."""
+        return self.run.client if self.run is not None else None
 
     @property
     def generation_s(self) -> float:
@@ -196,39 +226,48 @@ class PredictionsCallback(TrainerCallback):
             log.warning(warning)
 
     def _start_client(self, args, state, model) -> None:
-        record = RunRecord(uuid.uuid4().hex, self._run_name(args), self._model_name(model),
-                           self._dataset_name(), self._run_settings(args, state))
-        spool = Spool.create(self.config.spool_dir, record)
-        self.client = StreamingClient(self.config, spool, self._writer, self._token)
-        self.client.start()
-        run_id = self.client.wait_for_run(self.config.create_run_wait_s)
-        if run_id:
-            log.info("predictions go to run %s on %s", run_id, self._writer)
-        else:
-            log.warning("writer %s not reachable yet: run %r will be created when it is "
-                        "(request_id %s; predictions wait in %s)", self._writer, record.name,
-                        record.request_id, spool.path)
+        self.run = Run(self._run_name(args), model_name=self._model_name(model),
+                       dataset_name=self._dataset_name(), config=self.config,
+                       run_config=self._run_settings(args, state), writer=self._writer,
+                       token=self._token).start()
 
     def _predict(self, state, model, epoch: int) -> None:
-        started = time.perf_counter()
         try:
-            results = self.generator.generate(model, distributed.shard(self.sampler.samples),
-                                              self._dtype, seed_offset=state.global_step)
-            gathered = distributed.gather_lists(results)
+            gathered = self.predictor.predict(model, step=state.global_step)
         except Exception as exc:  # generation never raises; this is the gather or a bug
             self.counts["failed_passes"] += 1
             log.error("predictions pass at epoch %d step %d failed (%d failed passes): %s",
                       epoch, state.global_step, self.counts["failed_passes"], exc, exc_info=True)
             return
-        elapsed = time.perf_counter() - started
+        elapsed = self.predictor.last_pass_s
         self._prediction_s += elapsed
-        if gathered is None or self.client is None:
+        if gathered is None or self.run is None:
             return
-        gathered.sort(key=lambda r: r.sample_index)
         submitted = time.perf_counter()
-        self.client.submit(epoch, state.global_step, gathered)
+        self.run.log_predictions(epoch, state.global_step, gathered)
         self.submit_s += time.perf_counter() - submitted
         self._log_pass(state, epoch, gathered, elapsed)
+        self._report_pass(state, gathered, elapsed)
+
+    def _report_pass(self, state, results: list, elapsed: float) -> None:
+        """The pass's headline numbers: stored as metrics, and put in the trainer's
+        log_history (through trainer.log when the trainer is known, so that report_to
+        integrations see them; otherwise appended to state.log_history)."""
+        failed = sum(1 for r in results if r.error is not None)
+        headline = {f"{PASS_PREFIX}predictions": float(len(results) - failed),
+                    f"{PASS_PREFIX}failed_samples": float(failed),
+                    f"{PASS_PREFIX}pass_seconds": round(elapsed, 3)}
+        rate = exact_match_rate(results)
+        if rate is not None:
+            headline[f"{PASS_PREFIX}exact_match"] = rate
+        self.last_pass_metrics = headline
+        self.run.log_metrics(state.global_step, headline,
+                             epoch=float(state.epoch) if state.epoch else None)
+        if self._trainer is not None:
+            self._trainer.log(dict(headline))
+            return
+        state.log_history.append({**headline, "epoch": state.epoch,
+                                  "step": state.global_step})
 
     def _log_pass(self, state, epoch: int, results: list, elapsed: float) -> None:
         failed = sum(1 for r in results if r.error is not None)
@@ -270,6 +309,10 @@ class PredictionsCallback(TrainerCallback):
                             "learning_rate": getattr(args, "learning_rate", None)},
                 "sample": self.sampler.describe(),
                 "cost_estimate": self.estimate.as_dict() if self.estimate else None}
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _single_eval_dataset(dataset: Any) -> Any:

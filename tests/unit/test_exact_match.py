@@ -60,3 +60,18 @@ def test_judge_cli_and_report_agree_on_every_variant():
     (epoch,) = payload["epochs"]
     assert (epoch["exact"], epoch["with_truth"], epoch["rate"]) == (3, 6, 0.5)
     assert [p["exact"] for s in payload["samples"] for p in s["predictions"]] == expected
+
+
+def test_trainer_side_definition_is_the_same():
+    """trainer_client.matching (no server package) answers every case like the server's."""
+    from trainer_client import matching as trainer
+    from trainer_client.results import GenerationResult
+
+    assert [trainer.exact_match(text, TRUTH) for text, _ in CASES] == [
+        exact_match(text, TRUTH) for text, _ in CASES]
+    assert trainer.normalize("  Stra\u00dfe \t\n X ") == normalize("  Stra\u00dfe \t\n X ")
+    results = [GenerationResult(i, "p", TRUTH, text, 1.0) for i, (text, _) in enumerate(CASES)]
+    results += [GenerationResult(98, "p", None, "x", 1.0),
+                GenerationResult(99, "p", TRUTH, None, 1.0, error="RuntimeError")]
+    assert trainer.exact_match_rate(results) == 3 / 6
+    assert trainer.exact_match_rate(results[-2:]) is None
