@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None,
                         help="Seconds to wait per spool; "
                         "default EPOCHLENS_TRAINER_FLUSH_TIMEOUT_S.")
-    parser.add_argument("--finish", choices=sorted(FINISH_STATES), default=None,
-                        help="Finish runs whose training never recorded an end state.")
+    ending = parser.add_mutually_exclusive_group()
+    ending.add_argument("--finish", choices=sorted(FINISH_STATES), default=None,
+                        help="End state of runs whose training never recorded one (the "
+                        "trainer died); default: failed.")
+    ending.add_argument("--leave-running", action="store_true",
+                        help="Leave such runs RUNNING and print how to finish them.")
     return parser
 
 
@@ -37,7 +41,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     reports = sync(args.spool_dir, writer=args.writer, token=args.token, timeout=args.timeout,
-                   finish=args.finish)
+                   finish=args.finish, leave_running=args.leave_running)
     for report in reports:
         print(report.describe())
     if not reports:

@@ -69,6 +69,8 @@ class FlushReport:
     metrics_inserted: int = 0
     pending_metrics: int = 0
     rejected_metrics: int = 0
+    # What epochlens-sync decided about the run's end state (see trainer_client.offline).
+    note: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -90,6 +92,8 @@ class FlushReport:
                      f"batches rejected by the writer (kept in {self.spool_path})")
         if self.error:
             text += f"; upload stopped: {self.error}"
+        if self.note:
+            text += f"; {self.note}"
         return text
 
 
