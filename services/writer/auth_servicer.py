@@ -41,6 +41,9 @@ from services.writer.config import WriterSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# Addresses with recent failures kept before the stale ones are dropped (bounds the memory an
+# attacker with many addresses can make the writer hold).
+MAX_TRACKED_ADDRESSES = 10_000
 
 
 def key_to_proto(row) -> auth_pb2.ApiKey:
@@ -81,9 +84,19 @@ class FailedExchanges:
     def add(self, address: str) -> int:
         """Records a failure; returns the address's failures within the window."""
         self.total += 1
+        if len(self._times) >= MAX_TRACKED_ADDRESSES:
+            self._prune()
         times = self._times[address]
         times.append(time.monotonic())
         return len(times)
+
+    def _prune(self) -> None:
+        """Drops the addresses whose failures all left the window."""
+        before = len(self._times)
+        for address in list(self._times):
+            self._recent(address)
+        log.info("failed API key exchanges: %d of %d tracked addresses had no failure left in "
+                 "the window and were dropped", before - len(self._times), before)
 
 
 def client_address(context: grpc.aio.ServicerContext) -> str:
