@@ -419,20 +419,25 @@ def upload(address: str, credentials, spool_dir, pause_s: float):
     return client, client.close(30.0)
 
 
-class RefusedFirst(ApiKeyCredentials):
-    """Hands out an expired token first, as a client whose clock runs behind the writer's
-    would: the writer refuses it and the client exchanges the key again."""
+class RefusedOnce(ApiKeyCredentials):
+    """Hands out an expired token once, at the at_call-th call, as a client whose clock runs
+    behind the writer's would: the writer refuses it and the client exchanges the key again."""
 
-    def __init__(self, stale: str, *args) -> None:
+    def __init__(self, stale: str, at_call: int, *args) -> None:
         super().__init__(*args)
-        self._stale: str | None = stale
+        self._stale = stale
+        self._at_call = at_call
+        self.calls = 0
 
     def token(self) -> str:
-        stale, self._stale = self._stale, None
-        return stale if stale is not None else super().token()
+        self.calls += 1
+        return self._stale if self.calls == self._at_call else super().token()
 
 
-async def test_stream_keeps_going_across_token_refreshes(tmp_path):
+@pytest.mark.parametrize("refused_call", [1, 3], ids=["create-run", "stream"])
+async def test_stream_keeps_going_across_token_refreshes(tmp_path, refused_call):
+    """Tokens of 2 s over a 5 s upload, one of them refused (at CreateRun, or when a later
+    stream opens): every prediction is stored once and the run finishes."""
     auth = AuthSettings(jwt_secret=JWT_SECRET, jwt_leeway_s=0, _env_file=None)
     writer = await own_writer(tmp_path, auth, api_token_ttl_s=2)
     try:
@@ -440,7 +445,7 @@ async def test_stream_keeps_going_across_token_refreshes(tmp_path):
         expired = mint_token(auth, "refresher", 1)
         await asyncio.sleep(1.1)
         settings = CredentialSettings(_env_file=None, refresh_margin_s=60.0)
-        credentials = RefusedFirst(expired, key, writer.address, settings)
+        credentials = RefusedOnce(expired, refused_call, key, writer.address, settings)
         client, report = await asyncio.to_thread(upload, writer.address, credentials,
                                                  tmp_path / "spool", 0.6)
         assert report.complete and report.finished, report.describe()
