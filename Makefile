@@ -104,6 +104,7 @@ bench: install pg browser
 	$(PY) bench/trainer_overhead.py
 	$(PY) bench/export.py
 	$(PY) bench/report.py
+	$(PY) bench/client_install.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client scripts clients/python
