@@ -465,3 +465,27 @@ async def test_stream_keeps_going_across_token_refreshes(tmp_path, refused_call)
         assert sorted(keys) == [((p + 1) * 10, i) for p in range(PASSES) for i in range(SAMPLES)]
     finally:
         await writer.stop(0.2)
+
+
+async def test_upload_with_a_revoked_key_stops_and_keeps_the_spool(tmp_path):
+    auth = AuthSettings(jwt_secret=JWT_SECRET, _env_file=None)
+    writer = await own_writer(tmp_path, auth)
+    try:
+        key = await create_key_grpc(writer.address, auth, "revoked-upload")
+        async with grpc.aio.insecure_channel(writer.address) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            md = (("authorization", f"Bearer {mint_token(auth, 'revoked-upload')}"),)
+            [listed] = (await stub.ListApiKeys(auth_pb2.ListApiKeysRequest(),
+                                               metadata=md)).api_keys
+            await stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=listed.id), metadata=md)
+        settings = CredentialSettings(_env_file=None)
+        credentials = ApiKeyCredentials(key, writer.address, settings)
+        _, report = await asyncio.to_thread(upload, writer.address, credentials,
+                                            tmp_path / "spool", 0.0)
+        assert report.run_id is None and not report.complete
+        assert report.error.startswith(f"API key exchange at {writer.address} failed with "
+                                       "UNAUTHENTICATED: API key elk_")
+        assert "was revoked at" in report.error
+        assert report.pending_predictions == PASSES * SAMPLES and report.spool_path
+    finally:
+        await writer.stop(0.2)
