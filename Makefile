@@ -101,6 +101,7 @@ bench: install pg browser
 	$(PY) bench/ingest.py
 	$(PY) bench/query.py
 	$(PY) bench/generation.py
+	$(PY) bench/distributed_pass.py
 	$(PY) bench/trainer_overhead.py
 	$(PY) bench/export.py
 	$(PY) bench/report.py

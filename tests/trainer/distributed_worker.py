@@ -90,7 +90,15 @@ def _state(model, before: dict[str, torch.Tensor]) -> dict:
     after = _local_shards(model)
     return {"bit_identical": all(torch.equal(before[n], after[n]) for n in before),
             "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
-            "train_mode": all(m.training for m in model.modules())}
+            "train_mode": all(m.training for m in model.modules()),
+            "reshard_after_forward": _reshard_settings(model)}
+
+
+def _reshard_settings(model) -> list[bool]:
+    """Each FSDP unit's reshard-after-forward (outermost first), as FSDP2 keeps it."""
+    return [group.post_forward_mesh_info is not None
+            for unit in distributed.fsdp_units(model)
+            for group in unit._get_fsdp_state()._fsdp_param_groups]
 
 
 def _train_step(model, optimizer, batch: dict) -> None:
@@ -133,6 +141,7 @@ def _fsdp_passes(out: Path, tokenizer, samples: list[Sample], batch: dict) -> di
     report["same_training"] = all(
         torch.equal(a.to_local(), b.to_local())
         for a, b in zip(with_passes.parameters(), without.parameters(), strict=True))
+    report["reshard_without_passes"] = _reshard_settings(without)
     report["generated_per_rank"] = distributed.gather_lists([generator.counts["generated"]])
     return report
 

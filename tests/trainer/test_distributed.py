@@ -128,7 +128,10 @@ def test_ddp_two_ranks_each_generate_their_share_and_rank0_uploads_once(
 def test_fsdp2_generation_matches_the_gathered_weights_and_training_is_unchanged(tmp_path):
     torchrun("fsdp", tmp_path)
     report = json.loads((tmp_path / "fsdp.json").read_text())
-    unchanged = {"bit_identical": True, "all_dtensor": True, "train_mode": True}
+    # FSDP2's own settings: the root keeps its parameters after forward, the layers reshard.
+    settings = [False, True, True]
+    unchanged = {"bit_identical": True, "all_dtensor": True, "train_mode": True,
+                 "reshard_after_forward": settings}
     assert len(report["passes"]) == 2  # before any forward, then after a training step
     for one_pass in report["passes"]:
         assert one_pass["state"] == unchanged
@@ -139,6 +142,7 @@ def test_fsdp2_generation_matches_the_gathered_weights_and_training_is_unchanged
     assert [row[0] for row in report["single"]["got"]] == [0]
     assert report["single"]["state"] == unchanged
     assert report["same_training"] is True
+    assert report["reshard_without_passes"] == settings
     # Round robin over 2 ranks: 3 + 2 per full pass, twice, then 1 + 0.
     assert report["generated_per_rank"] == [3 + 3 + 1, 2 + 2]
 
