@@ -37,11 +37,23 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+# What the [torch] extra of the light install (epochlens-client) adds.
+TORCH_EXTRA = ("torch", "transformers", "accelerate")
+
+
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'trainer_client' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TORCH_EXTRA:
+            raise
+        raise ModuleNotFoundError(
+            f"trainer_client.{name} needs {exc.name}, which is not installed: "
+            "pip install 'epochlens-client[torch]' (or the torch extra of your install)",
+            name=exc.name) from exc
     globals()[name] = value
     return value
 

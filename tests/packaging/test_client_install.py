@@ -31,6 +31,12 @@ modules = sys.argv[1].split(",")
 for name in modules:
     importlib.import_module(name)
 heavy = sys.argv[2].split(",")
+def callback_error():
+    try:
+        trainer_client.PredictionsCallback
+    except ModuleNotFoundError as exc:
+        return [exc.name, str(exc)]
+    return None
 print(json.dumps({
     "streaming_client": StreamingClient.__module__,
     "lazy_streaming_client": trainer_client.StreamingClient is StreamingClient,
@@ -38,6 +44,8 @@ print(json.dumps({
     "torch_installed": importlib.util.find_spec("torch") is not None,
     "demo_installed": importlib.util.find_spec("trainer_client.demo") is not None,
     "trainer_client_file": trainer_client.__file__,
+    "lazy_run": trainer_client.Run.__module__ if "trainer_client.run" in modules else None,
+    "callback_without_torch": callback_error(),
 }))
 """
 
@@ -93,9 +101,16 @@ def test_upload_api_imports_without_torch(client_venv, tmp_path):
     report = json.loads(result.stdout)
     site = str(client_venv.parent.parent / "lib")
     assert report.pop("trainer_client_file").startswith(site)
+    run = "trainer_client.run" if "trainer_client.run" in UPLOAD_MODULES else None
+    # callback.py imports transformers and torch; whichever it imports first is named.
+    missing, message = report.pop("callback_without_torch")
+    assert missing in ("torch", "transformers")
+    assert message == (f"trainer_client.PredictionsCallback needs {missing}, which is not "
+                       "installed: pip install 'epochlens-client[torch]' (or the torch extra "
+                       "of your install)")
     assert report == {"streaming_client": "trainer_client.streaming",
                       "lazy_streaming_client": True, "loaded_heavy": [],
-                      "torch_installed": False, "demo_installed": False}
+                      "torch_installed": False, "demo_installed": False, "lazy_run": run}
 
 
 def test_epochlens_sync_runs_from_the_light_install(client_venv, tmp_path):
