@@ -56,8 +56,11 @@ def resolve_commit(ref: str) -> str:
         found = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
         if found.returncode == 0:
             return found.stdout.decode().strip()
-    why = "a shallow clone that could not fetch it" if shallow else "not in this repository"
-    raise NoBaseline(f"{ref} is {why} (a single-commit clone has nothing to compare against)")
+    if shallow:
+        raise NoBaseline(f"{ref} is not in this shallow clone and `git fetch --deepen=1` "
+                         "could not fetch it")
+    raise NoBaseline(f"{ref} does not exist in this repository (a single-commit repository "
+                     "has no previous commit to compare against)")
 
 
 def export_protos(commit: str, dest: Path) -> Path:

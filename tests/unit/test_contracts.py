@@ -1,6 +1,7 @@
 """The contracts as other languages get them: the committed FileDescriptorSet is current and
 self-contained, and buf lint / buf breaking (buf.yaml) pass and catch what they should."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,14 @@ def test_buf_lint_catches_an_undocumented_rpc(tmp_path):
     assert result.stdout.splitlines() == [
         f'epochlens/v1/writer.proto:{line}:3:RPC "CreateRun" should have a non-empty comment for'
         ' documentation.']
+
+
+def test_breaking_check_without_a_baseline_says_why_and_exits_3():
+    env = {**os.environ, "EPOCHLENS_BUF_AGAINST": "no-such-ref"}
+    result = subprocess.run([sys.executable, str(CHECK), "--buf", str(buf())], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == check_contracts.NO_BASELINE, result.stderr
+    assert result.stdout.splitlines() == [
+        "buf lint: clean",
+        "buf breaking: skipped: no-such-ref does not exist in this repository (a single-commit "
+        "repository has no previous commit to compare against)"]
