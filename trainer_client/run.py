@@ -70,6 +70,8 @@ class Run:
         self.active = active
         self.client: StreamingClient | None = None
         self.report: FlushReport | None = None
+        # The upload client's counters (sent batches, reconnects, ...), kept at finish.
+        self.upload_counts: dict[str, int] = {}
 
     # ----- lifecycle -----
 
@@ -104,7 +106,10 @@ class Run:
             return self.report
         client, self.client = self.client, None
         client.finish(_state(state))
-        self.report = client.close(self.config.flush_timeout_s)
+        try:
+            self.report = client.close(self.config.flush_timeout_s)
+        finally:
+            self.upload_counts = dict(client.counts)
         message = f"epochlens: {self.report.describe()}"
         if self.report.complete:
             log.info(message)
@@ -123,8 +128,10 @@ class Run:
 
     @property
     def run_id(self) -> str | None:
-        """The writer's id of the run, once CreateRun succeeded."""
-        return self.client.run_id if self.client is not None else None
+        """The writer's id of the run, once CreateRun succeeded (also after finish)."""
+        if self.client is not None:
+            return self.client.run_id
+        return self.report.run_id if self.report is not None else None
 
     # ----- logging -----
 
