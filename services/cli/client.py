@@ -176,6 +176,13 @@ class QueryClient(ServiceClient):
         return list(self.call(self._stub.ListJudgmentRevisions, request,
                               f"run {run_id}").revisions)
 
+    def metrics(self, run_id: str, names: list[str],
+                max_points: int = 0) -> query_pb2.ListMetricsResponse:
+        """The run's metric series, downsampled by the service to max_points each."""
+        request = query_pb2.ListMetricsRequest(run_id=run_id, names=names,
+                                               max_points=max_points)
+        return self.call(self._stub.ListMetrics, request, f"run {run_id}")
+
     def run_summary(self, run_id: str) -> query_pb2.RunSummary:
         """Per epoch and criterion: mean score, pass rate, counts, tokens, cost; the budget."""
         return self.call(self._stub.GetRunSummary, query_pb2.GetRunSummaryRequest(run_id=run_id),

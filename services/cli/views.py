@@ -26,6 +26,7 @@ from services.cli.client import CliError
 from services.cli.context import cli_context, one_line_errors
 from services.cli.diff import word_diff
 from services.cli.fetch import prediction_pages
+from services.cli.metrics_view import metrics
 from services.cli.progress import progress_pages, stderr_is_terminal
 from services.cli.stats import (
     CriterionSeries,
@@ -282,7 +283,7 @@ def export(ctx: typer.Context, run_id: str = RUN,
 
 
 COMMANDS = {"runs": runs, "epochs": epochs, "predictions": predictions, "compare": compare,
-            "summary": summary, "watch": watch, "export": export}
+            "summary": summary, "watch": watch, "export": export, "metrics": metrics}
 
 
 def register(app: typer.Typer) -> None:
