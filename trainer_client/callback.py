@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from trainer_client import distributed
 from trainer_client.config import PredictionsConfig
@@ -264,7 +264,13 @@ class PredictionsCallback(TrainerCallback):
         self.run.log_metrics(state.global_step, headline,
                              epoch=float(state.epoch) if state.epoch else None)
         if self._trainer is not None:
-            self._trainer.log(dict(headline))
+            # Trainer.log itself, not a subclass's: TRL's SFTTrainer.log merges (and clears)
+            # its running metrics (entropy, token accuracy) into whatever is logged. It ends
+            # in callback_handler.on_log, which clears control.should_log: keep the
+            # trainer's own decision, or its loss log at this step is skipped.
+            should_log = self._trainer.control.should_log
+            Trainer.log(self._trainer, dict(headline))
+            self._trainer.control.should_log = should_log
             return
         state.log_history.append({**headline, "epoch": state.epoch,
                                   "step": state.global_step})

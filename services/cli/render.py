@@ -28,7 +28,9 @@ from services.cli.stats import (
     format_score,
     normalized,
 )
+from services.common.convert import integral_numbers
 
+STRUCT = "google.protobuf.Struct"
 SPARK_LEVELS = "_.:-=+*#%@"
 DIFF_STYLES = {"equal": "", "delete": "red strike", "insert": "green"}
 MATCH_MARKS = {True: ("[match]", "bold green"), False: ("[miss]", "bold red"),
@@ -36,10 +38,28 @@ MATCH_MARKS = {True: ("[match]", "bold green"), False: ("[miss]", "bold red"),
 
 
 def message_dict(message: Message) -> dict:
-    """A message as JSON-ready data: proto field names, int64 as numbers, zeros kept."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+    """A message as JSON-ready data: proto field names, int64 as numbers, zeros kept, and
+    the whole numbers of its Structs (run configs) as ints."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True,
                                      unquote_int64_if_possible=True)
+    return _struct_ints(message, data)
+
+
+def _struct_ints(message: Message, data: dict) -> dict:
+    for field in message.DESCRIPTOR.fields:
+        kind = field.message_type
+        if kind is None or kind.GetOptions().map_entry or field.name not in data:
+            continue
+        if kind.full_name == STRUCT:
+            data[field.name] = integral_numbers(data[field.name])
+        elif field.is_repeated:
+            for item, item_data in zip(getattr(message, field.name), data[field.name],
+                                       strict=True):
+                _struct_ints(item, item_data)
+        else:
+            _struct_ints(getattr(message, field.name), data[field.name])
+    return data
 
 
 def print_json(data: object) -> None:

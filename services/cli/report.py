@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -61,6 +60,7 @@ from services.cli.stats import (
     judge_type_name,
     normalized,
 )
+from services.common.convert import struct_to_dict
 
 TimeKey = tuple[int, int]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
@@ -87,7 +87,7 @@ def run_summary(run: common_pb2.Run) -> dict:
     finished = run.finish_time.ToDatetime(tzinfo=UTC) if run.HasField("finish_time") else None
     duration = str(finished - created).split(".")[0] if finished else None
     return {"id": run.id, "name": run.name, "user": run.user_id, "model": run.model_name,
-            "dataset": run.dataset_name, "config": MessageToDict(run.config),
+            "dataset": run.dataset_name, "config": struct_to_dict(run.config),
             "state": state_name(run.state), "created": format_time(created),
             "finished": format_time(finished), "duration": duration}
 

@@ -9,6 +9,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from epochlens.v1 import common_pb2
 from services.common.errors import Violations
 
+# The largest integer a double holds exactly (2**53); past it a float stays a float.
+MAX_EXACT_INT = 2**53
+
 
 def utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; every stored time is UTC."""
@@ -24,7 +27,24 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
+    """A Struct as a dict, its whole numbers as ints (see integral_numbers)."""
+    return integral_numbers(json_format.MessageToDict(value))
+
+
+def integral_numbers(value: Any) -> Any:
+    """`value` with every whole float (up to 2**53 in size) turned back into an int.
+
+    A Struct has one number type, a double, so a run config's integers arrive as floats
+    (4 -> 4.0). Every reader that builds a dict from a Struct undoes that here; the price
+    is that a whole float meant as a float (1.0) reads back as 1, which compares equal.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXACT_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: integral_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [integral_numbers(item) for item in value]
+    return value
 
 
 def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:

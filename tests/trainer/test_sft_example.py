@@ -1,0 +1,170 @@
+"""Examples an ML engineer runs: TRL SFTTrainer with a LoRA adapter (peft) and the callback on
+conversational prompt/completion data, and a run config read back through the real writer
+and query services with its integers intact."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import grpc
+import pytest
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from epochlens.v1 import query_pb2, query_pb2_grpc
+from services.cli.render import message_dict
+from services.common.convert import struct_to_dict
+from services.common.health import wait_until_serving
+from tests.trainer.conftest import JWT_SECRET, START_TIMEOUT_S, free_port
+from tests.trainer.tiny import _words, build_model, build_tokenizer
+from trainer_client import PredictionsCallback, PredictionsConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE_SECRET = "sft-example-tests-page-secret"
+SAMPLES = 4
+EPOCHS = 2
+SYSTEM = "reverse the word"
+
+
+class QueryProcess:
+    """The query service on the writer's SQLite files, as a subprocess."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
+               "EPOCHLENS_QUERY_PORT": self.address.rsplit(":", 1)[1],
+               "EPOCHLENS_SQLITE_DIR": str(data_dir),
+               "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
+               "EPOCHLENS_QUERY_SHUTDOWN_GRACE_S": "0.5"}
+        env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
+        log = open(data_dir / "query.log", "ab")  # noqa: SIM115 (owned by the process)
+        self.process = subprocess.Popen([sys.executable, "-m", "services.query.server"],
+                                        cwd=ROOT, env=env, stdout=log, stderr=log)
+        log.close()
+        alive = lambda: self.process.poll() is None  # noqa: E731
+        if not wait_until_serving(self.address, START_TIMEOUT_S, 0.1, alive):
+            self.kill()
+            raise AssertionError("query did not start:\n" + (data_dir / "query.log").read_text())
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def run_and_predictions(self, token: str, run_id: str) -> tuple:
+        metadata = (("authorization", f"Bearer {token}"),)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = query_pb2_grpc.QueryServiceStub(channel)
+            run = stub.GetRun(query_pb2.GetRunRequest(run_id=run_id), metadata=metadata)
+            reply = stub.ListPredictions(query_pb2.ListPredictionsRequest(
+                run_id=run_id, page_size=100), metadata=metadata)
+        assert not reply.next_page_token
+        return run, list(reply.predictions)
+
+
+@pytest.fixture
+def query(writer):
+    process = QueryProcess(writer.data_dir)
+    yield process
+    process.kill()
+
+
+def conversational_rows(count: int, seed: int) -> list[dict]:
+    return [{"prompt": [{"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": word}],
+             "completion": [{"role": "assistant", "content": word[::-1]}]}
+            for word in _words(count, random.Random(seed))]
+
+
+def predictions_config(tmp_path, **overrides) -> PredictionsConfig:
+    values = {"sample_count": SAMPLES, "max_new_tokens": 6, "generation_batch_size": 4,
+              "spool_dir": tmp_path / "spool", "backoff_base_s": 0.05, "backoff_max_s": 0.5,
+              "flush_timeout_s": 20.0, "create_run_wait_s": 5.0, "measure_speed": False,
+              "_env_file": None}
+    return PredictionsConfig(**{**values, **overrides})
+
+
+def sft_trainer(tmp_path, name: str) -> SFTTrainer:
+    """SFTTrainer with a LoRA adapter on the tiny Llama; the same seed every time."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=0)
+    model.config._name_or_path = "tiny/llama-sft"
+    args = SFTConfig(output_dir=str(tmp_path / name), num_train_epochs=EPOCHS,
+                     per_device_train_batch_size=8, learning_rate=5e-3, save_strategy="no",
+                     report_to=[], logging_strategy="epoch", use_cpu=True, seed=0,
+                     disable_tqdm=True, max_length=64, dataloader_num_workers=0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
+                      train_dataset=datasets.Dataset.from_list(conversational_rows(32, 1)),
+                      eval_dataset=datasets.Dataset.from_list(conversational_rows(12, 2)))
+
+
+def test_sft_trainer_lora_predictions_per_epoch_and_same_loss(tmp_path, writer, token, query):
+    plain = sft_trainer(tmp_path, "plain")
+    plain_loss = plain.train().training_loss
+
+    trainer = sft_trainer(tmp_path, "with-callback")
+    callback = PredictionsCallback(predictions_config(tmp_path), writer=writer.address,
+                                   token=token, run_name="sft-lora").attach(trainer)
+    loss = trainer.train().training_loss
+
+    assert loss == plain_loss
+    # The trainer's own log entries (loss and TRL's entropy / token accuracy) are the same,
+    # and the callback's per-pass numbers sit in entries of their own.
+    own = [e for e in trainer.state.log_history if "epochlens/predictions" not in e]
+    plain_own = plain.state.log_history
+    assert [(e["loss"], e["mean_token_accuracy"], e["entropy"], e["step"])
+            for e in own if "loss" in e] == [
+        (e["loss"], e["mean_token_accuracy"], e["entropy"], e["step"])
+        for e in plain_own if "loss" in e]
+    assert len([e for e in own if "loss" in e]) == EPOCHS
+    passes = [e for e in trainer.state.log_history if "epochlens/predictions" in e]
+    assert [(e["epochlens/predictions"], e["epochlens/failed_samples"], e["step"])
+            for e in passes] == [(SAMPLES, 0, 4), (SAMPLES, 0, 8)]
+    assert all("entropy" not in e for e in passes)
+    report = callback.last_report
+    assert report.complete and report.inserted == EPOCHS * SAMPLES
+    run, predictions = query.run_and_predictions(token, report.run_id)
+    assert run.model_name == "tiny/llama-sft"
+    assert sorted((p.epoch, p.sample_index) for p in predictions) == [
+        (e, i) for e in range(1, EPOCHS + 1) for i in range(SAMPLES)]
+    eval_rows = conversational_rows(12, 2)
+    for p in predictions:
+        row = eval_rows[callback.sampler.samples[p.sample_index].row_index]
+        word = row["prompt"][1]["content"]
+        assert p.prompt == f"<|system|>{SYSTEM}\n<|user|>{word}\n<|assistant|>"
+        assert p.ground_truth == word[::-1]
+    assert callback.counts["failed_samples"] == 0
+
+
+def test_run_config_integers_stay_integers_through_writer_and_query(tmp_path, writer, token,
+                                                                    query):
+    trainer = sft_trainer(tmp_path, "ints")
+    run_config = {"batch": 8, "layers": [2, 4], "lr": 0.5, "nested": {"rank": 4, "scale": 1.5},
+                  "big": 2**53, "bigger": 2**60}
+    callback = PredictionsCallback(predictions_config(tmp_path, sample_count=2),
+                                   writer=writer.address, token=token, run_name="int-config",
+                                   run_config=run_config).attach(trainer)
+    trainer.args.max_steps = 1
+    trainer.train()
+    run_id = callback.last_report.run_id
+
+    stored = writer.run_config(run_id)
+    run, _ = query.run_and_predictions(token, run_id)
+    for config in (stored, struct_to_dict(run.config), message_dict(run)["config"]):
+        assert {k: config[k] for k in ("batch", "layers", "lr", "nested", "big")} == {
+            "batch": 8, "layers": [2, 4], "lr": 0.5, "nested": {"rank": 4, "scale": 1.5},
+            "big": 2**53}
+        assert [type(config[k]) for k in ("batch", "lr", "big", "bigger")] == [
+            int, float, int, float]
+        assert type(config["layers"][0]) is int and type(config["nested"]["rank"]) is int
+        assert config["bigger"] == float(2**60)
+        predictions = config["predictions"]
+        assert (predictions["sample_count"], predictions["max_new_tokens"]) == (2, 6)
+        assert type(predictions["sample_count"]) is int
+        assert config["trainer"]["max_steps"] == 1 and type(config["trainer"]["max_steps"]) is int
+        assert config["trainer"]["world_size"] == 1
