@@ -8,7 +8,9 @@ itself under torchrun once with 1 process and once with 2 (each process gets
 with the model sharded by FSDP2 ``fully_shard`` (the parameters are gathered
 once per pass). Each run does a warm-up pass, then --passes timed passes; it
 prints, side by side, the median wall seconds of a pass (on rank 0, barrier to
-gather) and each rank's share: samples and seconds spent generating them.
+gather) and each rank's share: samples, and the wall and CPU seconds spent
+generating them (CPU seconds show the work a rank did even when the cores are
+shared with other processes and the wall time is not).
 
 The model is built from a config (trainer_client.toy: a Llama of --hidden x
 --layers, random weights, EOS suppressed so every prompt decodes exactly
@@ -75,17 +77,18 @@ def _build(args: argparse.Namespace):
     return model, Generator(predictions, tokenizer), Sampler(rows, predictions, tokenizer).samples
 
 
-def _one_pass(model, generator: Generator, samples) -> tuple[float, float, int]:
-    """(pass wall seconds on this rank, seconds generating, samples generated)."""
+def _one_pass(model, generator: Generator, samples) -> tuple[float, float, int, float]:
+    """(pass wall seconds on this rank, seconds generating, samples generated, CPU seconds
+    generating: the work itself, which contention for the cores does not inflate)."""
     dist.barrier()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = generator.generate(model, distributed.shard(samples), None)
-    generated = time.perf_counter() - started
+    generated, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     gathered = distributed.gather_lists(results)
     failed = [r for r in (gathered or []) if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} samples failed: {failed[0].error}")
-    return time.perf_counter() - started, generated, len(results)
+    return time.perf_counter() - started, generated, len(results), cpu
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -99,7 +102,8 @@ def worker(args: argparse.Namespace) -> None:
         fully_shard(model)
     _one_pass(model, generator, samples)  # warm-up
     timed = [_one_pass(model, generator, samples) for _ in range(args.passes)]
-    mine = {"generate_s": statistics.median(t[1] for t in timed), "samples": timed[0][2]}
+    mine = {"generate_s": statistics.median(t[1] for t in timed), "samples": timed[0][2],
+            "cpu_s": statistics.median(t[3] for t in timed)}
     shares = distributed.gather_lists([mine])
     if distributed.rank() == 0:
         report = {"wall_s": statistics.median(t[0] for t in timed), "shares": shares}
@@ -139,13 +143,14 @@ def main() -> None:
     print(f"CPU, gloo, {os.cpu_count()} cores visible, {args.threads} torch thread(s) per "
           f"rank; {args.prompts} prompts x {args.max_new_tokens} new tokens, batch "
           f"{args.batch_size}, Llama {args.layers}x{args.hidden}; median of {args.passes} passes")
-    print(f"{'setup':<22} {'pass wall s':>11} {'speed-up':>9}   per rank: samples, generate s")
+    print(f"{'setup':<22} {'pass wall s':>11} {'speed-up':>9}   "
+          "per rank: samples, generate wall s / CPU s")
     with tempfile.TemporaryDirectory() as folder:
         base = None
         for ranks, mode in ((1, "replicated"), (2, "replicated"), (2, "fsdp")):
             report = launch(args, ranks, mode, Path(folder) / f"{ranks}-{mode}.json")
             base = base or report["wall_s"]
-            shares = ", ".join(f"r{i}: {s['samples']}, {s['generate_s']:.2f}s"
+            shares = ", ".join(f"r{i}: {s['samples']}, {s['generate_s']:.2f}/{s['cpu_s']:.2f}s"
                                for i, s in enumerate(report["shares"]))
             label = f"{ranks} rank{'s' if ranks > 1 else ''} {mode}"
             print(f"{label:<22} {report['wall_s']:>11.2f} {base / report['wall_s']:>8.2f}x   "
