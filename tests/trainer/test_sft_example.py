@@ -73,10 +73,7 @@ def query(writer):
 
 
 def conversational_rows(count: int, seed: int) -> list[dict]:
-    return [{"prompt": [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": word}],
-             "completion": [{"role": "assistant", "content": word[::-1]}]}
-            for word in _words(count, random.Random(seed))]
+    return [conversational_rows_for(word) for word in _words(count, random.Random(seed))]
 
 
 def predictions_config(tmp_path, **overrides) -> PredictionsConfig:
@@ -168,3 +165,47 @@ def test_run_config_integers_stay_integers_through_writer_and_query(tmp_path, wr
         assert type(predictions["sample_count"]) is int
         assert config["trainer"]["max_steps"] == 1 and type(config["trainer"]["max_steps"]) is int
         assert config["trainer"]["world_size"] == 1
+
+
+def trl_rows(fmt: str, words: list[str]) -> list[dict]:
+    """The reversal task in one of TRL's dataset formats."""
+    makers = {
+        "conversational_prompt_completion": lambda w: conversational_rows_for(w),
+        "messages": lambda w: {"messages": [{"role": "user", "content": w},
+                                            {"role": "assistant", "content": w[::-1]}]},
+        "prompt_completion": lambda w: {"prompt": f"reverse {w} =", "completion": w[::-1]},
+    }
+    return [makers[fmt](w) for w in words]
+
+
+def conversational_rows_for(word: str) -> dict:
+    return {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": word}],
+            "completion": [{"role": "assistant", "content": word[::-1]}]}
+
+
+@pytest.mark.parametrize(("fmt", "prompt"), [
+    ("conversational_prompt_completion", f"<|system|>{SYSTEM}\n<|user|>{{w}}\n<|assistant|>"),
+    ("messages", "<|user|>{w}\n<|assistant|>"),
+    ("prompt_completion", "reverse {w} ="),
+])
+def test_attach_reads_the_eval_dataset_sft_trainer_prepared(tmp_path, fmt, prompt):
+    """SFTTrainer tokenizes its eval_dataset and appends EOS to text completions; the
+    callback still finds the original columns and the ground truth without the EOS."""
+    words = _words(6, random.Random(5))
+    tokenizer = build_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path / fmt), report_to=[], use_cpu=True,
+                     max_length=64, save_strategy="no")
+    trainer = SFTTrainer(model=build_model(tokenizer), args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(trl_rows(fmt, words)),
+                         eval_dataset=datasets.Dataset.from_list(trl_rows(fmt, words)))
+    assert "input_ids" in trainer.eval_dataset.column_names
+    if fmt == "prompt_completion":
+        assert trainer.eval_dataset[0]["completion"] == words[0][::-1] + tokenizer.eos_token
+    callback = PredictionsCallback(predictions_config(tmp_path, sample_count=6)).attach(trainer)
+    samples = PredictionsCallback(predictions_config(tmp_path, sample_count=6),
+                                  dataset=trainer.eval_dataset, tokenizer=tokenizer)
+    assert callback._draw.rows == samples._draw.rows
+    by_row = {s.row_index: s for s in samples.sampler.samples}
+    assert sorted(by_row) == list(range(6))
+    assert [(by_row[i].prompt, by_row[i].ground_truth) for i in range(6)] == [
+        (prompt.format(w=w), w[::-1]) for w in words]
