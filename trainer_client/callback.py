@@ -62,8 +62,8 @@ def epoch_number(epoch: float | None) -> int:
 class PredictionsCallback(TrainerCallback):
     """Streams predictions on a fixed sample of `dataset` while a Trainer trains.
 
-    Without a dataset, the trainer's eval_dataset is used: call attach(trainer), or it is
-    taken from the eval dataloader when the trainer passes one at train begin.
+    Without a dataset, attach(trainer) takes the trainer's eval_dataset (transformers hands
+    callbacks no trainer, so a bare callback cannot find it).
     A transformers.GenerationConfig (generation_config=...) overrides the generation
     settings it shares with the config (see trainer_client.genconfig).
     """
@@ -131,7 +131,8 @@ class PredictionsCallback(TrainerCallback):
             raise ValueError("PredictionsCallback needs a tokenizer: pass tokenizer=... or give "
                              "the Trainer a processing_class")
         if self._draw is None:
-            self._use_dataset(_dataset_of_loader(kwargs.get("eval_dataloader")))
+            raise ValueError("PredictionsCallback has no dataset: pass dataset=..., or call "
+                             "callback.attach(trainer) to use the trainer's eval_dataset")
         self._dtype = trainer_autocast_dtype(args)
         self.predictor = Predictor(self.sampler or self._draw, tokenizer, self.config,
                                    autocast_dtype=self._dtype)
@@ -331,17 +332,6 @@ def _single_eval_dataset(dataset: Any) -> Any:
             raise ValueError(f"the trainer's eval_dataset is a dict of {sorted(dataset)}: "
                              "pass dataset=trainer.eval_dataset[<name>]")
         return next(iter(dataset.values()))
-    return dataset
-
-
-def _dataset_of_loader(loader: Any) -> Any:
-    """The dataset of the eval dataloader the trainer hands to callbacks, if any."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None:
-        raise ValueError("PredictionsCallback has no dataset: pass dataset=..., or call "
-                         "callback.attach(trainer) to use the trainer's eval_dataset")
-    log.info("predictions sample drawn from the trainer's eval dataloader dataset (%s)",
-             type(dataset).__name__)
     return dataset
 
 
