@@ -34,18 +34,8 @@ class MetricsQuery:
     end_step: int | None
 
 
-@dataclass(frozen=True)
-class _Stats:
-    name: str
-    count: int
-    first_step: int
-    last_step: int
-
-
 def _in_range(query: MetricsQuery, user_id: str) -> list:
     conditions = [M.c.run_id == query.run_id, M.c.user_id == user_id]
-    if query.names:
-        conditions.append(M.c.name.in_(query.names))
     if query.start_step is not None:
         conditions.append(M.c.step >= query.start_step)
     if query.end_step is not None:
@@ -56,25 +46,54 @@ def _in_range(query: MetricsQuery, user_id: str) -> list:
 async def list_metrics(conn: AsyncConnection, user_id: str,
                        query: MetricsQuery) -> query_pb2.ListMetricsResponse:
     """The response for an owned run (the caller checked ownership)."""
-    stats = [_Stats(*row) for row in (await conn.execute(
-        select(M.c.name, func.count(), func.min(M.c.step), func.max(M.c.step))
-        .where(*_in_range(query, user_id)).group_by(M.c.name).order_by(M.c.name))).all()]
-    kept, omitted = stats[:query.max_series], stats[query.max_series:]
-    response = query_pb2.ListMetricsResponse(omitted_names=[s.name for s in omitted])
+    names = list(query.names) or await _run_names(conn, user_id, query.run_id)
+    kept, omitted = names[:query.max_series], names[query.max_series:]
+    response = query_pb2.ListMetricsResponse(omitted_names=omitted)
     if not kept:
         return response
     budget = max(1, min(query.max_points, query.total_points // len(kept)))
-    for series_stats in kept:
-        series = response.series.add(name=series_stats.name,
-                                     stored_count=series_stats.count)
-        if series_stats.count <= budget:
-            series.bucket_steps = 1
-            _add_points(series, await _all_points(conn, user_id, query, series_stats.name))
-            continue
-        width = math.ceil((series_stats.last_step - series_stats.first_step + 1) / budget)
-        series.downsampled, series.bucket_steps = True, width
-        _add_buckets(series, await _buckets(conn, user_id, query, series_stats, width))
+    for name in kept:
+        await _add_series(conn, user_id, query, name, budget, response)
     return response
+
+
+async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, name: str,
+                      budget: int, response: query_pb2.ListMetricsResponse) -> None:
+    """One series: its stored values, or its step buckets when there are more than budget.
+    The step span comes from the index's ends; the values are read once when the span fits
+    the budget, and otherwise aggregated in one pass (read again only when the buckets
+    turn out to hold no more values than the budget: a sparse series is kept whole). A
+    name without values in the range has no series."""
+    first, last = (await conn.execute(
+        select(func.min(M.c.step), func.max(M.c.step))
+        .where(*_in_range(query, user_id), M.c.name == name))).one()
+    if first is None:
+        return
+    width = math.ceil((last - first + 1) / budget)
+    if width > 1:
+        buckets = await _buckets(conn, user_id, query, name, first, width)
+        stored = sum(row.n for row in buckets)
+        if stored > budget:
+            series = response.series.add(name=name, stored_count=stored, downsampled=True,
+                                         bucket_steps=width)
+            _add_buckets(series, buckets)
+            return
+    points = await _all_points(conn, user_id, query, name)
+    series = response.series.add(name=name, stored_count=len(points), bucket_steps=1)
+    _add_points(series, points)
+
+
+async def _run_names(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> list[str]:
+    """The run's metric names in order, by a skip scan of the (run_id, name, step) index:
+    one probe per name, whatever the number of values."""
+    owned = (M.c.run_id == run_id, M.c.user_id == user_id)
+    names = select(func.min(M.c.name).label("name")).where(*owned).cte("names",
+                                                                           recursive=True)
+    following = select(func.min(M.c.name)).where(*owned, M.c.name > names.c.name)
+    names = names.union_all(select(following.scalar_subquery())
+                            .where(names.c.name.is_not(None)))
+    rows = await conn.execute(select(names.c.name).where(names.c.name.is_not(None)))
+    return [name for (name,) in rows]
 
 
 async def _all_points(conn: AsyncConnection, user_id: str, query: MetricsQuery,
@@ -84,18 +103,18 @@ async def _all_points(conn: AsyncConnection, user_id: str, query: MetricsQuery,
     return (await conn.execute(stmt)).all()
 
 
-async def _buckets(conn: AsyncConnection, user_id: str, query: MetricsQuery, stats: _Stats,
-                   width: int) -> Sequence[Row]:
+async def _buckets(conn: AsyncConnection, user_id: str, query: MetricsQuery, name: str,
+                   first: int, width: int) -> Sequence[Row]:
     """Per bucket: min, max, count and last step, joined back to the last step's row."""
-    bucket = ((M.c.step - stats.first_step) // width).label("bucket")
+    bucket = ((M.c.step - first) // width).label("bucket")
     agg = (select(bucket, func.min(M.c.value).label("min_value"),
                   func.max(M.c.value).label("max_value"), func.count().label("n"),
                   func.max(M.c.step).label("last_step"))
-           .where(*_in_range(query, user_id), M.c.name == stats.name)
+           .where(*_in_range(query, user_id), M.c.name == name)
            .group_by(bucket).subquery())
     stmt = (select(agg.c.last_step, M.c.value, M.c.epoch, M.c.wall_time, agg.c.min_value,
                    agg.c.max_value, agg.c.n)
-            .join_from(agg, M, and_(M.c.run_id == query.run_id, M.c.name == stats.name,
+            .join_from(agg, M, and_(M.c.run_id == query.run_id, M.c.name == name,
                                     M.c.step == agg.c.last_step))
             .where(M.c.user_id == user_id).order_by(agg.c.last_step))
     return (await conn.execute(stmt)).all()

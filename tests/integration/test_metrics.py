@@ -190,3 +190,20 @@ async def test_list_metrics_checks_its_arguments(stack, writer_stub, query_stub)
     empty = await query_stub.ListMetrics(query_pb2.ListMetricsRequest(run_id=run.id),
                                          metadata=md)
     assert (list(empty.series), list(empty.omitted_names)) == ([], [])
+
+
+async def test_sparse_series_is_kept_whole_and_extra_names_are_omitted(stack, writer_stub,
+                                                                     query_stub):
+    md = stack.metadata("alice")
+    run = await create_run(writer_stub, md)
+    await write(writer_stub, md, run.id, [metric(s, "eval_loss", s / 1000) for s in
+                                          (0, 500, 1000)])
+    sparse = await query_stub.ListMetrics(query_pb2.ListMetricsRequest(
+        run_id=run.id, max_points=5), metadata=md)
+    assert [(s.name, s.stored_count, s.downsampled, [p.step for p in s.points])
+            for s in sparse.series] == [("eval_loss", 3, False, [0, 500, 1000])]
+    await write(writer_stub, md, run.id, [metric(1, f"m{i:02d}") for i in range(51)])
+    crowded = await query_stub.ListMetrics(query_pb2.ListMetricsRequest(run_id=run.id),
+                                           metadata=md)
+    assert [s.name for s in crowded.series] == ["eval_loss"] + [f"m{i:02d}" for i in range(49)]
+    assert list(crowded.omitted_names) == ["m49", "m50"]
