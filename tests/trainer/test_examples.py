@@ -13,8 +13,9 @@ import pytest
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
 from examples import accelerate_loop, plain_loop
 from examples.batches import toy_setup
+from tests.trainer.conftest import free_port
 from tests.trainer.test_sft_example import QueryProcess
-from trainer_client import GenerationResult, PredictionsConfig, Run
+from trainer_client import GenerationResult, PredictionsConfig, Run, sync
 
 SAMPLES = 4
 EPOCHS = 2
@@ -159,3 +160,25 @@ def test_run_is_exactly_once_under_kill_of_the_writer(tmp_path, own_writer, toke
         [(s, "loss", 1.0 / s) for s in range(1, steps + 1)]
         + [(s, "lr", 0.001) for s in range(1, steps + 1)])
     assert len(own_writer.predictions(run.run_id)) == (steps // 50) * samples
+
+
+def test_run_with_the_writer_away_is_uploaded_once_by_sync(tmp_path, writer, token):
+    """Metrics and predictions of a run whose writer never answered wait in the spool;
+    `epochlens-sync` creates the run and uploads them, once however often it runs."""
+    config = client_config(tmp_path, flush_timeout_s=0.5, create_run_wait_s=0.2)
+    with Run("offline-loop", model_name="m", config=config,
+             writer=f"127.0.0.1:{free_port()}", token=token) as run:
+        for step in range(1, 4):
+            run.log_metrics(step, {"loss": float(step)})
+        run.log_predictions(1, 3, [{"sample_index": 0, "prompt": "p", "prediction": "x"}])
+    assert (run.report.run_id, run.report.pending_metrics, run.report.pending_predictions) == (
+        None, 3, 1)
+    upload = PredictionsConfig(_env_file=None, flush_timeout_s=20.0)
+    [report] = sync(tmp_path / "spool", config=upload, writer=writer.address, token=token)
+    assert report.complete and report.finished and report.metrics_inserted == 3
+    assert sync(tmp_path / "spool", config=upload, writer=writer.address, token=token) == []
+    [(run_id, state)] = writer.runs("offline-loop")
+    assert state == common_pb2.RUN_STATE_SUCCEEDED
+    assert stored_metrics(writer, run_id) == [(1, "loss", 1.0), (2, "loss", 2.0),
+                                              (3, "loss", 3.0)]
+    assert [p[:3] for p in writer.predictions(run_id)] == [(1, 3, 0)]
