@@ -201,7 +201,9 @@ class PredictionsCallback(TrainerCallback):
     # ----- helpers -----
 
     def _estimate(self, state, model) -> CostEstimate | None:
-        if distributed.rank() != 0:
+        # Under FSDP2 the speed probe gathers parameters, a collective: every rank runs it
+        # (rank 0's estimate is the one broadcast). Otherwise rank 0 alone measures.
+        if distributed.rank() != 0 and not distributed.fsdp_units(model):
             return None
         cfg = self.config
         if cfg.decode_ms_per_step is not None:

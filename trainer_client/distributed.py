@@ -76,7 +76,7 @@ def broadcast_from_rank0(value: T) -> T:
 def fsdp_units(model: Any) -> list[Any]:
     """The FSDP2 (``fully_shard``) modules of model, outermost first: the same list in the
     same order on every rank, which is what makes the collectives below line up."""
-    if FSDPModule is None:
+    if FSDPModule is None or model is None:
         return []
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 

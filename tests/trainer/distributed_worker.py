@@ -14,13 +14,16 @@ what they were; rank 0 writes OUT_DIR/fsdp.json. The test reads those files.
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import TrainerControl, TrainerState
 
 from tests.trainer.tiny import (
     build_model,
@@ -146,6 +149,37 @@ def _fsdp_passes(out: Path, tokenizer, samples: list[Sample], batch: dict) -> di
     return report
 
 
+def _callback_under_fsdp(out: Path, tokenizer) -> dict:
+    """PredictionsCallback's own hooks on an FSDP2 model, speed probe included (a collective
+    on every rank); the writer is unreachable, so rank 0 spools the pass."""
+    model = build_model(tokenizer)
+    _shard(model)
+    model.train()
+    config = _config(out, measure_speed=True, create_run_wait_s=0.1, flush_timeout_s=0.1)
+    callback = PredictionsCallback(config, dataset=reversal_rows(20, seed=7),
+                                   tokenizer=tokenizer, writer=f"127.0.0.1:{_closed_port()}",
+                                   run_name="fsdp-callback")
+    args = SimpleNamespace(output_dir=str(out / "callback"), bf16=False, fp16=False)
+    state = TrainerState(epoch=1.0, global_step=4, max_steps=4, num_train_epochs=1)
+    control = TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    callback.on_epoch_end(args, state, control, model=model)
+    callback.on_train_end(args, state, control, model=model)
+    report = callback.last_report
+    return {"estimated": callback.estimate is not None,
+            "generated": distributed.gather_lists([callback.generator.counts["generated"]]),
+            "spooled": report.pending_predictions if report else None,
+            "train_mode": all(m.training for m in model.modules()),
+            "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_fsdp(out: Path) -> None:
     dist.init_process_group("gloo")
     tokenizer = build_tokenizer()
@@ -156,6 +190,7 @@ def run_fsdp(out: Path) -> None:
     batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
              "labels": ids["input_ids"]}
     report = _fsdp_passes(out, tokenizer, samples, batch)
+    report["callback"] = _callback_under_fsdp(out, tokenizer)
     if distributed.rank() == 0:
         (out / "fsdp.json").write_text(json.dumps(report))
     dist.destroy_process_group()

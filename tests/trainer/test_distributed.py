@@ -143,6 +143,12 @@ def test_fsdp2_generation_matches_the_gathered_weights_and_training_is_unchanged
     assert report["single"]["state"] == unchanged
     assert report["same_training"] is True
     assert report["reshard_without_passes"] == settings
+    # The callback's own hooks on an FSDP2 model: the speed probe runs on every rank, the
+    # pass (3 + 2 samples) lands in rank 0's spool (the writer is unreachable).
+    # The probe generates one batch (2 samples) on every rank before the pass.
+    assert report["callback"] == {"estimated": True, "generated": [2 + 3, 2 + 2],
+                                  "spooled": SAMPLE_COUNT, "train_mode": True,
+                                  "all_dtensor": True}
     # Round robin over 2 ranks: 3 + 2 per full pass, twice, then 1 + 0.
     assert report["generated_per_rank"] == [3 + 3 + 1, 2 + 2]
 
