@@ -18,10 +18,7 @@ SERVER_PACKAGES = {"sqlalchemy", "asyncpg", "alembic", "openai", "anthropic", "s
 HEAVY_MODULES = ["torch", "transformers", "sqlalchemy", "typer", "services"]
 UPLOAD_MODULES = ["trainer_client.config", "trainer_client.credentials", "trainer_client.spool",
                   "trainer_client.payload", "trainer_client.streaming", "trainer_client.offline",
-                  "trainer_client.cli", "trainer_client.results"]
-# The Run handle lands with the public client API (issue 10); it is part of the upload API.
-if (ROOT / "trainer_client" / "run.py").exists():
-    UPLOAD_MODULES.append("trainer_client.run")
+                  "trainer_client.cli", "trainer_client.results", "trainer_client.run"]
 
 IMPORT_CHECK = """
 import importlib, importlib.util, json, sys
@@ -44,7 +41,7 @@ print(json.dumps({
     "torch_installed": importlib.util.find_spec("torch") is not None,
     "demo_installed": importlib.util.find_spec("trainer_client.demo") is not None,
     "trainer_client_file": trainer_client.__file__,
-    "lazy_run": trainer_client.Run.__module__ if "trainer_client.run" in modules else None,
+    "lazy_run": trainer_client.Run.__module__,
     "callback_without_torch": callback_error(),
 }))
 """
@@ -101,7 +98,6 @@ def test_upload_api_imports_without_torch(client_venv, tmp_path):
     report = json.loads(result.stdout)
     site = str(client_venv.parent.parent / "lib")
     assert report.pop("trainer_client_file").startswith(site)
-    run = "trainer_client.run" if "trainer_client.run" in UPLOAD_MODULES else None
     # callback.py imports transformers and torch; whichever it imports first is named.
     missing, message = report.pop("callback_without_torch")
     assert missing in ("torch", "transformers")
@@ -110,7 +106,8 @@ def test_upload_api_imports_without_torch(client_venv, tmp_path):
                        "of your install)")
     assert report == {"streaming_client": "trainer_client.streaming",
                       "lazy_streaming_client": True, "loaded_heavy": [],
-                      "torch_installed": False, "demo_installed": False, "lazy_run": run}
+                      "torch_installed": False, "demo_installed": False,
+                      "lazy_run": "trainer_client.run"}
 
 
 def test_epochlens_sync_runs_from_the_light_install(client_venv, tmp_path):
