@@ -13,12 +13,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Row, and_, func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from epochlens.v1 import query_pb2
 from services.common.convert import timestamp
 from services.writer.models import metrics_table as M
+
+# Steps looked up per statement when the last rows of the buckets are read.
+STEP_LOOKUP_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, 
     width = math.ceil((last - first + 1) / budget)
     if width > 1:
         buckets = await _buckets(conn, user_id, query, name, first, width)
-        stored = sum(row.n for row in buckets)
+        stored = sum(row[-1] for row in buckets)
         if stored > budget:
             series = response.series.add(name=name, stored_count=stored, downsampled=True,
                                          bucket_steps=width)
@@ -104,20 +107,33 @@ async def _all_points(conn: AsyncConnection, user_id: str, query: MetricsQuery,
 
 
 async def _buckets(conn: AsyncConnection, user_id: str, query: MetricsQuery, name: str,
-                   first: int, width: int) -> Sequence[Row]:
-    """Per bucket: min, max, count and last step, joined back to the last step's row."""
+                   first: int, width: int) -> list[tuple]:
+    """Per bucket in step order: (last step, its value, epoch and wall time, min, max,
+    count). The bucket statistics are one GROUP BY; the last steps' rows are then read by
+    key (an index lookup per bucket). A join of the two made PostgreSQL hash the whole
+    series (it cannot know how few buckets there are): 1 s instead of 70 ms for a
+    50,000-step window of a 1M-step run."""
     bucket = ((M.c.step - first) // width).label("bucket")
-    agg = (select(bucket, func.min(M.c.value).label("min_value"),
-                  func.max(M.c.value).label("max_value"), func.count().label("n"),
-                  func.max(M.c.step).label("last_step"))
-           .where(*_in_range(query, user_id), M.c.name == name)
-           .group_by(bucket).subquery())
-    stmt = (select(agg.c.last_step, M.c.value, M.c.epoch, M.c.wall_time, agg.c.min_value,
-                   agg.c.max_value, agg.c.n)
-            .join_from(agg, M, and_(M.c.run_id == query.run_id, M.c.name == name,
-                                    M.c.step == agg.c.last_step))
-            .where(M.c.user_id == user_id).order_by(agg.c.last_step))
-    return (await conn.execute(stmt)).all()
+    stats = (await conn.execute(
+        select(func.max(M.c.step).label("last_step"), func.min(M.c.value),
+               func.max(M.c.value), func.count().label("n"))
+        .where(*_in_range(query, user_id), M.c.name == name)
+        .group_by(bucket).order_by(func.max(M.c.step)))).all()
+    last = await _rows_at(conn, user_id, query.run_id, name, [row[0] for row in stats])
+    return [(step, *last[step], low, high, count) for step, low, high, count in stats]
+
+
+async def _rows_at(conn: AsyncConnection, user_id: str, run_id: uuid.UUID, name: str,
+                   steps: list[int]) -> dict[int, tuple]:
+    """step -> (value, epoch, wall_time) of one series at the given steps."""
+    found: dict[int, tuple] = {}
+    for start in range(0, len(steps), STEP_LOOKUP_CHUNK):
+        rows = await conn.execute(
+            select(M.c.step, M.c.value, M.c.epoch, M.c.wall_time)
+            .where(M.c.run_id == run_id, M.c.user_id == user_id, M.c.name == name,
+                   M.c.step.in_(steps[start:start + STEP_LOOKUP_CHUNK])))
+        found.update((step, rest) for step, *rest in rows)
+    return found
 
 
 def _add_points(series: query_pb2.MetricSeries, rows: Sequence[Row]) -> None:
@@ -126,7 +142,7 @@ def _add_points(series: query_pb2.MetricSeries, rows: Sequence[Row]) -> None:
                           min_value=value, max_value=value, count=1)
 
 
-def _add_buckets(series: query_pb2.MetricSeries, rows: Sequence[Row]) -> None:
+def _add_buckets(series: query_pb2.MetricSeries, rows: list[tuple]) -> None:
     for step, value, epoch, wall_time, low, high, count in rows:
         series.points.add(step=step, value=value, epoch=epoch, wall_time=timestamp(wall_time),
                           min_value=low, max_value=high, count=count)
