@@ -29,7 +29,10 @@ def test_writer_down_for_the_whole_run_then_sync_uploads_once(tmp_path, tokenize
     spool = Spool(path)
     record = spool.record()
     assert record.name == "offline-run" and record.finish_state == common_pb2.RUN_STATE_SUCCEEDED
-    assert spool.pending_counts() == (2, 2 * SAMPLES)
+    # Batches: one of predictions per pass, one of metrics per pass (its epochlens/* numbers)
+    # and one for the trainer's train-end log (train_runtime, ..., train_loss: 5 scalars).
+    assert spool.pending_counts() == (2 + 3, 2 * SAMPLES)
+    assert spool.pending_metrics() == 2 * 4 + 5
     spool.close()
 
     env = {"EPOCHLENS_TRAINER_TOKEN": token, "PATH": "/usr/bin:/bin"}
