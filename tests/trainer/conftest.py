@@ -12,8 +12,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 
+from epochlens.v1 import query_pb2, query_pb2_grpc
 from services.common.auth import mint_token
 from services.common.config import AuthSettings
 from services.common.health import wait_until_serving
@@ -23,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 JWT_SECRET = "trainer-tests-secret-at-least-32-characters"
 START_TIMEOUT_S = 30.0
 HEALTH_POLL_S = 0.1
+QUERY_PAGE_SECRET = "trainer-tests-page-secret"
 
 
 def free_port() -> int:
@@ -119,3 +122,38 @@ def own_writer(tmp_path):
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+class QueryProcess:
+    """The query service on the writer's SQLite files, as a subprocess."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
+               "EPOCHLENS_QUERY_PORT": self.address.rsplit(":", 1)[1],
+               "EPOCHLENS_SQLITE_DIR": str(data_dir),
+               "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": QUERY_PAGE_SECRET,
+               "EPOCHLENS_QUERY_SHUTDOWN_GRACE_S": "0.5"}
+        env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
+        log = open(data_dir / "query.log", "ab")  # noqa: SIM115 (owned by the process)
+        self.process = subprocess.Popen([sys.executable, "-m", "services.query.server"],
+                                        cwd=ROOT, env=env, stdout=log, stderr=log)
+        log.close()
+        alive = lambda: self.process.poll() is None  # noqa: E731
+        if not wait_until_serving(self.address, START_TIMEOUT_S, 0.1, alive):
+            self.kill()
+            raise AssertionError("query did not start:\n" + (data_dir / "query.log").read_text())
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def run_and_predictions(self, token: str, run_id: str) -> tuple:
+        metadata = (("authorization", f"Bearer {token}"),)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = query_pb2_grpc.QueryServiceStub(channel)
+            run = stub.GetRun(query_pb2.GetRunRequest(run_id=run_id), metadata=metadata)
+            reply = stub.ListPredictions(query_pb2.ListPredictionsRequest(
+                run_id=run_id, page_size=100), metadata=metadata)
+        assert not reply.next_page_token
+        return run, list(reply.predictions)

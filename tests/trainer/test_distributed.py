@@ -20,8 +20,7 @@ import grpc
 import pytest
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
-from services.common.health import wait_until_serving
-from tests.trainer.conftest import JWT_SECRET, ROOT, START_TIMEOUT_S, free_port
+from tests.trainer.conftest import ROOT, QueryProcess, free_port
 from tests.trainer.distributed_worker import DDP_EPOCHS, SAMPLE_COUNT
 from tests.trainer.tiny import build_model
 from trainer_client import distributed
@@ -30,7 +29,6 @@ from trainer_client.generator import ZERO3_REFUSED, Generator
 from trainer_client.sampler import Sample
 
 TORCHRUN_TIMEOUT_S = 300
-PAGE_SECRET = "distributed-tests-page-secret"
 
 
 def torchrun(mode: str, out: Path, *args: str, env: dict | None = None) -> None:
@@ -51,31 +49,6 @@ def torchrun(mode: str, out: Path, *args: str, env: dict | None = None) -> None:
             pytest.fail(f"torchrun {mode} passed {TORCHRUN_TIMEOUT_S}s and was killed:\n"
                         + log_path.read_text()[-4000:])
     assert code == 0, log_path.read_text()[-6000:]
-
-
-class QueryProcess:
-    """The query service on the writer's SQLite files, as a subprocess."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
-               "EPOCHLENS_QUERY_PORT": self.address.rsplit(":", 1)[1],
-               "EPOCHLENS_SQLITE_DIR": str(data_dir),
-               "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
-               "EPOCHLENS_QUERY_SHUTDOWN_GRACE_S": "0.5"}
-        env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
-        log = open(data_dir / "query.log", "ab")  # noqa: SIM115 (owned by the process)
-        self.process = subprocess.Popen([sys.executable, "-m", "services.query.server"],
-                                        cwd=ROOT, env=env, stdout=log, stderr=log)
-        log.close()
-        alive = lambda: self.process.poll() is None  # noqa: E731
-        if not wait_until_serving(self.address, START_TIMEOUT_S, 0.1, alive):
-            self.kill()
-            raise AssertionError("query did not start:\n" + (data_dir / "query.log").read_text())
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
 
 
 def _query_all(address: str, token: str, run_name: str) -> tuple[list, list]:

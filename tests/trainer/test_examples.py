@@ -13,8 +13,7 @@ import pytest
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
 from examples import accelerate_loop, plain_loop
 from examples.batches import toy_setup
-from tests.trainer.conftest import free_port
-from tests.trainer.test_sft_example import QueryProcess
+from tests.trainer.conftest import QueryProcess, free_port
 from trainer_client import GenerationResult, PredictionsConfig, Run, sync
 
 SAMPLES = 4
