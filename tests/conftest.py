@@ -96,7 +96,11 @@ async def _start_stack(backend: str, auth: AuthSettings, database: str | None,
     writer = await start_writer(WriterSettings(database_url=writer_url,
                                                judge_address=judge.address, outbox_poll_s=0.05,
                                                outbox_backoff_base_s=0.1,
-                                               outbox_backoff_max_s=1.0, **common), auth)
+                                               outbox_backoff_max_s=1.0,
+                                               # every test of the session shares this writer
+                                               # and 127.0.0.1 (the fuzz suite sends bad keys);
+                                               # the limit has its own test on its own writer
+                                               api_key_max_failures=1_000_000, **common), auth)
     query = await start_query(QuerySettings(database_url=query_url, page_token_secret=PAGE_SECRET,
                                             **common), auth)
     return Stack(backend, writer, query, database, sqlite_dir, auth, judge)

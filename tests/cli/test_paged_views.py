@@ -19,6 +19,7 @@ from tests.integration.test_query_safety import (
     SAMPLES,
     SMALL_BUDGET,
     SMALL_MESSAGE,
+    SMALL_METRICS,
     STEPS,
     long_run,
     long_text,
@@ -32,7 +33,7 @@ USER = "paged-viewer"
 async def small_env(stack):
     """CLI environment for a query service with small pages (and a CLI with small messages)."""
     server = await own_query(stack, max_response_bytes=SMALL_BUDGET,
-                             max_message_bytes=SMALL_MESSAGE)
+                             max_message_bytes=SMALL_MESSAGE, **SMALL_METRICS)
     yield {"EPOCHLENS_CLI_QUERY_ADDRESS": server.address,
            "EPOCHLENS_CLI_MAX_MESSAGE_BYTES": str(SMALL_MESSAGE)}
     await server.stop(0)

@@ -450,7 +450,12 @@ async def test_stream_keeps_going_across_token_refreshes(tmp_path, refused_call)
                                                  tmp_path / "spool", 0.6)
         assert report.complete and report.finished, report.describe()
         assert (report.inserted, report.duplicates) == (PASSES * SAMPLES, 0)
-        assert client.counts["token_refused_refreshed"] == 1
+        # The refused token ends a unary CreateRun as UNAUTHENTICATED (refreshed at once); a
+        # stream the writer refuses while the client is already writing may surface as
+        # INTERNAL instead, retried like a dropped connection with the next (fresh) token.
+        refreshed = client.counts["token_refused_refreshed"]
+        assert refreshed == 1 or (refused_call > 1 and client.counts["connection_errors"] >= 1)
+        assert credentials.calls > refused_call
         assert credentials.exchanges >= 4
         engine = create_engine(MigrateSettings(sqlite_dir=tmp_path / "sqlite", _env_file=None),
                                ("writer",))

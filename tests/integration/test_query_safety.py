@@ -39,6 +39,8 @@ from tests.integration.test_query_judgments import (
 # The small service's byte budget and gRPC message limit: a page of the long runs below
 # without the budget would not fit a message, as 49 MB would not fit 16 MiB.
 SMALL_BUDGET, SMALL_MESSAGE = 32 * 1024, 64 * 1024
+# ListMetrics limits whose largest response (80 B a point, 560 B a series) fits SMALL_BUDGET.
+SMALL_METRICS = {"metrics_max_points_total": 300, "metrics_max_series": 4}
 # Characters of each long text: a row is this many bytes plus about a hundred, so three
 # rows and a page token fit SMALL_BUDGET and four do not.
 LONG = 10_000
@@ -73,7 +75,7 @@ async def own_query(stack, **settings):
 async def small_query(stack):
     """A query service whose pages stop at SMALL_BUDGET bytes, sending SMALL_MESSAGE at most."""
     server = await own_query(stack, max_response_bytes=SMALL_BUDGET,
-                             max_message_bytes=SMALL_MESSAGE)
+                             max_message_bytes=SMALL_MESSAGE, **SMALL_METRICS)
     yield server
     await server.stop(0)
 
