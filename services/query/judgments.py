@@ -124,11 +124,13 @@ async def trouble(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
                T.c.update_time).where(*own).order_by(T.c.step, T.c.sample_index).limit(limit)
     )).all() if failed_count and limit else []
     mine = (O.c.run_id == run_id, O.c.user_id == user_id)
+    # The error first: a row parked after it was read is still counted below (read committed
+    # gives each statement its own snapshot), so an error is never shown without a retry time.
+    error = await conn.scalar(select(O.c.last_error).where(*mine, O.c.last_error.is_not(None))
+                              .order_by(O.c.attempts.desc()).limit(1))
     waiting = (await conn.execute(
         select(func.count(), func.min(O.c.next_attempt_time).filter(O.c.last_error.is_not(None)))
         .where(*mine))).one()
-    error = await conn.scalar(select(O.c.last_error).where(*mine, O.c.last_error.is_not(None))
-                              .order_by(O.c.attempts.desc()).limit(1)) if waiting[0] else None
     return Trouble(failed_count, failed, int(waiting[0]), error or "",
                    waiting[1] if error else None)
 
