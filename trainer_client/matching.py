@@ -1,7 +1,6 @@
-"""Exact match on the trainer side, with no server package: the same definition as
-services/common/matching.py (the judge's exact_match rule, the CLI and the report), so the
-rate a training loop logs is the rate `epochlens summary` shows for the same pass.
-tests/unit/test_exact_match.py checks that both give the same answer.
+"""The one definition of exact match, with no server package: services/common/matching.py
+re-exports it for the judge's exact_match rule, the CLI and the report, so the rate a
+training loop logs is the rate `epochlens summary` shows for the same pass.
 
 Two texts match when they are equal after Unicode NFC, stripping surrounding whitespace,
 collapsing inner whitespace to one space and case folding.

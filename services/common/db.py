@@ -9,7 +9,7 @@ on both backends.
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import event, text
@@ -73,10 +73,18 @@ def is_postgres(conn: AsyncConnection | AsyncEngine) -> bool:
 
 
 @asynccontextmanager
-async def user_transaction(engine: AsyncEngine, user_id: str) -> AsyncIterator[AsyncConnection]:
-    """One transaction acting for `user_id`; on PostgreSQL the RLS policies see that user."""
+async def setting_transaction(engine: AsyncEngine, name: str,
+                              value: str) -> AsyncIterator[AsyncConnection]:
+    """One transaction with the setting `name` = `value` for its duration on PostgreSQL
+    (what the RLS policies read); SQLite has no policies and no settings."""
     async with engine.begin() as conn:
         if is_postgres(conn):
-            await conn.execute(text("SELECT set_config(:name, :user_id, true)"),
-                               {"name": RLS_USER_SETTING, "user_id": user_id})
+            await conn.execute(text("SELECT set_config(:name, :value, true)"),
+                               {"name": name, "value": value})
         yield conn
+
+
+def user_transaction(engine: AsyncEngine,
+                     user_id: str) -> AbstractAsyncContextManager[AsyncConnection]:
+    """One transaction acting for `user_id`; on PostgreSQL the RLS policies see that user."""
+    return setting_transaction(engine, RLS_USER_SETTING, user_id)

@@ -1,4 +1,5 @@
-"""The one definition of exact match, shared by the judge's exact_match rule
+"""The one definition of exact match (it lives in trainer_client.matching, which needs no
+server package, so that a training loop logs the same rate), shared by the judge's exact_match rule
 (services.judge.rules), the command line (services.cli.stats) and the HTML report.
 
 Two texts match exactly when they are equal after normalize(): Unicode NFC (a composed and
@@ -8,16 +9,6 @@ of whitespace (spaces, tabs, newlines) made one space, and case folded. So "Pari
 spaces count). A prediction without a ground truth is neither a match nor a miss.
 """
 
-import unicodedata
+from trainer_client.matching import exact_match, normalize
 
-
-def normalize(text: str) -> str:
-    """NFC, outer whitespace stripped, inner whitespace collapsed to one space, case folded."""
-    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
-
-
-def exact_match(prediction: str, ground_truth: str | None) -> bool | None:
-    """Whether the prediction matches the ground truth; None when there is no ground truth."""
-    if ground_truth is None:
-        return None
-    return normalize(prediction) == normalize(ground_truth)
+__all__ = ["exact_match", "normalize"]

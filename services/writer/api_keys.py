@@ -14,15 +14,13 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.common.db import is_postgres, user_transaction
+from services.common.db import setting_transaction, user_transaction
 from services.common.errors import NotFound, ResourceExhausted
 from services.writer.models import api_keys_table
 
@@ -109,7 +107,7 @@ class ApiKeyRepository:
     async def use(self, key_hash: str) -> Row | None:
         """The key with this hash, its last_used_time stamped now; None when unknown."""
         now = datetime.now(UTC)
-        async with _hash_transaction(self._engine, key_hash) as conn:
+        async with setting_transaction(self._engine, KEY_HASH_SETTING, key_hash) as conn:
             row = (await conn.execute(select(api_keys_table).where(
                 api_keys_table.c.key_hash == key_hash))).one_or_none()
             if row is not None and row.revoke_time is None:
@@ -118,11 +116,3 @@ class ApiKeyRepository:
             return row
 
 
-@asynccontextmanager
-async def _hash_transaction(engine: AsyncEngine, key_hash: str) -> AsyncIterator[AsyncConnection]:
-    """A transaction that, on PostgreSQL, sees only the api_keys row with this hash."""
-    async with engine.begin() as conn:
-        if is_postgres(conn):
-            await conn.execute(text("SELECT set_config(:name, :value, true)"),
-                               {"name": KEY_HASH_SETTING, "value": key_hash})
-        yield conn

@@ -81,12 +81,16 @@ async def exchange(stack, api_key: str) -> auth_pb2.ExchangeApiKeyResponse:
             auth_pb2.ExchangeApiKeyRequest(api_key=api_key))
 
 
+def admin_engine(stack):
+    """The writer schema as the admin (PostgreSQL) or from the SQLite file."""
+    return create_engine(MigrateSettings(
+        database_url=pg_url(PG_ADMIN, stack.database) if stack.database else None,
+        sqlite_dir=stack.sqlite_dir or ".epochlens", _env_file=None), ("writer",))
+
+
 async def key_rows(stack, user: str) -> list:
     """writer.api_keys rows of user, read as the admin (PostgreSQL) or from the file."""
-    settings = MigrateSettings(
-        database_url=pg_url(PG_ADMIN, stack.database) if stack.database else None,
-        sqlite_dir=stack.sqlite_dir or ".epochlens", _env_file=None)
-    engine = create_engine(settings, ("writer",))
+    engine = admin_engine(stack)
     try:
         async with engine.begin() as conn:
             return list(await conn.execute(select(api_keys_table).where(
@@ -96,10 +100,7 @@ async def key_rows(stack, user: str) -> list:
 
 
 async def set_expire_time(stack, key_id: str, when: datetime) -> None:
-    settings = MigrateSettings(
-        database_url=pg_url(PG_ADMIN, stack.database) if stack.database else None,
-        sqlite_dir=stack.sqlite_dir or ".epochlens", _env_file=None)
-    engine = create_engine(settings, ("writer",))
+    engine = admin_engine(stack)
     try:
         async with engine.begin() as conn:
             await conn.execute(update(api_keys_table).where(
