@@ -195,8 +195,10 @@ class WriterRepository:
         self._last_commit = float("-inf")
 
     def seconds_since_commit(self) -> float:
-        """Seconds since predictions were last committed (inf: never); the outbox dispatcher
-        defers to ingest with it."""
+        """Seconds since predictions were last inserted or committed (inf: never); the outbox
+        dispatcher defers to ingest with it. The mark is set before the commit as well as
+        after it: a dispatcher pass that starts while the commit is in flight would otherwise
+        see no ingest and claim the rows that commit makes visible."""
         return time.monotonic() - self._last_commit
 
     async def create_run(self, user_id: str, fields: dict[str, Any]) -> Row:
@@ -240,6 +242,8 @@ class WriterRepository:
             ).with_for_update(key_share=True, read=True))).scalars())
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
             inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
+            if inserted:
+                self._last_commit = time.monotonic()
             metrics = MetricWrite(user_id)
             if any(batch.metrics for batch in batches):
                 await metrics.run(conn, batches, owned)

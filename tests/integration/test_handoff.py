@@ -324,6 +324,10 @@ async def test_dispatcher_defers_to_ingest_for_at_most_max_defer(handoff_db, db,
             handoff_db, judge_port, outbox_ingest_quiet_s=3600.0, outbox_max_defer_s=3600.0),
             auth_settings)
         try:
+            # A first write starts the ingest clock; a pass already in flight may claim
+            # its row, but none starts after it, so the run's rows below all stay put.
+            await write(patient, auth_settings, await new_run(patient, auth_settings),
+                        [item(1, 0)])
             run_id = await new_run(patient, auth_settings)
             await write(patient, auth_settings, run_id, [item(1, i) for i in range(10)])
             await asyncio.sleep(1.0)
