@@ -29,19 +29,31 @@ class ListRunsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NAME_CONTAINS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MODEL_CONTAINS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of runs to return."""
     page_token: _builtins.str
-    """Token from a previous ListRunsResponse; empty for the first page."""
+    """Token from a previous ListRunsResponse with the same filters; empty for the first page."""
+    name_contains: _builtins.str
+    """Only runs whose name contains this text (case-insensitive), when non-empty."""
+    state: _common_pb2.RunState.ValueType
+    """Only runs in this state; UNSPECIFIED means every state."""
+    model_contains: _builtins.str
+    """Only runs whose model name contains this text (case-insensitive), when non-empty."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        name_contains: _builtins.str = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+        model_contains: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_contains", b"model_contains", "name_contains", b"name_contains", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -108,6 +120,8 @@ class ListPredictionsRequest(_message.Message):
     SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
     epoch: _builtins.int
@@ -118,6 +132,13 @@ class ListPredictionsRequest(_message.Message):
     """Maximum number of predictions to return."""
     page_token: _builtins.str
     """Token from a previous ListPredictionsResponse with the same run and filters."""
+    criterion: _builtins.str
+    """Only predictions with a judgment on this criterion, when non-empty (any judge type)."""
+    passed: _builtins.bool
+    """With criterion: only predictions whose judgment on it passed (true) or did not pass
+    (false); a judgment without a verdict (unscored) matches neither. INVALID_ARGUMENT
+    without criterion.
+    """
     def __init__(
         self,
         *,
@@ -126,17 +147,23 @@ class ListPredictionsRequest(_message.Message):
         sample_index: _builtins.int | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        criterion: _builtins.str = ...,
+        passed: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "_sample_index", b"_sample_index", "epoch", b"epoch", "sample_index", b"sample_index"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "_passed", b"_passed", "_sample_index", b"_sample_index", "epoch", b"epoch", "passed", b"passed", "sample_index", b"sample_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "_sample_index", b"_sample_index", "epoch", b"epoch", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "_passed", b"_passed", "_sample_index", b"_sample_index", "criterion", b"criterion", "epoch", b"epoch", "page_size", b"page_size", "page_token", b"page_token", "passed", b"passed", "run_id", b"run_id", "sample_index", b"sample_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    _WhichOneofReturnType__passed: _TypeAlias = _typing.Literal["passed"]  # noqa: Y015
+    _WhichOneofArgType__passed: _TypeAlias = _typing.Literal["_passed", b"_passed"]  # noqa: Y015
     _WhichOneofReturnType__sample_index: _TypeAlias = _typing.Literal["sample_index"]  # noqa: Y015
     _WhichOneofArgType__sample_index: _TypeAlias = _typing.Literal["_sample_index", b"_sample_index"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__passed) -> _WhichOneofReturnType__passed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sample_index) -> _WhichOneofReturnType__sample_index | None: ...
 
@@ -965,3 +992,105 @@ class ListMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMetricsResponse: _TypeAlias = ListMetricsResponse  # noqa: Y015
+
+@_typing.final
+class WatchRunRequest(_message.Message):
+    """Request for WatchRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    resume_token: _builtins.str
+    """The resume_token of the last event a previous WatchRun of the same caller and run
+    received; empty to start with the whole current state.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRunRequest: _TypeAlias = WatchRunRequest  # noqa: Y015
+
+@_typing.final
+class MetricUpdate(_message.Message):
+    """The points of one metric committed since the previous event for that metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The metric name."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """The new points, ordered by step (each a stored value: count 1)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricUpdate: _TypeAlias = MetricUpdate  # noqa: Y015
+
+@_typing.final
+class WatchRunEvent(_message.Message):
+    """One change of a watched run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Opaque cursor: a WatchRun with it starts after this event. Valid only for the same
+    caller and run.
+    """
+    @_builtins.property
+    def run(self) -> _common_pb2.Run:
+        """The run, first and whenever its state changes."""
+
+    @_builtins.property
+    def epoch(self) -> Global___EpochSummary:
+        """An epoch summary that is new or has grown."""
+
+    @_builtins.property
+    def metrics(self) -> Global___MetricUpdate:
+        """New points of one metric (steps above the last one delivered for that name; a point
+        committed later with a lower step is in ListMetrics, not in the watch).
+        """
+
+    def __init__(
+        self,
+        *,
+        run: _common_pb2.Run | None = ...,
+        epoch: Global___EpochSummary | None = ...,
+        metrics: Global___MetricUpdate | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "epoch", b"epoch", "metrics", b"metrics", "run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "epoch", b"epoch", "metrics", b"metrics", "resume_token", b"resume_token", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["run", "epoch", "metrics"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___WatchRunEvent: _TypeAlias = WatchRunEvent  # noqa: Y015

@@ -86,6 +86,11 @@ class QueryServiceStub:
                 request_serializer=epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.FromString,
                 _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/epochlens.v1.QueryService/WatchRun',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.WatchRunEvent.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -164,6 +169,16 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRun(self, request, context):
+        """Streams a run's changes as they are committed, so clients stop polling: first the run, its
+        epoch summaries and the latest point of each metric (or, with a resume_token, only what
+        changed since that event), then each state change, new or grown epoch and new metric
+        points. The stream ends after the event that shows the run finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +226,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListMetrics,
                     request_deserializer=epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.WatchRunRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.WatchRunEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -462,6 +482,33 @@ class QueryService:
             '/epochlens.v1.QueryService/ListMetrics',
             epochlens_dot_v1_dot_query__pb2.ListMetricsRequest.SerializeToString,
             epochlens_dot_v1_dot_query__pb2.ListMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/epochlens.v1.QueryService/WatchRun',
+            epochlens_dot_v1_dot_query__pb2.WatchRunRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.WatchRunEvent.FromString,
             options,
             channel_credentials,
             insecure,

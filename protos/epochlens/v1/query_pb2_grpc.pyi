@@ -65,6 +65,12 @@ class QueryServiceStub:
     than max_points is downsampled on the server into at most max_points step buckets, each
     with the last point of the bucket and the bucket's minimum and maximum.
     """
+    WatchRun: _grpc.UnaryStreamMultiCallable[_query_pb2.WatchRunRequest, _query_pb2.WatchRunEvent]
+    """Streams a run's changes as they are committed, so clients stop polling: first the run, its
+    epoch summaries and the latest point of each metric (or, with a resume_token, only what
+    changed since that event), then each state change, new or grown epoch and new metric
+    points. The stream ends after the event that shows the run finished.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -101,6 +107,12 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """A run's training metrics, one series per name ordered by step. Not paged: a series longer
     than max_points is downsampled on the server into at most max_points step buckets, each
     with the last point of the bucket and the bucket's minimum and maximum.
+    """
+    WatchRun: _aio.UnaryStreamMultiCallable[_query_pb2.WatchRunRequest, _query_pb2.WatchRunEvent]  # type: ignore[assignment]
+    """Streams a run's changes as they are committed, so clients stop polling: first the run, its
+    epoch summaries and the latest point of each metric (or, with a resume_token, only what
+    changed since that event), then each state change, new or grown epoch and new metric
+    points. The stream ends after the event that shows the run finished.
     """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -189,6 +201,18 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         """A run's training metrics, one series per name ordered by step. Not paged: a series longer
         than max_points is downsampled on the server into at most max_points step buckets, each
         with the last point of the bucket and the bucket's minimum and maximum.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRun(
+        self,
+        request: _query_pb2.WatchRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_query_pb2.WatchRunEvent], _abc.AsyncIterator[_query_pb2.WatchRunEvent]]:
+        """Streams a run's changes as they are committed, so clients stop polling: first the run, its
+        epoch summaries and the latest point of each metric (or, with a resume_token, only what
+        changed since that event), then each state change, new or grown epoch and new metric
+        points. The stream ends after the event that shows the run finished.
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
