@@ -47,10 +47,17 @@ class StackError(RuntimeError):
 
 def up(settings: StackSettings) -> dict[str, str]:
     """Checks the configuration, migrates, starts the services, waits until healthy.
-    Returns name -> address."""
+    Returns name -> address. A service already running is a StackError before anything
+    is migrated or started."""
     auth, judge, writer, query, _ = load_settings(
         AuthSettings, JudgeSettings, WriterSettings, QuerySettings, MigrateSettings)
     refuse_example_secrets(settings, (auth, query))
+    already = running(settings)
+    if already:
+        raise StackError("already running: " + ", ".join(
+            f"{name} (pid {pid}, pid file {_pid_file(settings, name)})"
+            for name, pid in already.items()) + "; nothing was started (`epochlens down` "
+            "stops them)")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     migrate = subprocess.run([sys.executable, "-m", "services.writer.migrate"],
                              capture_output=True, text=True)
@@ -58,8 +65,6 @@ def up(settings: StackSettings) -> dict[str, str]:
         raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
     addresses = {"judge": _address(judge), "writer": _address(writer), "query": _address(query)}
     for name, module in SERVICES:
-        if _running_pid(settings, name) is not None:
-            raise StackError(f"{name} is already running (pid file {_pid_file(settings, name)})")
         log = (settings.state_dir / f"{name}.log").open("ab")
         process = subprocess.Popen([sys.executable, "-m", module], stdout=log, stderr=log,
                                    start_new_session=True)
@@ -79,6 +84,12 @@ def refuse_example_secrets(settings: StackSettings, loaded: tuple[BaseSettings, 
         [f"{name}: the public example value of .env.example" for name in names]
         + ["set secrets of your own (`make .env` writes a new .env with fresh ones), or "
            "EPOCHLENS_STACK_ALLOW_EXAMPLE_SECRETS=true for a stack nobody else can reach"])
+
+
+def running(settings: StackSettings) -> dict[str, int]:
+    """name -> pid of each service whose pid file names a live process."""
+    pids = {name: _running_pid(settings, name) for name, _ in SERVICES}
+    return {name: pid for name, pid in pids.items() if pid is not None}
 
 
 def down(settings: StackSettings) -> list[str]:
