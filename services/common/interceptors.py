@@ -150,11 +150,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, details.method),
                 deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_server_stream(handler.unary_stream, details.method),
+                deserializer, handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, details.method),
                 deserializer, handler.response_serializer)
-        raise TypeError(f"{details.method}: only unary-unary and stream-stream RPCs are served")
+        raise TypeError(f"{details.method}: client-streaming RPCs are not served")
 
     def _authenticate(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if method in TOKENLESS_METHODS:
@@ -186,6 +190,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 self._authenticate(context, method)
                 return await inner(self._checked(request), context)
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, method, self._max_violations)
+        return behavior
+
+    def _wrap_server_stream(self, inner: Callable, method: str) -> Callable:
+        async def behavior(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            try:
+                self._authenticate(context, method)
+                async for response in inner(self._checked(request), context):
+                    yield response
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise

@@ -52,6 +52,25 @@ class QuerySettings(ServiceSettings):
         40000, ge=1, description="Points in one ListMetrics response, all series together: "
         "each series gets at most this divided by the number of series.")
 
+    watch_max_streams: int = Field(
+        200, ge=1, description="Open WatchRun streams one query process serves; more are "
+        "refused with RESOURCE_EXHAUSTED.")
+    watch_poll_s: float = Field(
+        1.0, gt=0, description="SQLite: how often a WatchRun re-reads its run (nothing "
+        "notifies commits there).")
+    watch_resync_s: float = Field(
+        30.0, gt=0, description="PostgreSQL: a WatchRun re-reads its run this often even "
+        "without a commit notification (in case one was lost with the listening connection).")
+    watch_min_interval_s: float = Field(
+        0.25, ge=0, description="Least time between two reads of one WatchRun: a burst of "
+        "commits costs one read.")
+    watch_metric_points: int = Field(
+        1000, ge=1, description="Most new points per metric name one WatchRun read sends "
+        "(a longer backlog follows in the next reads, at once).")
+    watch_listen_retry_s: float = Field(
+        1.0, gt=0, description="PostgreSQL: pause before re-opening the LISTEN connection "
+        "after it failed, and how often its liveness is checked.")
+
     @model_validator(mode="after")
     def _pages_fit_in_a_message(self) -> "QuerySettings":
         if self.max_response_bytes >= self.max_message_bytes:

@@ -49,7 +49,7 @@ def _in_range(query: MetricsQuery, user_id: str) -> list:
 async def list_metrics(conn: AsyncConnection, user_id: str,
                        query: MetricsQuery) -> query_pb2.ListMetricsResponse:
     """The response for an owned run (the caller checked ownership)."""
-    names = list(query.names) or await _run_names(conn, user_id, query.run_id)
+    names = list(query.names) or await run_names(conn, user_id, query.run_id)
     kept, omitted = names[:query.max_series], names[query.max_series:]
     response = query_pb2.ListMetricsResponse(omitted_names=omitted)
     if not kept:
@@ -86,7 +86,7 @@ async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, 
     _add_points(series, points)
 
 
-async def _run_names(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> list[str]:
+async def run_names(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> list[str]:
     """The run's metric names in order, by a skip scan of the (run_id, name, step) index:
     one probe per name, whatever the number of values."""
     owned = (M.c.run_id == run_id, M.c.user_id == user_id)
@@ -146,3 +146,21 @@ def _add_buckets(series: query_pb2.MetricSeries, rows: list[tuple]) -> None:
     for step, value, epoch, wall_time, low, high, count in rows:
         series.points.add(step=step, value=value, epoch=epoch, wall_time=timestamp(wall_time),
                           min_value=low, max_value=high, count=count)
+
+
+async def points_after(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
+                       after: dict[str, int] | None, names: list[str],
+                       limit: int) -> dict[str, Sequence[Row]]:
+    """Per name, in step order: with `after` None, the latest point only; otherwise the
+    points with a step above after[name] (all of a name not in it), at most `limit`."""
+    found: dict[str, Sequence[Row]] = {}
+    for name in names:
+        stmt = select(M.c.step, M.c.value, M.c.epoch, M.c.wall_time).where(
+            M.c.run_id == run_id, M.c.user_id == user_id, M.c.name == name)
+        if after is None:
+            found[name] = (await conn.execute(stmt.order_by(M.c.step.desc()).limit(1))).all()
+            continue
+        if name in after:
+            stmt = stmt.where(M.c.step > after[name])
+        found[name] = (await conn.execute(stmt.order_by(M.c.step).limit(limit))).all()
+    return found

@@ -88,8 +88,11 @@ TIMESTAMP = KeyKind("timestamp", lambda value: utc(value).isoformat(), _load_tim
 class PageTokens:
     """The page tokens of one method, whose keyset key has the types `key`."""
 
-    def __init__(self, secret: bytes, method: str, key: Sequence[KeyKind]) -> None:
+    def __init__(self, secret: bytes, method: str, key: Sequence[KeyKind],
+                 field: str = "page_token") -> None:
+        """field: the request field that carries the tokens (named in violations)."""
         self._secret, self._method, self._key = secret, method, tuple(key)
+        self._field = field
 
     def encode(self, filters: dict[str, Any], last_key: Sequence[Any]) -> str:
         """A token resuming after `last_key`, valid only for this caller, method and filters."""
@@ -102,10 +105,10 @@ class PageTokens:
         """The typed last key in `token`, or None for an empty token (the first page)."""
         if not token:
             return None
-        body = _parse(self._verified(token))
+        body = self._parse(self._verified(token))
         if body["f"] != self._fingerprint(filters):
-            raise _bad_token("page token was issued for another caller, method or filters; "
-                             "start again without a page token")
+            raise self._bad("token was issued for another caller, method or filters; "
+                            "start again without it")
         return self._typed(body["k"])
 
     def _verified(self, token: str) -> bytes:
@@ -113,21 +116,21 @@ class PageTokens:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError) as exc:
-            raise _bad_token("malformed page token") from exc
+            raise self._bad("malformed token") from exc
         payload, signature = raw[:-_SIGNATURE_BYTES], raw[-_SIGNATURE_BYTES:]
         if len(raw) <= _SIGNATURE_BYTES or not hmac.compare_digest(signature,
                                                                    self._sign(payload)):
-            raise _bad_token("page token was not issued by this service or was altered")
+            raise self._bad("token was not issued by this service or was altered")
         return payload
 
     def _typed(self, key: Any) -> tuple:
         expected = ", ".join(kind.name for kind in self._key)
         if not isinstance(key, list) or len(key) != len(self._key):
-            raise _bad_token(f"page token key of {self._method} must be [{expected}]")
+            raise self._bad(f"token key of {self._method} must be [{expected}]")
         try:
             return tuple(kind.load(value) for kind, value in zip(self._key, key, strict=True))
         except (TypeError, ValueError) as exc:
-            raise _bad_token(f"page token key of {self._method} must be [{expected}]") from exc
+            raise self._bad(f"token key of {self._method} must be [{expected}]") from exc
 
     def _fingerprint(self, filters: dict[str, Any]) -> str:
         bound = {"user": current_user(), "method": self._method, "filters": filters}
@@ -138,19 +141,19 @@ class PageTokens:
         return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
 
 
-def _parse(payload: bytes) -> dict[str, Any]:
-    """The token's JSON object {"k": key, "f": fingerprint}; anything else is refused."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise _bad_token("page token content is not valid") from exc
-    if not isinstance(body, dict) or set(body) != {"k", "f"} or not isinstance(body["f"], str):
-        raise _bad_token("page token content is not valid")
-    return body
+    def _parse(self, payload: bytes) -> dict[str, Any]:
+        """The token's JSON object {"k": key, "f": fingerprint}; anything else is refused."""
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise self._bad("token content is not valid") from exc
+        if (not isinstance(body, dict) or set(body) != {"k", "f"}
+                or not isinstance(body["f"], str)):
+            raise self._bad("token content is not valid")
+        return body
 
-
-def _bad_token(description: str) -> InvalidArgument:
-    return InvalidArgument([FieldViolation("page_token", description)])
+    def _bad(self, description: str) -> InvalidArgument:
+        return InvalidArgument([FieldViolation(self._field, description)])
 
 
 @dataclass(frozen=True)

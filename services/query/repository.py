@@ -13,7 +13,8 @@ from epochlens.v1 import query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
 from services.query import judgments
-from services.query.metrics import MetricsQuery, list_metrics
+from services.query.metrics import MetricsQuery, list_metrics, points_after, run_names
+from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
@@ -138,6 +139,20 @@ class QueryRepository:
             return await judgments.revisions(conn, user_id, run_id, step, sample_index,
                                              criterion)
 
+    async def watch_read(self, user_id: str, run_id: uuid.UUID, cursor: WatchCursor,
+                         limit: int, max_series: int) -> WatchRead:
+        """One read of WatchRun: the run (NOT_FOUND for another's), then, in later
+        statements (so a finished run's last commits are in them), all its epochs and the
+        metric points to send (services.query.watch)."""
+        async with user_transaction(self._engine, user_id) as conn:
+            run = await _owned_run(conn, user_id, run_id)
+            epochs = (await conn.execute(select(E).where(
+                E.c.run_id == run_id, E.c.user_id == user_id).order_by(E.c.epoch))).all()
+            names = (await run_names(conn, user_id, run_id))[:max_series]
+            after = None if cursor.fresh else cursor.metric_steps
+            points = await points_after(conn, user_id, run_id, after, names, limit)
+        backlog = after is not None and any(len(rows) >= limit for rows in points.values())
+        return WatchRead(run, list(epochs), {n: list(r) for n, r in points.items()}, backlog)
 
     async def list_metrics(self, user_id: str, query: MetricsQuery
                            ) -> query_pb2.ListMetricsResponse:

@@ -1,11 +1,13 @@
 """QueryService: the read side, paginated with keyset page tokens."""
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, run_to_proto, timestamp
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.query.config import QuerySettings
 from services.query.judgments import (
     JudgmentFilter,
@@ -25,6 +27,7 @@ from services.query.pagination import (
     resolve_page_size,
 )
 from services.query.repository import QueryRepository
+from services.query.watch import CommitSignals, ResumeTokens, watch_events
 
 # The keyset key of each paged method, as its page tokens carry it.
 PAGE_KEYS = {
@@ -84,12 +87,18 @@ def _check_non_negative(name: str, value: int | None) -> None:
 
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
-    def __init__(self, repository: QueryRepository, settings: QuerySettings) -> None:
+    def __init__(self, repository: QueryRepository, settings: QuerySettings,
+                 signals: CommitSignals, notified: bool) -> None:
+        """signals: wakes WatchRun streams; notified: whether commits are notified
+        (PostgreSQL) or must be polled (SQLite)."""
         self._repo = repository
         self._settings = settings
         secret = settings.page_token_secret.get_secret_value().encode()
         self._tokens = {method: PageTokens(secret, method, key)
                         for method, key in PAGE_KEYS.items()}
+        self._resume = ResumeTokens(secret)
+        self._signals = signals
+        self._idle_s = settings.watch_resync_s if notified else settings.watch_poll_s
 
     def _limits(self, requested: int) -> PageLimits:
         return PageLimits(resolve_page_size(requested, self._settings.page_size_default,
@@ -225,3 +234,23 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         points = min(request.max_points or cfg.metrics_points_default, cfg.metrics_points_max)
         return MetricsQuery(run_id, names, points, cfg.metrics_max_points_total,
                             cfg.metrics_max_series, start, end)
+
+    async def WatchRun(self, request: query_pb2.WatchRunRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[query_pb2.WatchRunEvent]:
+        """Server stream (services.query.watch): each event carries its resume token."""
+        run_id, user = parse_run_id(request.run_id), current_user()
+        cursor = self._resume.decode(run_id, request.resume_token)
+        if self._signals.watching >= self._settings.watch_max_streams:
+            raise ResourceExhausted(
+                f"this query service already serves {self._settings.watch_max_streams} "
+                "WatchRun streams; retry later", {"limit": "watch_max_streams"})
+        cfg = self._settings
+
+        async def read(current):
+            return await self._repo.watch_read(user, run_id, current, cfg.watch_metric_points,
+                                               cfg.metrics_max_series)
+        with self._signals.subscribe(str(run_id)) as wake:
+            async for event in watch_events(read, wake, cursor, cfg, self._idle_s):
+                event.resume_token = self._resume.encode(run_id, cursor)
+                yield event

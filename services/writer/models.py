@@ -22,6 +22,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "writer"
+# PostgreSQL NOTIFY channel: every transaction that stores predictions or metrics of a run,
+# or finishes it, notifies the run's id here once (delivered at commit); the query service
+# LISTENs to wake its WatchRun streams. Part of the schema contract, like the table names.
+COMMIT_CHANNEL = "epochlens_commits"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

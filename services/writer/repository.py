@@ -15,6 +15,7 @@ from epochlens.v1 import common_pb2, writer_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
 from services.writer.models import (
+    COMMIT_CHANNEL,
     SCHEMA,
     epochs_table,
     judge_outbox_table,
@@ -182,6 +183,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+async def notify_commit(conn: AsyncConnection, run_ids: set[uuid.UUID]) -> None:
+    """NOTIFY COMMIT_CHANNEL once per run, delivered when the transaction commits (one
+    statement per commit, whatever the number of rows). PostgreSQL only: on SQLite the
+    query service's WatchRun polls."""
+    if run_ids and is_postgres(conn):
+        await conn.execute(
+            text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
+            {"channel": COMMIT_CHANNEL, "ids": sorted(str(run_id) for run_id in run_ids)})
+
+
 def _insert(conn: AsyncConnection, table):
     return (postgresql if is_postgres(conn) else sqlite).insert(table)
 
@@ -225,6 +236,8 @@ class WriterRepository:
                 *owned, runs_table.c.state == common_pb2.RUN_STATE_RUNNING,
             ).values(state=state, finish_time=_now()))
             row = (await conn.execute(select(runs_table).where(*owned))).one_or_none()
+            if row is not None:
+                await notify_commit(conn, {run_id})
         if row is None:
             raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
         return row
@@ -247,6 +260,9 @@ class WriterRepository:
             metrics = MetricWrite(user_id)
             if any(batch.metrics for batch in batches):
                 await metrics.run(conn, batches, owned)
+            if inserted or metrics.inserted:
+                await notify_commit(conn, {b.run_id for b in batches if b.run_id in owned
+                                           and (b.items or b.metrics)})
         if inserted:
             self._last_commit = time.monotonic()
         return CommitResult(inserted, len(rows) - inserted, metrics.inserted,

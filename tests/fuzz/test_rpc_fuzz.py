@@ -144,6 +144,13 @@ async def _send(channel: grpc.aio.Channel, method, payload, metadata) -> None:
         async for _ in call:
             pass
         return
+    if method.server_streaming:
+        # A watch of a running run does not end: its first event (or error) is the answer.
+        call = channel.unary_stream(path, request_serializer=serialize)(
+            payload, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        await call.read()
+        call.cancel()
+        return
     await channel.unary_unary(path, request_serializer=serialize)(
         payload, metadata=metadata, timeout=CALL_TIMEOUT_S)
 

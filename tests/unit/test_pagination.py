@@ -142,7 +142,7 @@ def test_signed_token_with_a_wrong_typed_key_is_refused(key):
                                   {"k": [1], "f": "x", "extra": 1}, "text", 7])
 def test_signed_token_with_a_wrong_shape_is_refused(body):
     assert refused(PageTokens(b"k", "ListThings", (INT,)), signed(b"k", body), {}) == (
-        "page token content is not valid")
+        "token content is not valid")
 
 
 def test_signed_token_that_is_not_json_is_refused():
@@ -150,7 +150,7 @@ def test_signed_token_that_is_not_json_is_refused():
     tag = hmac.new(b"k", payload, hashlib.sha256).digest()[:16]
     token = base64.urlsafe_b64encode(payload + tag).decode()
     assert refused(PageTokens(b"k", "ListThings", (INT,)), token, {}) == (
-        "page token content is not valid")
+        "token content is not valid")
 
 
 def test_every_paged_method_has_a_key_schema():
