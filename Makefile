@@ -91,11 +91,12 @@ down: install
 smoke: install .env
 	$(BIN)/epochlens smoke
 
-# The main job: the stack on embedded SQLite, a tiny model trained on CPU with predictions
-# streamed every epoch and read back per epoch (trainer_client/demo.py, settings
-# EPOCHLENS_DEMO_*), then the stack stopped again, also when a step fails or is interrupted.
+# The main job: a tiny model trained on CPU with predictions streamed every epoch and read
+# back per epoch (trainer_client/demo.py, settings EPOCHLENS_DEMO_*). A stack already up
+# (`make up`) is used and left running; with none up, the demo starts one on embedded
+# SQLite and stops it again, also when a step fails or is interrupted.
 demo: install .env
-	trap '$(BIN)/epochlens down' EXIT; $(BIN)/epochlens up && $(PY) -m trainer_client.demo
+	$(PY) -m trainer_client.demo
 
 bench: install pg browser
 	$(PY) bench/ingest.py

@@ -14,17 +14,29 @@ What it does, with every tunable in DemoSettings (env prefix EPOCHLENS_DEMO_):
    how many predictions match the ground truth exactly, next to one sample's
    prediction at that epoch.
 
-The services must be running (`epochlens up`; `make demo` starts and stops
-them); the demo checks their health before it trains. The exit status is 0
-only when every epoch's predictions were stored with the same sample indices.
+The services: when the writer and the query service already serve where
+`epochlens up` puts them, the demo uses them and leaves them running; when
+neither answers, it starts them as `epochlens up` does and stops them when it
+ends (also on failure or interrupt); anything in between is an error before
+any training, with nothing started or stopped. The run belongs to
+EPOCHLENS_CLI_USER (the user `epochlens` reads as), so the commands the demo
+prints at the end show it as they are. The exit status is 0 only when every
+epoch's predictions were stored with the same sample indices.
 
     python -m trainer_client.demo
 """
 
 import logging
 import os
+import shlex
+import shutil
+import signal
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import grpc
@@ -43,8 +55,11 @@ from transformers import (
 )
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
+from services.cli import stack
+from services.cli.config import CliSettings
 from services.common.auth import mint_token
 from services.common.config import ENV_FILE, AuthSettings
+from services.common.startup import StartupError
 from services.query.config import QuerySettings
 from services.writer.config import WriterSettings
 from trainer_client import toy
@@ -98,8 +113,15 @@ class DemoSettings(BaseSettings):
                                        "`epochlens up` serves it (EPOCHLENS_WRITER_HOST/PORT).")
     query_address: str | None = Field(None, description="Query service host:port; unset: "
                                       "where `epochlens up` serves it (EPOCHLENS_QUERY_HOST/PORT).")
-    user: str = Field("demo", min_length=1, description="User the demo mints its token for "
-                      "(with the EPOCHLENS_AUTH_ secret); it owns the run.")
+    user: str | None = Field(None, min_length=1, description="User the demo mints its token "
+                             "for (with the EPOCHLENS_AUTH_ secret); it owns the run. Unset: "
+                             "EPOCHLENS_CLI_USER, the user `epochlens` reads as, so the CLI "
+                             "shows the run.")
+    start_stack: bool = Field(True, description="When neither the writer nor the query service "
+                              "answers where `epochlens up` serves them (writer_address and "
+                              "query_address unset), start them as `epochlens up` does and "
+                              "stop them when the demo ends; services already up are used "
+                              "and left running.")
     run_name: str = Field("demo", min_length=1, description="Name of the demo's run.")
     rpc_timeout_s: float = Field(10.0, gt=0, description="Deadline of each query RPC, seconds.")
     shown_sample: int | None = Field(None, ge=0, description="Sample whose predictions are "
@@ -165,28 +187,46 @@ def main(settings: DemoSettings | None = None) -> int:
         return _failed(f"{exc.code().name}: {exc.details()}", exc)
     except (DemoError, ValueError) as exc:  # ValueError: settings or task out of range
         return _failed(str(exc), exc)
+    except (StartupError, stack.StackError) as exc:  # starting the services failed
+        return _failed(str(exc), exc)
     for problem in result.problems:
         log.error("demo check failed for run %s: %s", result.run_id, problem)
     return 1 if result.problems else 0
 
 
 def _failed(detail: str, exc: Exception) -> int:
-    log.error("the demo failed: %s", detail, exc_info=not isinstance(exc, DemoError))
+    expected = (DemoError, StartupError, stack.StackError)
+    log.error("the demo failed: %s", detail, exc_info=not isinstance(exc, expected))
     print(f"demo failed: {detail}", flush=True)
     return 1
 
 
 def run(settings: DemoSettings) -> DemoResult:
+    """Trains with the callback, reads the run back, prints the summary and how to look at
+    the run, and returns it; starts and stops the services when none is up."""
+    addresses = service_addresses(settings)
+    user = demo_user(settings)
+    with local_services(settings, addresses) as started:
+        result = train_and_read_back(settings, addresses, user)
+    print("\n".join(next_steps(result.run_id, user, addresses[1], started)), flush=True)
+    return result
+
+
+def demo_user(settings: DemoSettings) -> str:
+    """The run's owner: settings.user, else the CLI's user (EPOCHLENS_CLI_USER)."""
+    return settings.user or CliSettings().user
+
+
+def train_and_read_back(settings: DemoSettings, addresses: tuple[str, str],
+                        user: str) -> DemoResult:
     """Trains with the callback, reads the run back, prints the summary and returns it."""
     threads = settings.torch_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     set_seed(settings.seed)
-    addresses = service_addresses(settings)
-    check_serving(addresses, settings.rpc_timeout_s)
     train_rows, sample_rows = settings.toy_task().split(settings.train_size,
                                                         settings.sample_count, settings.seed)
     tokenizer, model, model_name = load_model(settings, train_rows)
-    token = mint_token(AuthSettings(), settings.user)
+    token = mint_token(AuthSettings(), user)
     print(describe(settings, model, model_name, threads, addresses), flush=True)
     callback = make_callback(settings, sample_rows, tokenizer, token, model_name, addresses[0])
     with tempfile.TemporaryDirectory(prefix="epochlens-demo-") as output_dir:
@@ -244,6 +284,108 @@ def check_serving(addresses: tuple[str, str], timeout: float) -> None:
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             raise DemoError(f"the {name} at {address} reports {status}, not SERVING")
+
+
+def answers(address: str, timeout: float) -> bool:
+    """Whether a gRPC server answers health checks at address (whatever its status)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                      timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+@contextmanager
+def local_services(settings: DemoSettings, addresses: tuple[str, str]) -> Iterator[bool]:
+    """Yields whether the demo started the services. Services that answer are used as they
+    are and left running; when none answers at the `epochlens up` addresses (and
+    settings.start_stack), they are started here and stopped on the way out."""
+    timeout = settings.rpc_timeout_s
+    up = [answers(address, timeout) for address in addresses]
+    local = settings.writer_address is None and settings.query_address is None
+    if any(up) or not local or not settings.start_stack:
+        if any(up) and not all(up):
+            named = [f"the {name} at {address}" for name, address in
+                     zip(("writer", "query service"), addresses, strict=True)]
+            answering, silent = (named[0], named[1]) if up[0] else (named[1], named[0])
+            raise DemoError(f"{answering} answers but {silent} does not: the demo starts the "
+                            "services only when none is up; see their logs (`epochlens up` "
+                            f"writes them to {stack.StackSettings().state_dir}/) or stop "
+                            "them with `epochlens down`")
+        check_serving(addresses, timeout)
+        print(f"demo: using the services already up (writer {addresses[0]}, query service "
+              f"{addresses[1]}); they stay up", flush=True)
+        yield False
+        return
+    with started_stack(addresses, timeout):
+        yield True
+
+
+@contextmanager
+def started_stack(addresses: tuple[str, str], timeout: float) -> Iterator[None]:
+    """The stack as `epochlens up` starts it, stopped on the way out (also on SIGTERM); a
+    stack whose pid files name live processes is refused with nothing started."""
+    settings = stack.StackSettings()
+    live = stack.running(settings)
+    if live:
+        raise DemoError(
+            f"the services do not answer at {addresses[0]} and {addresses[1]}, but "
+            f"`epochlens up` processes are running ({', '.join(live)}): see their logs in "
+            f"{settings.state_dir} or stop them with `epochlens down`; nothing was started")
+    print("demo: starting the services (as `epochlens up` does); they are stopped when the "
+          "demo ends", flush=True)
+    previous = _exit_on_sigterm()
+    try:
+        stack.up(settings)
+        check_serving(addresses, timeout)
+        yield
+    finally:
+        stopped = stack.down(settings)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        print(f"demo: stopped the services it started ({', '.join(stopped) or 'none'}); "
+              "the run stays stored", flush=True)
+
+
+def _exit_on_sigterm() -> Any:
+    """SIGTERM raises SystemExit (so the services get stopped); returns the previous handler,
+    None outside the main thread, where Python cannot install one."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def epochlens_command() -> str:
+    """How to call this environment's `epochlens` from the current directory: the bare name
+    when that is what PATH finds, else its path (.venv/bin/epochlens)."""
+    script = Path(sys.executable).parent / "epochlens"
+    if shutil.which("epochlens") == str(script):
+        return "epochlens"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def next_steps(run_id: str, user: str, query_address: str, stopped: bool) -> list[str]:
+    """How to look at the run with the CLI and the web UI, as commands that work as printed
+    (with EPOCHLENS_CLI_ settings in front where the CLI's own would read elsewhere)."""
+    cli = CliSettings()
+    env = [] if user == cli.user else [f"EPOCHLENS_CLI_USER={shlex.quote(user)}"]
+    if query_address != cli.query_address:
+        env.append(f"EPOCHLENS_CLI_QUERY_ADDRESS={query_address}")
+    command = " ".join([*env, epochlens_command()])
+    lines = ["", f"look at run {run_id}:"]
+    if stopped:
+        lines.append("  make up    # the services again (the demo stopped the ones it started)")
+    return lines + [f"  {command} summary {run_id}",
+                    f"  {command} report {run_id} -o report.html",
+                    f"  {command} ui"]
 
 
 def _local_address(service: WriterSettings | QuerySettings) -> str:

@@ -4,8 +4,13 @@ The stack runs as processes, as `make demo` starts it, but on free ports with it
 SQLite store, pid files and the demo's spool in a temporary folder that is also
 the working directory (so a developer's .env does not leak in). What was stored
 is checked in the database itself, independently of the demo's own read-back.
+The run is read back by the `epochlens` CLI with its default identity, through the
+commands the demo prints; a stack that was up before the demo is still up after it,
+and one the demo started itself is stopped again.
 """
 
+import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -15,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from services.cli import stack
 from tests.trainer.conftest import JWT_SECRET, free_port
 from trainer_client import toy
-from trainer_client.demo import DemoSettings, main
+from trainer_client.demo import DemoSettings, answers, main
 
 SAMPLES = 8
 EPOCHS = 3
@@ -48,11 +54,30 @@ def demo_stack(tmp_path_factory):
             epochlens("down")
 
 
-def epochlens(command: str) -> None:
-    """The CLI in its own process, as `make demo` runs it (the services outlive it)."""
-    done = subprocess.run([sys.executable, "-m", "services.cli.main", command],
+def epochlens(*command: str) -> str:
+    """The CLI in its own process, as `make demo` runs it (the services outlive it); its
+    standard output."""
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", *command],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"epochlens {command}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def printed_command(lines: list[str], verb: str) -> str:
+    """The one `... epochlens VERB ...` command line of the demo's closing lines."""
+    found = [line.strip() for line in lines if re.search(rf"epochlens {verb}\b", line)]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def run_as_printed(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A printed command line through the shell, with this process's environment."""
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env={**os.environ})
+
+
+def stack_pids() -> dict[str, int]:
+    return stack.running(stack.StackSettings())
 
 
 def reduced(**overrides) -> DemoSettings:
@@ -78,7 +103,9 @@ def stored(root: Path, run_name: str) -> tuple[str, dict[int, list[int]]]:
 
 
 def test_demo_stores_every_epoch_and_prints_the_summary(demo_stack, capsys):
+    before = stack_pids()
     assert main(reduced(run_name="demo-test")) == 0
+    assert stack_pids() == before and len(before) >= 3
     model_name, by_epoch = stored(demo_stack, "demo-test")
     assert model_name == "tiny-llama-h64-l2-a4"
     assert sorted(by_epoch) == list(range(EPOCHS + 1))
@@ -96,6 +123,107 @@ def test_demo_stores_every_epoch_and_prints_the_summary(demo_stack, capsys):
                                   str(EPOCHS))
     assert exact[-1] > exact[0]
     assert not any(line.startswith("problem:") for line in lines)
+    assert lines[0].startswith("demo: using the services already up (writer 127.0.0.1:")
+    assert lines[0].endswith("); they stay up")
+    assert not any(line.startswith("demo: stopped") or "make up" in line for line in lines)
+
+
+def test_the_demo_run_is_the_clis_with_its_default_identity(demo_stack, capsys, monkeypatch):
+    """No EPOCHLENS_CLI_USER, no EPOCHLENS_DEMO_USER: `epochlens runs` lists the run, and the
+    commands the demo prints end to end (summary, report) work as printed."""
+    monkeypatch.delenv("EPOCHLENS_CLI_USER", raising=False)
+    monkeypatch.delenv("EPOCHLENS_DEMO_USER", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no venv on PATH: the demo prints its path
+    assert main(reduced(run_name="demo-identity", epochs=1)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    run_id = re.fullmatch(r"look at run ([0-9a-f-]{36}):", lines[-4]).group(1)
+    query = f"127.0.0.1:{os.environ['EPOCHLENS_QUERY_PORT']}"
+    monkeypatch.setenv("EPOCHLENS_CLI_QUERY_ADDRESS", query)
+    runs = json.loads(epochlens("runs", "--json"))
+    assert [(r["id"], r["name"], r["user_id"]) for r in runs if r["name"] == "demo-identity"] \
+        == [(run_id, "demo-identity", "local")]
+
+    monkeypatch.delenv("EPOCHLENS_CLI_QUERY_ADDRESS")
+    summary = printed_command(lines, "summary")
+    prefix = f"EPOCHLENS_CLI_QUERY_ADDRESS={query} {Path(sys.executable).parent / 'epochlens'}"
+    assert summary == f"{prefix} summary {run_id}"
+    done = run_as_printed(summary, demo_stack)
+    assert done.returncode == 0, done.stderr
+    assert "demo-identity" in done.stdout and "not found" not in done.stderr
+    report = printed_command(lines, "report")
+    assert report == f"{prefix} report {run_id} -o report.html"
+    done = run_as_printed(report, demo_stack)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote report.html (")
+    assert (demo_stack / "report.html").stat().st_size > 10_000
+    assert printed_command(lines, "ui") == f"{prefix} ui"
+
+
+def test_a_demo_user_other_than_the_clis_is_said_in_the_printed_commands(demo_stack, capsys):
+    assert main(reduced(run_name="demo-other-user", epochs=1, user="someone else")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = printed_command(lines, "summary")
+    assert summary.startswith("EPOCHLENS_CLI_USER='someone else' EPOCHLENS_CLI_QUERY_ADDRESS=")
+    done = run_as_printed(summary, demo_stack)
+    assert done.returncode == 0, done.stderr
+    assert "demo-other-user" in done.stdout
+
+
+def test_demo_starts_the_services_when_none_is_up_and_stops_them(demo_stack, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Its own ports, pid files and store: the demo's stack comes and goes, the one that was
+    up before (demo_stack) is left alone."""
+    others = stack_pids()
+    ports = {name: free_port() for name in ("WRITER", "QUERY", "JUDGE")}
+    for name, port in ports.items():
+        monkeypatch.setenv(f"EPOCHLENS_{name}_PORT", str(port))
+    monkeypatch.setenv("EPOCHLENS_STACK_STATE_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("EPOCHLENS_SQLITE_DIR", str(tmp_path / "db"))
+    assert main(reduced(run_name="demo-own-stack", epochs=1)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("demo: starting the services (as `epochlens up` does); they are "
+                        "stopped when the demo ends")
+    stopped = [line for line in lines if line.startswith("demo: stopped")]
+    assert len(stopped) == 1
+    assert all(name in stopped[0] for name in ("judge", "writer", "query"))
+    assert any(line.strip().startswith("make up ") for line in lines)
+    assert stack_pids() == {}
+    assert not answers(f"127.0.0.1:{ports['WRITER']}", 1.0)
+    assert not answers(f"127.0.0.1:{ports['QUERY']}", 1.0)
+    _, by_epoch = stored(tmp_path, "demo-own-stack")
+    assert sorted(by_epoch) == [0, 1]
+    monkeypatch.undo()
+    assert stack_pids() == others
+
+
+def test_half_a_stack_is_refused_with_nothing_started_or_stopped(demo_stack, monkeypatch,
+                                                                 capsys):
+    """The writer answers, the query service (another port) does not: no training, and the
+    running stack keeps its processes."""
+    before = stack_pids()
+    writer = f"127.0.0.1:{os.environ['EPOCHLENS_WRITER_PORT']}"
+    closed = free_port()
+    monkeypatch.setenv("EPOCHLENS_QUERY_PORT", str(closed))
+    assert main(reduced(run_name="demo-half")) == 1
+    out = capsys.readouterr().out
+    assert (f"demo failed: the writer at {writer} answers but the query service at "
+            f"127.0.0.1:{closed} does not: the demo starts the services only when none is up"
+            in out)
+    assert "demo: starting" not in out and "demo: stopped" not in out
+    assert stack_pids() == before
+
+
+def test_silent_services_with_live_pid_files_are_refused(demo_stack, monkeypatch, capsys):
+    """Nothing answers where the settings say, but `epochlens up` processes are alive: the
+    demo neither starts a second stack nor stops theirs."""
+    before = stack_pids()
+    monkeypatch.setenv("EPOCHLENS_WRITER_PORT", str(free_port()))
+    monkeypatch.setenv("EPOCHLENS_QUERY_PORT", str(free_port()))
+    assert main(reduced(run_name="demo-silent")) == 1
+    out = capsys.readouterr().out
+    assert "`epochlens up` processes are running (judge, writer, query" in out
+    assert "nothing was started" in out and "demo: stopped" not in out
+    assert stack_pids() == before
 
 
 def test_demo_trains_a_model_given_by_local_path(demo_stack, tmp_path):
@@ -122,4 +250,5 @@ def test_demo_refuses_to_train_without_the_services(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert f"demo failed: the writer at {closed} is not reachable (" in out
     assert "epochlens up" in out and "exact matches" not in out
+    assert "demo: starting" not in out
     assert not (tmp_path / ".epochlens").exists()
