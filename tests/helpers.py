@@ -22,8 +22,9 @@ def grid(epochs: int, samples: int, steps_per_epoch: int = 10) -> list[common_pb
 
 
 async def create_run(stub, metadata, name: str = "run", **fields) -> common_pb2.Run:
-    return await stub.CreateRun(writer_pb2.CreateRunRequest(
-        name=name, model_name="tiny", dataset_name="toy", **fields), metadata=metadata)
+    fields = {"model_name": "tiny", "dataset_name": "toy", **fields}
+    return await stub.CreateRun(writer_pb2.CreateRunRequest(name=name, **fields),
+                                metadata=metadata)
 
 
 def rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status:

@@ -58,6 +58,17 @@ async def judgment_page(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
     return (await conn.execute(stmt.order_by(*JUDGMENT_ORDER).limit(limit))).all()
 
 
+def judged(user_id: str, criterion: str, passed: bool | None, run_id, step, sample_index):
+    """EXISTS: the prediction (run_id, step, sample_index columns of the outer query) has a
+    judgment on `criterion` (any judge type); with `passed`, a scored one with that verdict."""
+    stmt = select(J.c.step).where(J.c.run_id == run_id, J.c.user_id == user_id,
+                                  J.c.step == step, J.c.sample_index == sample_index,
+                                  J.c.criterion == criterion)
+    if passed is not None:
+        stmt = stmt.where(J.c.status == SCORED, J.c.passed == passed)
+    return stmt.exists()
+
+
 async def sample_judgments(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
                            sample_index: int, steps: tuple[int, int]) -> dict[int, list[Row]]:
     """The judgments of one sample at steps steps[0]..steps[1] (one CompareSample page) by

@@ -25,6 +25,27 @@ _PREDICTION_COLUMNS = (P.c.run_id, P.c.epoch, P.c.step, P.c.sample_index, P.c.pr
 
 
 @dataclass(frozen=True)
+class RunFilter:
+    """ListRuns filters: substrings of name and model (case-insensitive; empty: any) and a
+    state (0: any)."""
+
+    name_contains: str = ""
+    model_contains: str = ""
+    state: int = 0
+
+
+@dataclass(frozen=True)
+class PredictionFilter:
+    """ListPredictions filters (None / "": any): epoch, sample, and a judgment on a
+    criterion (with passed: a scored one that passed, or did not)."""
+
+    epoch: int | None = None
+    sample_index: int | None = None
+    criterion: str = ""
+    passed: bool | None = None
+
+
+@dataclass(frozen=True)
 class SamplePage:
     """A page of CompareSample: the sample's first prediction (its prompt and ground
     truth), the page's predictions in step order, and their judgments by step."""
@@ -38,10 +59,18 @@ class QueryRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def list_runs(self, user_id: str, after: tuple[datetime, uuid.UUID] | None,
-                        limit: int) -> Sequence[Row]:
-        """The user's runs, newest first, after the keyset (create_time, id)."""
+    async def list_runs(self, user_id: str, filters: RunFilter,
+                        after: tuple[datetime, uuid.UUID] | None, limit: int) -> Sequence[Row]:
+        """The user's runs that pass `filters`, newest first, after the keyset
+        (create_time, id)."""
         stmt = select(R).where(R.c.user_id == user_id)
+        if filters.name_contains:
+            stmt = stmt.where(R.c.name.icontains(filters.name_contains, autoescape=True))
+        if filters.model_contains:
+            stmt = stmt.where(R.c.model_name.icontains(filters.model_contains,
+                                                       autoescape=True))
+        if filters.state:
+            stmt = stmt.where(R.c.state == filters.state)
         if after is not None:
             stmt = stmt.where(tuple_(R.c.create_time, R.c.id) < tuple_(*after))
         stmt = stmt.order_by(R.c.create_time.desc(), R.c.id.desc()).limit(limit)
@@ -52,15 +81,19 @@ class QueryRepository:
         async with user_transaction(self._engine, user_id) as conn:
             return await _owned_run(conn, user_id, run_id)
 
-    async def list_predictions(self, user_id: str, run_id: uuid.UUID, epoch: int | None,
-                               sample_index: int | None, after: tuple[int, int] | None,
+    async def list_predictions(self, user_id: str, run_id: uuid.UUID,
+                               filters: PredictionFilter, after: tuple[int, int] | None,
                                limit: int) -> Sequence[Row]:
-        """A page of the run's predictions in (step, sample_index) order."""
+        """A page of the run's predictions that pass `filters`, in (step, sample_index)
+        order."""
         stmt = select(*_PREDICTION_COLUMNS).where(P.c.run_id == run_id, P.c.user_id == user_id)
-        if epoch is not None:
-            stmt = stmt.where(P.c.epoch == epoch)
-        if sample_index is not None:
-            stmt = stmt.where(P.c.sample_index == sample_index)
+        if filters.epoch is not None:
+            stmt = stmt.where(P.c.epoch == filters.epoch)
+        if filters.sample_index is not None:
+            stmt = stmt.where(P.c.sample_index == filters.sample_index)
+        if filters.criterion:
+            stmt = stmt.where(judgments.judged(user_id, filters.criterion, filters.passed,
+                                               P.c.run_id, P.c.step, P.c.sample_index))
         if after is not None:
             stmt = stmt.where(tuple_(P.c.step, P.c.sample_index) > tuple_(*after))
         stmt = stmt.order_by(P.c.step, P.c.sample_index).limit(limit)

@@ -1,6 +1,7 @@
 """QueryService: the read side, paginated with keyset page tokens."""
 
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import grpc
 
@@ -26,7 +27,7 @@ from services.query.pagination import (
     fill_page,
     resolve_page_size,
 )
-from services.query.repository import QueryRepository
+from services.query.repository import PredictionFilter, QueryRepository, RunFilter
 from services.query.watch import CommitSignals, ResumeTokens, watch_events
 
 # The keyset key of each paged method, as its page tokens carry it.
@@ -81,6 +82,17 @@ def _judgment_filter(request: query_pb2.ListJudgmentsRequest) -> JudgmentFilter:
     return JudgmentFilter(epoch, request.criterion, request.judge_type)
 
 
+def _prediction_filter(request: query_pb2.ListPredictionsRequest) -> PredictionFilter:
+    epoch = request.epoch if request.HasField("epoch") else None
+    sample = request.sample_index if request.HasField("sample_index") else None
+    _check_non_negative("epoch", epoch)
+    _check_non_negative("sample_index", sample)
+    passed = request.passed if request.HasField("passed") else None
+    if passed is not None and not request.criterion:
+        raise InvalidArgument([FieldViolation("passed", "needs criterion")])
+    return PredictionFilter(epoch, sample, request.criterion, passed)
+
+
 def _check_non_negative(name: str, value: int | None) -> None:
     if value is not None and value < 0:
         raise InvalidArgument([FieldViolation(name, f"must be >= 0, got {value}")])
@@ -107,12 +119,14 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     async def ListRuns(self, request: query_pb2.ListRunsRequest,
                        context: grpc.aio.ServicerContext) -> query_pb2.ListRunsResponse:
+        filters = RunFilter(request.name_contains, request.model_contains, request.state)
+        fingerprint = asdict(filters)
         limits, tokens = self._limits(request.page_size), self._tokens["ListRuns"]
-        after = tokens.decode(request.page_token, {})
-        rows = await self._repo.list_runs(current_user(), after, limits.rows + 1)
+        after = tokens.decode(request.page_token, fingerprint)
+        rows = await self._repo.list_runs(current_user(), filters, after, limits.rows + 1)
         response = query_pb2.ListRunsResponse()
         fill_page(response, "runs", rows, limits, _add_run,
-                  lambda last: tokens.encode({}, (last.create_time, last.id)))
+                  lambda last: tokens.encode(fingerprint, (last.create_time, last.id)))
         return response
 
     async def GetRun(self, request: query_pb2.GetRunRequest,
@@ -123,19 +137,15 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def ListPredictions(self, request: query_pb2.ListPredictionsRequest,
                               context: grpc.aio.ServicerContext
                               ) -> query_pb2.ListPredictionsResponse:
-        run_id = parse_run_id(request.run_id)
-        epoch = request.epoch if request.HasField("epoch") else None
-        sample = request.sample_index if request.HasField("sample_index") else None
-        _check_non_negative("epoch", epoch)
-        _check_non_negative("sample_index", sample)
+        run_id, filters = parse_run_id(request.run_id), _prediction_filter(request)
         limits, tokens = self._limits(request.page_size), self._tokens["ListPredictions"]
-        filters = {"run_id": str(run_id), "epoch": epoch, "sample_index": sample}
-        after = tokens.decode(request.page_token, filters)
-        rows = await self._repo.list_predictions(current_user(), run_id, epoch, sample,
-                                                 after, limits.rows + 1)
+        fingerprint = {"run_id": str(run_id), **asdict(filters)}
+        after = tokens.decode(request.page_token, fingerprint)
+        rows = await self._repo.list_predictions(current_user(), run_id, filters, after,
+                                                 limits.rows + 1)
         response = query_pb2.ListPredictionsResponse()
         fill_page(response, "predictions", rows, limits, add_prediction,
-                  lambda last: tokens.encode(filters, (last.step, last.sample_index)))
+                  lambda last: tokens.encode(fingerprint, (last.step, last.sample_index)))
         return response
 
     async def ListEpochs(self, request: query_pb2.ListEpochsRequest,
