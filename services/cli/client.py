@@ -130,6 +130,20 @@ class QueryClient(ServiceClient):
         return self._pages(self._stub.ListRuns, query_pb2.ListRunsRequest(page_size=page_size),
                            "runs", "runs")
 
+    def watch(self, run_id: str, resume_token: str = "") -> Any:
+        """The WatchRun call (an iterator of events, with cancel()); no deadline: it lasts
+        as long as the run trains. Its failures go through stream_error."""
+        return self._stub.WatchRun(query_pb2.WatchRunRequest(
+            run_id=run_id, resume_token=resume_token), metadata=self._metadata())
+
+    def stream_error(self, exc: grpc.RpcError, what: str) -> "CliError":
+        """The CliError of a failed stream; a stream the server dropped (CANCELLED) may be
+        opened again, like an unreachable service."""
+        if exc.code() == grpc.StatusCode.CANCELLED:
+            return CliError(f"the stream from {self._address} was dropped: {exc.details()}",
+                            retryable=True)
+        return self._error(exc, what)
+
     def run(self, run_id: str) -> common_pb2.Run:
         return self.call(self._stub.GetRun, query_pb2.GetRunRequest(run_id=run_id),
                          f"run {run_id}")

@@ -35,10 +35,13 @@ class CliSettings(BaseSettings):
                                      description="Write buffer of the file `export -o` writes.")
     progress_refresh_per_s: float = Field(4.0, gt=0, description="Redraws per second of the "
                                           "progress bars on stderr.")
-    watch_max_failures: int = Field(30, ge=0, description="Polls in a row `epochlens watch` "
-                                    "retries while the query service is unreachable or slow.")
-    watch_interval_s: float = Field(2.0, gt=0, description="Seconds between two polls of "
-                                    "`epochlens watch` (default of --interval).")
+    watch_max_failures: int = Field(30, ge=0, description="Failed stream openings in a row "
+                                    "`epochlens watch` retries while the query service is "
+                                    "unreachable or slow.")
+    watch_interval_s: float = Field(2.0, gt=0, description="Seconds without news after which "
+                                    "`epochlens watch` prints an epoch as landed, and its pause "
+                                    "before opening a failed stream again (default of "
+                                    "--interval).")
     preview_chars: int = Field(100, ge=10, description="Longest text shown in a table cell; "
                                "longer texts are cut with '...' (--json gives them whole).")
     report_page_size: int = Field(500, ge=1, description="page_size of the ListPredictions "

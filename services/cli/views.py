@@ -208,50 +208,47 @@ def _print_judges(console: Console, judged: query_pb2.RunSummary,
 
 def watch(ctx: typer.Context, run_id: str = RUN,
           interval: float | None = typer.Option(None, "--interval", min=0.01, help="Seconds "
-                                                "between polls (default "
+                                                "without news after which an epoch counts as "
+                                                "landed (default "
                                                 "EPOCHLENS_CLI_WATCH_INTERVAL_S).")) -> None:
     """Follow a run while it trains; exit 0 once it is no longer running.
 
-    Polls GetRun and ListEpochs every --interval seconds and prints each epoch as it lands
-    (a later epoch exists, the run ended, or its count held for one interval) with its
-    exact-match rate.
+    Streams the run's changes (QueryService.WatchRun) and prints each epoch as it lands (a
+    later epoch appeared, the run ended, or nothing arrived for --interval seconds) with
+    its exact-match rate.
     """
     cli = cli_context(ctx)
     period = interval or cli.settings.watch_interval_s
     with cli.client() as client:
         run = client.run(run_id)
         follower = watching.EpochFollower(client, cli.settings, run_id)
-        typer.echo(f"watching run {run.id} ({run.name}) every {period:g}s (Ctrl-C stops)")
+        typer.echo(f"watching run {run.id} ({run.name}) (Ctrl-C stops)")
         try:
-            state = _follow(follower, period, cli.settings.watch_max_failures)
+            _follow(follower, client, run_id, period, cli.settings.watch_max_failures)
         except KeyboardInterrupt:
             typer.echo("stopped watching", err=True)
             raise typer.Exit(130) from None
-    typer.echo(f"run {run_id} {render.state_name(state)}")
+    typer.echo(f"run {run_id} {render.state_name(follower.state)}")
 
 
-def _follow(follower: watching.EpochFollower, period: float, max_failures: int) -> int:
-    """Polls until the run is over; returns its final state. A poll that fails because the
-    service is unreachable or slow is retried at the next interval, up to max_failures in
-    a row (each one a warning on stderr); any other error ends the watch."""
+def _follow(follower: watching.EpochFollower, client, run_id: str, period: float,
+            max_failures: int) -> None:
+    """Follows the stream until the run is over. A stream that fails because the service
+    is unreachable, slow or dropped it is opened again (from the last event) after
+    `period`, up to max_failures times in a row (each one a warning on stderr); any other
+    error ends the watch."""
     failures = 0
     while True:
+        token = follower.resume_token
         try:
-            state = follower.state()
-            finished = not watching.is_running(state)
-            for line in follower.poll(finished):
-                typer.echo(line)
+            watching.follow(follower, client, run_id, period, typer.echo)
+            return
         except CliError as exc:
-            failures += 1
+            failures = 1 if follower.resume_token != token else failures + 1
             if not exc.retryable or failures > max_failures:
                 raise
-            typer.echo(f"warning: {exc} (poll {failures} of {max_failures} failed in a row; "
-                       "retrying)", err=True)
-            finished = False
-        else:
-            failures = 0
-        if finished:
-            return state
+            typer.echo(f"warning: {exc} (attempt {failures} of {max_failures} failed in a "
+                       "row; retrying)", err=True)
         time.sleep(period)
 
 

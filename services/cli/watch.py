@@ -1,14 +1,18 @@
 """`epochlens watch`: follow a run that is still training, one line per epoch.
 
-Each poll reads the run's state (GetRun) and then its epochs (ListEpochs), in
-that order, so once the state says the run is over the epochs read after it
-are final. An epoch is printed once it has landed: when a later epoch exists,
-when the run is over, or when its prediction count did not change between two
-polls (the trainer writes an epoch's predictions in one burst). An epoch that
-grows after it was printed is printed again, marked "(updated)".
+The run's changes arrive on QueryService.WatchRun (no polling): each epoch summary as
+its predictions are committed, and the run's state. An epoch is printed once it has
+landed: when a later epoch appears, when the stream ends (the run is over), or when
+nothing arrived for one interval (the trainer writes an epoch's predictions in one burst).
+An epoch that grows after it was printed is printed again, marked "(updated)". A broken
+stream is opened again with the last resume token, so nothing is missed or repeated.
 """
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
 
 from epochlens.v1 import common_pb2, query_pb2
 from services.cli.client import QueryClient
@@ -16,6 +20,9 @@ from services.cli.config import CliSettings
 from services.cli.fetch import prediction_pages
 from services.cli.render import percent
 from services.cli.stats import EpochStats, epoch_stats
+
+# What EventStream.take returns besides events.
+QUIET, END = "quiet", "end"
 
 
 def epoch_line(stats: EpochStats, updated: bool = False) -> str:
@@ -28,29 +35,67 @@ def epoch_line(stats: EpochStats, updated: bool = False) -> str:
             f"{stats.prediction_count} predictions  {exact}{mark}")
 
 
+class EventStream:
+    """One WatchRun call read by a background thread, so that the caller can wait for the
+    next event with a timeout."""
+
+    def __init__(self, client: QueryClient, run_id: str, resume_token: str) -> None:
+        self._client = client
+        self._call = client.watch(run_id, resume_token)
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, name="watch-stream", daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for event in self._call:
+                self._queue.put(event)
+            self._queue.put(END)
+        except grpc.RpcError as exc:
+            self._queue.put(exc)
+
+    def take(self, timeout: float) -> query_pb2.WatchRunEvent | str:
+        """The next event, END when the stream ended, or QUIET after `timeout` seconds
+        without one; a failed stream raises its CliError."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return QUIET
+        if isinstance(item, grpc.RpcError):
+            raise self._client.stream_error(item, "run")
+        return item
+
+    def close(self) -> None:
+        self._call.cancel()
+
+
 class EpochFollower:
-    """Remembers what was seen and printed between polls of one run."""
+    """What one watch has seen and printed, fed with WatchRun events."""
 
     def __init__(self, client: QueryClient, settings: CliSettings, run_id: str) -> None:
         self._client, self._settings, self._run_id = client, settings, run_id
-        self._seen: dict[int, int] = {}
+        self._counts: dict[int, int] = {}
         self._printed: dict[int, int] = {}
+        self.state = common_pb2.RUN_STATE_RUNNING
+        self.resume_token = ""
 
-    def state(self) -> int:
-        return self._client.run(self._run_id).state
+    def on_event(self, event: query_pb2.WatchRunEvent) -> Iterator[str]:
+        """Lines for the epochs this event shows to have landed (those before a new one)."""
+        self.resume_token = event.resume_token
+        change = event.WhichOneof("change")
+        if change == "run":
+            self.state = event.run.state
+        elif change == "epoch":
+            self._counts[event.epoch.epoch] = event.epoch.prediction_count
+            yield from self._land(lambda epoch: epoch < event.epoch.epoch)
 
-    def poll(self, finished: bool) -> Iterator[str]:
-        """Lines for the epochs that landed since the last poll."""
-        epochs = self._client.epochs(self._run_id)
-        for index, epoch in enumerate(epochs):
-            if self._landed(epoch, finished or index + 1 < len(epochs)):
-                yield from self._report(epoch.epoch)
-        self._seen = {e.epoch: e.prediction_count for e in epochs}
+    def on_quiet(self) -> Iterator[str]:
+        """Nothing arrived for one interval: every epoch seen has landed."""
+        yield from self._land(lambda epoch: True)
 
-    def _landed(self, epoch: query_pb2.EpochSummary, closed: bool) -> bool:
-        if self._printed.get(epoch.epoch, -1) >= epoch.prediction_count:
-            return False
-        return closed or self._seen.get(epoch.epoch) == epoch.prediction_count
+    def _land(self, which: Callable[[int], bool]) -> Iterator[str]:
+        for epoch in sorted(self._counts):
+            if which(epoch) and self._printed.get(epoch, -1) < self._counts[epoch]:
+                yield from self._report(epoch)
 
     def _report(self, epoch: int) -> Iterator[str]:
         pages = prediction_pages(self._client, self._settings, self._run_id, epoch)
@@ -59,5 +104,17 @@ class EpochFollower:
             self._printed[epoch] = stats.prediction_count
 
 
-def is_running(state: int) -> bool:
-    return state == common_pb2.RUN_STATE_RUNNING
+def follow(follower: EpochFollower, client: QueryClient, run_id: str, quiet_s: float,
+           echo: Callable[[str], None]) -> None:
+    """Reads one WatchRun stream (from the follower's resume token) until it ends, echoing
+    each landed epoch; a failure raises its CliError."""
+    stream = EventStream(client, run_id, follower.resume_token)
+    try:
+        while (item := stream.take(quiet_s)) is not END:
+            lines = follower.on_quiet() if item is QUIET else follower.on_event(item)
+            for line in lines:
+                echo(line)
+        for line in follower.on_quiet():
+            echo(line)
+    finally:
+        stream.close()

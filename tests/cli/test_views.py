@@ -217,7 +217,7 @@ async def test_watch_prints_each_epoch_as_it_lands_and_exits_when_finished(stack
                                 metadata=stack.metadata(user))
     out = ok(await asyncio.wait_for(watching, 30))
     assert out.splitlines() == [
-        f"watching run {run.id} (training) every 0.05s (Ctrl-C stops)",
+        f"watching run {run.id} (training) (Ctrl-C stops)",
         "epoch 1  step 10  5 predictions  exact match 1/4 (25.0%)",
         "epoch 2  step 20  5 predictions  exact match 2/4 (50.0%)",
         "epoch 3  step 30  5 predictions  exact match 3/4 (75.0%)",
