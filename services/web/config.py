@@ -1,0 +1,52 @@
+"""Settings of the web service (env prefix EPOCHLENS_WEB_).
+
+The web service is a client of the QueryService only: it holds no database URL and no
+signing key. The bearer token it forwards comes from the browser's cookie or the caller's
+Authorization header.
+"""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.config import ENV_FILE
+
+
+class WebSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EPOCHLENS_WEB_", env_file=ENV_FILE,
+                                      extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    query_address: str = Field("127.0.0.1:50052", description="Query service host:port.")
+    query_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each unary QueryService call the web service "
+        "makes (WatchRun streams have none: they last as long as the browser watches).")
+    health_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of the query service health check behind /healthz.")
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted from the "
+        "query service.")
+    cookie_name: str = Field(
+        "epochlens_session", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Name of the HttpOnly cookie that holds the user's token.")
+    cookie_secure: bool = Field(
+        False, description="Mark the cookie Secure (sent over HTTPS only): set it when the "
+        "web service is reached over HTTPS.")
+    login_link_ttl_s: float = Field(
+        300.0, gt=0, description="Lifetime of a one-time sign-in link (`epochlens ui`).")
+    login_link_max_pending: int = Field(
+        1000, ge=1, description="Unused sign-in links kept at once; more are refused with "
+        "429 until some are used or expire.")
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="Seconds of silence after which a WatchRun event stream sends "
+        "a keepalive comment (keeps proxies from closing it).")
+    watch_open_wait_s: float = Field(
+        1.0, gt=0, description="How long the event stream route waits for WatchRun's first "
+        "event before it answers 200: an error within it gets its own HTTP status, a later "
+        "one an `rpc-error` event.")
+    max_body_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request body accepted (the login form).")
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, description="Time given to in-flight requests on stop; open event streams "
+        "are closed at once (browsers reconnect and resume).")
+    log_level: str = Field("INFO", description="Python logging level.")
