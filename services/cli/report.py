@@ -19,11 +19,13 @@ The page receives one JSON object:
   model, scale, label), the run's total judge cost, budget, whether it is
   exhausted, why LLM judging paused (empty if not) and the predictions still
   waiting for the judge;
-* chart: `rates`, series of values in [0, 1] with one value per epoch (null
-  where there is none): the exact-match rate, then per criterion its mean score
-  normalized to 0..1 (rule scores as they are, LLM and human scores divided by
-  10; `raw` keeps the means) and its pass rate; and `counts`, the predictions
-  per epoch;
+* charts: one chart per kind of number, each {id, title, unit ("rate": 0..1
+  shown as %, or "score"), max (the top of its axis), series}: the exact-match
+  rate alone (the headline); the judges' mean scores, one chart per score scale
+  (rule criteria 0..1, LLM and human criteria 1..10); their pass rates. A series
+  is {id, label, color (an index: the exact-match rate 0, criterion ck k + 1, so
+  a criterion has one colour in every chart), values: one per epoch, null where
+  there is none};
 * samples: per sample index its prompt and ground truth (from its first
   prediction, as CompareSample does) and its predictions in step order: epoch,
   step, text, exact (services.common.matching: equal ignoring case and surrounding
@@ -58,13 +60,13 @@ from services.cli.stats import (
     epoch_costs,
     exact_match,
     judge_type_name,
-    normalized,
 )
 from services.common.convert import struct_to_dict
 
 TimeKey = tuple[int, int]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 DEFAULT_OUTPUT = Path("report.html")
+TYPE_NAMES = {"rule": "rule", "llm": "LLM", "human": "human"}  # judge types in chart titles
 
 
 def format_time(moment: datetime | TimeKey | None) -> str | None:
@@ -120,30 +122,41 @@ class EpochTally:
                 "first_write": format_time(self.first), "last_write": format_time(self.last)}
 
 
-def judge_series(series: list[CriterionSeries], epochs: list[dict]) -> list[dict]:
-    """Per criterion: its mean score normalized to 0..1 (raw means kept) and its pass rate."""
+def mean_charts(series: list[CriterionSeries], numbers: list[int]) -> list[dict]:
+    """The criteria's mean scores per epoch, one chart per score scale, on its own axis."""
+    charts = []
+    for scale in sorted({s.scale for s in series}):
+        members = [(k, s) for k, s in enumerate(series) if s.scale == scale]
+        types = sorted({TYPE_NAMES.get(name, name) for name in
+                        (judge_type_name(s.judge_type) for _, s in members)})
+        charts.append({
+            "id": f"mean-{scale:g}", "unit": "score", "max": scale,
+            "title": f"Mean judge score per epoch: {' and '.join(types)} criteria, "
+                     f"0 to {scale:g}",
+            "series": [{"id": f"mean:c{k}", "label": f"{s.label} mean score", "color": k + 1,
+                        "values": [s.mean(e) for e in numbers]} for k, s in members]})
+    return charts
+
+
+def chart_list(epochs: list[dict], series: list[CriterionSeries]) -> list[dict]:
+    """One chart per kind of number: the exact-match rate alone, the judges' mean scores
+    (per scale) and their pass rates (see the module docstring)."""
     numbers = [row["epoch"] for row in epochs]
-    rates = []
-    for k, s in enumerate(series):
-        scaled = "" if s.scale == 1 else f" / {s.scale:g}"
-        rates.append({"id": f"mean:c{k}", "criterion": f"c{k}", "kind": "mean",
-                      "label": f"{s.label} mean score{scaled}",
-                      "values": [normalized(s.mean(e), s.judge_type) for e in numbers],
-                      "raw": [s.mean(e) for e in numbers]})
-        rates.append({"id": f"pass:c{k}", "criterion": f"c{k}", "kind": "pass",
-                      "label": f"{s.label} pass rate",
-                      "values": [s.pass_rate(e) for e in numbers]})
-    return rates
-
-
-def chart_series(epochs: list[dict], series: list[CriterionSeries]) -> dict:
-    """Rate series (one value in [0, 1] or null per epoch) and the prediction counts."""
-    rates = []
+    charts = []
     if any(row["with_truth"] for row in epochs):
-        rates.append({"id": "exact_match", "label": "exact-match rate", "kind": "exact",
-                      "values": [row["rate"] for row in epochs]})
-    return {"rates": rates + judge_series(series, epochs),
-            "counts": {"label": "predictions", "values": [row["predictions"] for row in epochs]}}
+        charts.append({"id": "exact", "unit": "rate", "max": 1.0,
+                       "title": "Exact-match rate per epoch",
+                       "series": [{"id": "exact_match", "label": "exact-match rate",
+                                   "color": 0, "values": [row["rate"] for row in epochs]}]})
+    charts += mean_charts(series, numbers)
+    if series:
+        charts.append({"id": "pass", "unit": "rate", "max": 1.0,
+                       "title": "Judge pass rate per epoch (over scored judgments)",
+                       "series": [{"id": f"pass:c{k}", "label": f"{s.label} pass rate",
+                                   "color": k + 1,
+                                   "values": [s.pass_rate(e) for e in numbers]}
+                                  for k, s in enumerate(series)]})
+    return charts
 
 
 def judgment_entry(j: judge_pb2.Judgment) -> dict:
@@ -209,7 +222,7 @@ class ReportCollector:
         costs = {c.epoch: c for c in epoch_costs(self.summary)}
         epochs = [add_judge_columns(self.epochs[e].row(), series, costs)
                   for e in sorted(self.epochs)]
-        return {"epochs": epochs, "chart": chart_series(epochs, series),
+        return {"epochs": epochs, "charts": chart_list(epochs, series),
                 "judges": judges_payload(self.summary, series),
                 "samples": [self.samples[i] for i in sorted(self.samples)],
                 "totals": {"predictions": self.count, "samples": len(self.samples),

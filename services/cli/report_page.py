@@ -39,24 +39,30 @@ h3 { margin: 0 0 6px; font-size: 13px; text-transform: uppercase; letter-spacing
 details { margin-top: 12px; } summary { cursor: pointer; color: var(--accent); }
 pre { margin: 0; white-space: pre-wrap; word-break: break-word;
   font: 13px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-#run-config { margin-top: 8px; padding: 10px; background: var(--bg); border-radius: 6px;
-  max-height: 320px; overflow: auto; }
+.headline { display: flex; flex-wrap: wrap; gap: 12px 32px; margin: 0 0 14px; }
+.headline .big { font-size: 26px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.headline .sub { color: var(--muted); font-size: 12px; }
+.config-box { margin-top: 8px; max-height: 320px; overflow: auto; }
+#run-config { width: auto; max-width: 100%; }
+#run-config th { position: static; color: var(--muted); font-weight: normal; }
+#run-config td, #run-config th { white-space: normal; word-break: break-word;
+  font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .generated, .hint, .empty { color: var(--muted); margin: 8px 0 0; }
 .hint { margin: 0 0 12px; }
-#chart { width: 100%; max-width: 900px; height: auto; display: block; }
-#chart .grid { stroke: var(--line); } #chart .tick { fill: var(--muted); font-size: 11px; }
-#chart .bar { fill: #cbd5e1; }
-.legend { list-style: none; display: flex; flex-wrap: wrap; gap: 16px; padding: 0;
+.charts { display: grid; gap: 20px; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); }
+.chart-figure { margin: 0; min-width: 0; }
+.chart-figure h3 { text-transform: none; letter-spacing: 0; font-size: 14px; color: var(--fg); }
+svg.chart { width: 100%; height: auto; display: block; }
+svg.chart .grid { stroke: var(--line); } svg.chart .tick { fill: var(--muted); font-size: 11px; }
+.legend { list-style: none; display: flex; flex-wrap: wrap; gap: 6px 16px; padding: 0;
   margin: 8px 0 0; color: var(--muted); }
-.swatch { display: inline-block; width: 14px; height: 10px; margin-right: 6px;
-  vertical-align: middle; border-radius: 2px; }
-.swatch.bar { background: #cbd5e1; } .swatch.line { height: 3px; }
-.swatch.line.dashed { height: 0; background: none; border-top: 3px dashed; }
+.legend svg { width: 36px; height: 14px; margin-right: 6px; vertical-align: middle; }
 .chart-note { color: var(--muted); margin: 8px 0 0; font-size: 12px; }
 .scroll { max-height: 420px; overflow: auto; }
 table { border-collapse: collapse; width: 100%; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left;
+th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: left;
   white-space: nowrap; }
+#epochs-table th { white-space: normal; vertical-align: bottom; min-width: 4em; }
 th { position: sticky; top: 0; background: var(--card); }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .picker { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 14px; }
@@ -97,7 +103,7 @@ BODY = r"""
 <header id="run-header" class="card"></header>
 <main>
 <section id="chart-section" class="card">
-<h2>Exact match, judge scores and predictions per epoch</h2>
+<h2>Per epoch</h2>
 <div id="chart-box"></div>
 </section>
 <section id="epochs-section" class="card">
@@ -161,25 +167,76 @@ function usd(value) {
 """
 
 SCRIPT_HEADER = r"""
+// The header: the run's name, its headline numbers, the facts, then its config (collapsed,
+// one row per setting, nested keys joined with dots).
 function renderHeader(host) {
   const run = DATA.run;
-  host.append(el("h1", null, run.name || run.id));
+  host.append(el("h1", null, run.name || run.id), headline());
   const facts = [["Run", run.id], ["Model", run.model], ["Dataset", run.dataset],
     ["State", run.state], ["Created", run.created], ["Finished", run.finished || "not finished"],
-    ["Duration", run.duration || DASH], ["Owner", run.user], ["Epochs", DATA.epochs.length],
-    ["Samples", DATA.samples.length], ["Predictions", DATA.totals.predictions],
-    ...judgeFacts()];
+    ["Duration", run.duration || DASH], ["Owner", run.user], ...judgeFacts()];
   const list = el("dl", {class: "facts"});
   for (const [label, value] of facts) {
     const cell = el("dd", {"data-fact": label}, value === "" ? DASH : value);
     if (label === "State") cell.replaceChildren(el("span", {class: "state state-" + value}, value));
     list.append(el("dt", null, label), cell);
   }
-  const config = el("details", {open: ""});
-  config.append(el("summary", null, "Config"),
-    el("pre", {id: "run-config"}, JSON.stringify(run.config, null, 2)));
-  host.append(list, config, el("p", {class: "generated"}, "Generated " + DATA.generated +
-    " by epochlens from the query service."));
+  host.append(list, configDetails(run.config), el("p", {class: "generated"}, "Generated " +
+    DATA.generated + " by epochlens from the query service."));
+}
+
+function headline() {
+  const box = el("div", {class: "headline", id: "headline"});
+  const item = (label, value, note) => {
+    const cell = el("div", {"data-headline": label});
+    cell.append(el("div", {class: "sub"}, label), el("div", {class: "big"}, value));
+    if (note) cell.append(el("div", {class: "sub"}, note));
+    box.append(cell);
+  };
+  const rated = DATA.epochs.filter((row) => row.rate !== null);
+  if (rated.length) {
+    const first = rated[0], last = rated[rated.length - 1];
+    item("Exact match", percent(last.rate), last.exact + " / " + last.with_truth +
+      " at epoch " + last.epoch + (rated.length > 1 ? "; " + percent(first.rate) +
+      " at epoch " + first.epoch : ""));
+  }
+  item("Epochs", DATA.epochs.length);
+  item("Samples", DATA.samples.length);
+  item("Predictions", DATA.totals.predictions);
+  return box;
+}
+
+function configEntries(value, key, out) {
+  const nested = value !== null && typeof value === "object" && !Array.isArray(value);
+  if (nested && Object.keys(value).length) {
+    for (const [name, inner] of Object.entries(value)) {
+      configEntries(inner, key ? key + "." + name : name, out);
+    }
+  } else if (key) {
+    out.push([key, typeof value === "string" ? value : JSON.stringify(value)]);
+  }
+  return out;
+}
+
+function configDetails(config) {
+  const entries = configEntries(config || {}, "", []);
+  const details = el("details", {id: "config-details"});
+  details.append(el("summary", null, "Config (" + entries.length + " settings)"));
+  if (!entries.length) {
+    details.append(el("p", {class: "empty"}, "No config recorded."));
+    return details;
+  }
+  const body = el("tbody");
+  for (const [key, value] of entries) {
+    body.appendChild(el("tr", {"data-key": key})).append(el("th", {scope: "row"}, key),
+      el("td", null, value));
+  }
+  const table = el("table", {id: "run-config"});
+  table.append(body);
+  const box = el("div", {class: "config-box"});
+  box.append(table);
+  details.append(box);
+  return details;
 }
 
 function judgeFacts() {
@@ -209,12 +266,21 @@ function epochColumns() {
     ["pass:" + c.id, name + " pass", true, c.label + ": pass rate over scored judgments"]);
   }
   if (JUDGES.criteria.length) columns.push(["judge_cost", "Judge cost", true]);
-  return columns.concat([["first_write", "First write", false],
-    ["last_write", "Last write", false]]);
+  return columns.concat([["written", "Written (UTC)", false,
+    "First and last write of the epoch's predictions"]]);
+}
+
+// The epoch's first and last write as times of day when they share a date.
+function writtenCell(row) {
+  if (!row.first_write) return DASH;
+  const [firstDay, firstTime] = row.first_write.split(" ");
+  const [lastDay, lastTime] = row.last_write.split(" ");
+  if (firstDay !== lastDay) return row.first_write + " to " + row.last_write;
+  return firstTime === lastTime ? firstTime : firstTime + " to " + lastTime;
 }
 
 function epochCells(row) {
-  const shown = {...row, rate: percent(row.rate),
+  const shown = {...row, rate: percent(row.rate), written: writtenCell(row),
     exact: row.with_truth ? row.exact + " / " + row.with_truth : DASH,
     judge_cost: row.judge_cost ? usd(row.judge_cost.cost_usd) : DASH};
   for (const c of JUDGES.criteria) {
@@ -237,7 +303,9 @@ function renderEpochs(host) {
     const tr = body.appendChild(el("tr", {"data-epoch": row.epoch}));
     const shown = epochCells(row);
     for (const [key, , numeric] of columns) {
-      tr.append(el("td", {"data-col": key, class: numeric ? "num" : ""}, shown[key]));
+      const title = key === "written" && row.first_write ?
+        {title: row.first_write + " to " + row.last_write} : {};
+      tr.append(el("td", {"data-col": key, class: numeric ? "num" : "", ...title}, shown[key]));
     }
   }
   host.append(DATA.epochs.length ? table : el("p", {class: "empty"}, "No epochs recorded yet."));
@@ -245,125 +313,148 @@ function renderEpochs(host) {
 """
 
 SCRIPT_CHART = r"""
-// Rate series (DATA.chart.rates) share the left axis, 0-100%: the exact-match rate, then per
-// judge criterion its mean score normalized to 0..1 (solid) and its pass rate (dashed), in
-// the criterion's colour, each with one point per epoch. Prediction counts
-// (DATA.chart.counts) are bars on the right axis.
-const CHART = {width: 760, height: 260, left: 52, right: 60, top: 14, bottom: 36};
+// One chart per kind of number (DATA.charts): the exact-match rate alone, the judges' mean
+// scores on their own scale, their pass rates. A criterion keeps its colour in every chart;
+// within a chart each series also has its own dash pattern and marker shape, and the
+// series drawn first are wider with larger markers, so lines and points that coincide
+// stay visible as nested rings and bands. Each point's <title> is its hover value.
+const CHART = {width: 640, height: 240, left: 48, right: 16, top: 16, bottom: 36};
+const DASHES = ["", "10 5", "3 4", "12 4 3 4", "6 3", "1 3"];
+const SHAPES = ["circle", "square", "triangle", "diamond"];
 
-function chartScales(counts) {
+function chartScales(count, max) {
   const plotWidth = CHART.width - CHART.left - CHART.right;
   const plotHeight = CHART.height - CHART.top - CHART.bottom;
-  const maxCount = Math.max(1, ...counts);
-  const step = plotWidth / Math.max(1, counts.length);
-  return {step, plotHeight, maxCount,
-    x: (i) => CHART.left + (i + 0.5) * step,
-    rate: (v) => CHART.top + (1 - v) * plotHeight,
-    count: (c) => CHART.top + (1 - c / maxCount) * plotHeight};
+  const step = plotWidth / Math.max(1, count);
+  return {step, plotHeight, x: (i) => CHART.left + (i + 0.5) * step,
+    y: (v) => CHART.top + (1 - Math.min(max, Math.max(0, v)) / max) * plotHeight};
 }
 
-function drawAxes(root, epochs, s) {
+function tickLabel(chart, value) {
+  return chart.unit === "rate" ? Math.round(value * 100) + "%" : String(value);
+}
+
+function drawAxes(root, chart, s) {
   const right = CHART.width - CHART.right;
-  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
-    const y = s.rate(tick);
+  for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
+    const value = fraction * chart.max, y = s.y(value);
     root.append(svgEl("line", {class: "grid", x1: CHART.left, x2: right, y1: y, y2: y}),
       svgEl("text", {class: "tick", x: CHART.left - 6, y: y + 4, "text-anchor": "end"},
-        tick * 100 + "%"));
+        tickLabel(chart, value)));
   }
-  for (const c of new Set([0, Math.round(s.maxCount / 2), s.maxCount])) {
-    root.append(svgEl("text", {class: "tick", x: right + 6, y: s.count(c) + 4}, c));
-  }
-  const every = Math.ceil(epochs.length / 12);
-  epochs.forEach((row, i) => {
-    if (i % every && i !== epochs.length - 1) return;
-    root.append(svgEl("text", {class: "tick", x: s.x(i), y: CHART.height - 16,
+  const every = Math.ceil(DATA.epochs.length / 12);
+  DATA.epochs.forEach((row, i) => {
+    if (i % every && i !== DATA.epochs.length - 1) return;
+    root.append(svgEl("text", {class: "tick", x: s.x(i), y: CHART.height - 18,
       "text-anchor": "middle"}, row.epoch));
   });
   root.append(svgEl("text", {class: "tick", x: CHART.left + (right - CHART.left) / 2,
-    y: CHART.height - 2, "text-anchor": "middle"}, "epoch"));
+    y: CHART.height - 3, "text-anchor": "middle"}, "epoch"));
 }
 
-function drawCounts(root, epochs, values, s) {
-  const width = Math.max(2, Math.min(28, s.step * 0.6));
-  values.forEach((c, i) => {
-    const y = s.count(c);
-    const bar = svgEl("rect", {class: "bar", x: s.x(i) - width / 2, y: y, width: width,
-      height: CHART.top + s.plotHeight - y, "data-epoch": epochs[i].epoch});
-    bar.append(svgEl("title", null, "epoch " + epochs[i].epoch + ": " + c + " predictions"));
-    root.append(bar);
-  });
+// The look of series i of n: wider lines and larger markers for the ones drawn first.
+function seriesStyle(series, i, n, s) {
+  const largest = Math.max(4, Math.min(14, s.step * 0.45));
+  const gap = n > 1 ? Math.min(3, (largest - 3.5) / (n - 1)) : 0;
+  return {color: COLORS[series.color % COLORS.length], dash: DASHES[i % DASHES.length],
+    shape: SHAPES[i % SHAPES.length], width: 2 + 1.5 * (n - 1 - i),
+    radius: 3.5 + gap * (n - 1 - i)};
 }
 
-function seriesColor(series) {
-  const k = series.criterion ? Number(series.criterion.slice(1)) + 1 : 0;
-  return COLORS[k % COLORS.length];
+function markerPoints(shape, x, y, r) {
+  if (shape === "triangle") return [[x, y - r], [x + r, y + r * 0.8], [x - r, y + r * 0.8]];
+  return [[x, y - r], [x + r, y], [x, y + r], [x - r, y]];
 }
 
-function pointLabel(series, i, v) {
-  const criterion = JUDGES.criteria.find((c) => c.id === series.criterion);
-  const shown = series.kind === "mean" && criterion ?
-    fmtScore(series.raw[i], criterion.type) : percent(v);
-  return series.label + ", epoch " + DATA.epochs[i].epoch + ": " + shown;
+function shapeMarker(shape, x, y, r, attrs) {
+  if (shape === "circle") return svgEl("circle", {cx: x, cy: y, r: r, ...attrs});
+  if (shape === "square") {
+    return svgEl("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, ...attrs});
+  }
+  const points = markerPoints(shape, x, y, r).map((p) => p[0] + "," + p[1]).join(" ");
+  return svgEl("polygon", {points: points, ...attrs});
 }
 
-function drawRateSeries(root, epochs, series, color, s) {
-  const group = svgEl("g", {class: "series " + (series.kind || ""), "data-series": series.id});
+function seriesPath(series, s) {
   let path = "", pen = "M";
   series.values.forEach((v, i) => {
     if (v === null) { pen = "M"; return; }
-    path += pen + s.x(i).toFixed(1) + "," + s.rate(v).toFixed(1) + " ";
+    path += pen + s.x(i).toFixed(1) + "," + s.y(v).toFixed(1) + " ";
     pen = "L";
   });
-  const dash = series.kind === "pass" ? {"stroke-dasharray": "6 4"} : {};
-  if (path) group.append(svgEl("path", {d: path.trim(), fill: "none", stroke: color,
-    "stroke-width": 2, ...dash}));
+  return path.trim();
+}
+
+function pointLabel(chart, series, i, v) {
+  const shown = chart.unit === "rate" ? percent(v) : v.toFixed(chart.max > 1 ? 2 : 3);
+  return series.label + ", epoch " + DATA.epochs[i].epoch + ": " + shown;
+}
+
+function drawSeriesLine(root, series, style, s) {
+  const path = seriesPath(series, s);
+  if (!path) return;
+  const dash = style.dash ? {"stroke-dasharray": style.dash} : {};
+  root.append(svgEl("path", {class: "line", d: path, fill: "none", stroke: style.color,
+    "stroke-width": style.width, "stroke-linejoin": "round", "data-series": series.id,
+    ...dash}));
+}
+
+function drawSeriesPoints(root, chart, series, style, s) {
+  const group = svgEl("g", {class: "series", "data-series": series.id});
   series.values.forEach((v, i) => {
     if (v === null) return;
-    const dot = svgEl("circle", {class: "pt", cx: s.x(i).toFixed(1), cy: s.rate(v).toFixed(1),
-      r: 3.5, fill: color, "data-series": series.id, "data-epoch": epochs[i].epoch});
-    dot.append(svgEl("title", null, pointLabel(series, i, v)));
-    group.append(dot);
+    const point = shapeMarker(style.shape, Number(s.x(i).toFixed(1)), Number(s.y(v).toFixed(1)),
+      style.radius, {class: "pt", fill: "#ffffff", stroke: style.color, "stroke-width": 2,
+        "data-series": series.id, "data-epoch": DATA.epochs[i].epoch,
+        "data-value": v, "data-shape": style.shape});
+    point.append(svgEl("title", null, pointLabel(chart, series, i, v)));
+    group.append(point);
   });
   root.append(group);
 }
 
-function chartLegend(rates, counts) {
-  const list = el("ul", {class: "legend"});
-  const item = (kind, color, label) => {
-    const swatch = el("span", {class: "swatch " + kind});
-    if (color && kind.endsWith("dashed")) swatch.style.borderTopColor = color;
-    else if (color) swatch.style.background = color;
-    const li = el("li");
-    li.append(swatch, document.createTextNode(label));
-    return li;
-  };
-  list.append(item("bar", null, counts.label + " (bars, right axis)"));
-  rates.forEach((series) => list.append(item(series.kind === "pass" ? "line dashed" : "line",
-    seriesColor(series), series.label + " (left axis)")));
-  return list;
+function legendItem(series, style) {
+  const sample = svgEl("svg", {viewBox: "0 0 36 14", "aria-hidden": "true"});
+  const dash = style.dash ? {"stroke-dasharray": style.dash} : {};
+  sample.append(svgEl("line", {x1: 1, x2: 35, y1: 7, y2: 7, stroke: style.color,
+    "stroke-width": Math.min(style.width, 3), ...dash}),
+  shapeMarker(style.shape, 18, 7, 4.5, {fill: "#ffffff", stroke: style.color, "stroke-width": 2}));
+  const item = el("li", {"data-series": series.id});
+  item.append(sample, document.createTextNode(series.label));
+  return item;
+}
+
+function renderOneChart(chart) {
+  const figure = el("figure", {class: "chart-figure", "data-chart": chart.id});
+  figure.append(el("h3", null, chart.title));
+  const s = chartScales(DATA.epochs.length, chart.max);
+  const root = svgEl("svg", {class: "chart", "data-chart": chart.id, role: "img",
+    viewBox: "0 0 " + CHART.width + " " + CHART.height, "aria-label": chart.title});
+  drawAxes(root, chart, s);
+  const n = chart.series.length, styles = chart.series.map((x, i) => seriesStyle(x, i, n, s));
+  chart.series.forEach((series, i) => drawSeriesLine(root, series, styles[i], s));
+  chart.series.forEach((series, i) => drawSeriesPoints(root, chart, series, styles[i], s));
+  const legend = el("ul", {class: "legend"});
+  chart.series.forEach((series, i) => legend.append(legendItem(series, styles[i])));
+  figure.append(root, legend);
+  return figure;
 }
 
 function renderChart(host) {
-  const {rates, counts} = DATA.chart;
   if (!DATA.epochs.length) {
     host.append(el("p", {class: "empty"}, "No predictions recorded yet."));
     return;
   }
-  const s = chartScales(counts.values);
-  const root = svgEl("svg", {id: "chart", viewBox: "0 0 " + CHART.width + " " + CHART.height,
-    role: "img", "aria-label": "Exact match, judge scores and predictions per epoch"});
-  drawAxes(root, DATA.epochs, s);
-  drawCounts(root, DATA.epochs, counts.values, s);
-  rates.forEach((series) => drawRateSeries(root, DATA.epochs, series, seriesColor(series), s));
-  host.append(root, chartLegend(rates, counts));
-  if (JUDGES.criteria.length) host.append(el("p", {class: "chart-note", id: "chart-note"},
-    "Judge scores share the left axis as 0-100%: rule criteria score 0-1 and are drawn as " +
-    "they are; LLM and human criteria score 1-10 and are drawn divided by 10 (so 7/10 is " +
-    "70%). Solid lines are mean scores over scored judgments, dashed lines pass rates; " +
-    "unscored judgments are left out of both."));
-  if (!rates.some((series) => series.id === "exact_match")) host.append(el("p",
+  const grid = el("div", {class: "charts"});
+  for (const chart of DATA.charts) grid.append(renderOneChart(chart));
+  host.append(grid);
+  if (!DATA.charts.some((chart) => chart.id === "exact")) host.append(el("p",
     {class: "empty"},
     "No prediction in this run has a ground truth, so there is no exact-match rate."));
+  if (JUDGES.criteria.length) host.append(el("p", {class: "chart-note", id: "chart-note"},
+    "Judge scores are means over scored judgments (unscored ones are left out), on the " +
+    "criterion's own scale: rule criteria 0 to 1, LLM and human criteria 1 to 10. A pass " +
+    "rate is the share of scored judgments that passed the criterion's threshold."));
 }
 """
 

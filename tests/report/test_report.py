@@ -2,8 +2,10 @@
 file it writes opened in a real headless Chromium (Debian chromium and
 chromium-driver, installed by `make browser`). The run's judgments (a rule
 criterion and an LLM one, inserted into schema `judge` directly) show in the
-header, the chart (normalized), the epochs table and the sample explorer, where
-a reasoning written in HTML stays text.
+header, the charts (one per kind of number), the epochs table and the sample
+explorer, where a reasoning written in HTML stays text. The page opens on the
+headline numbers (the config collapsed below them), every series of every chart
+can be seen even where lines coincide, and nothing is wider than a 1280 px window.
 
 The CLI is synchronous and the servers run on this thread's event loop, so the
 CLI runs in a worker thread.
@@ -61,7 +63,30 @@ EPOCH_ROWS = [("1", "4", "0 / 3"), ("2", "4", "0 / 3"), ("3", "3", "2 / 3"), ("4
 # rate, judge cost (LLM judgments: 4, 4, 3, 2).
 JUDGE_ROWS = [("0.250", "3.00", "0.0%", "$0.0400"), ("0.500", "5.00", "0.0%", "$0.0400"),
               ("0.750", "7.00", "100.0%", "$0.0300"), ("1.000", "9.00", "100.0%", "$0.0200")]
-CHART_TOP, CHART_PLOT_HEIGHT = 14, 210  # CHART.top, CHART.height - top - bottom in the page
+CHART_TOP, CHART_PLOT_HEIGHT = 16, 188  # CHART.top, CHART.height - top - bottom in the page
+# Per chart (in page order), its legend: one entry per series.
+LEGENDS = {"exact": ["exact-match rate"], "mean-1": ["chrf (rules) mean score"],
+           "mean-10": [f"helpfulness ({LLM_MODEL}) mean score"],
+           "pass": ["chrf (rules) pass rate", f"helpfulness ({LLM_MODEL}) pass rate"]}
+# Each chart point's top edge (its marker's bounding box, in window coordinates, half a unit
+# inside the stroke): the element drawn there, which must be that point itself and not a
+# point or line of another series drawn over it.
+HIDDEN_POINTS_JS = """
+const hidden = [];
+for (const chart of document.querySelectorAll('svg.chart')) {
+  chart.scrollIntoView({block: 'center'});
+  const matrix = chart.getScreenCTM();
+  for (const point of chart.querySelectorAll('.pt')) {
+    const box = point.getBBox();
+    const probe = new DOMPoint(box.x + box.width / 2, box.y + 0.5).matrixTransform(matrix);
+    const found = document.elementFromPoint(probe.x, probe.y);
+    if (found !== point) hidden.push([point.dataset.series, point.dataset.epoch,
+      found ? found.getAttribute('data-series') || found.tagName : null]);
+  }
+}
+window.scrollTo(0, 0);
+return hidden;
+"""
 SHOWN_TEXT_JS = """
 const card = document.querySelector(
   '#prediction-list .pred-card[data-epoch="' + arguments[0] + '"] .pred-text');
@@ -135,12 +160,50 @@ def texts(driver, selector: str, attribute: str | None = None) -> list[str]:
     return [e.get_attribute(attribute) if attribute else e.text for e in found]
 
 
+def assert_headline_first_and_config_collapsed(driver) -> None:
+    """Under the run's name come its headline numbers; the config is a collapsed table of
+    settings further down, opened by its summary."""
+    header = driver.find_element(By.ID, "run-header")
+    assert [e.tag_name for e in header.find_elements(By.XPATH, "./*")][:3] == ["h1", "div", "dl"]
+    assert header.find_element(By.XPATH, "./*[2]").get_attribute("id") == "headline"
+    assert texts(driver, "#headline [data-headline]", "data-headline") == [
+        "Exact match", "Epochs", "Samples", "Predictions"]
+    assert driver.find_element(By.CSS_SELECTOR, '[data-headline="Exact match"] .big').text \
+        == "100.0%"
+    assert "2 / 2 at epoch 4; 0.0% at epoch 1" in driver.find_element(
+        By.CSS_SELECTOR, '[data-headline="Exact match"]').text
+    details = driver.find_element(By.ID, "config-details")
+    assert details.get_attribute("open") is None
+    assert not driver.find_element(By.ID, "run-config").is_displayed()
+    above = driver.execute_script(
+        "return document.getElementById('headline').getBoundingClientRect().bottom <= "
+        "document.getElementById('config-details').getBoundingClientRect().top")
+    assert above is True
+    details.find_element(By.TAG_NAME, "summary").click()
+    rows = {row.get_attribute("data-key"): row.find_element(By.TAG_NAME, "td").text
+            for row in driver.find_elements(By.CSS_SELECTOR, "#run-config tr")}
+    assert rows["learning_rate"] == "0.001" and rows["predictions.every"] == "epoch"
+    assert driver.find_element(By.CSS_SELECTOR, "#config-details summary").text == (
+        f"Config ({len(rows)} settings)")
+    details.find_element(By.TAG_NAME, "summary").click()
+    assert details.get_attribute("open") is None
+
+
+def assert_fits_1280(driver) -> None:
+    """Neither the page nor the epochs table scrolls sideways in a 1280 px window."""
+    assert driver.execute_script("return window.innerWidth") == 1280
+    widths = driver.execute_script(
+        "const d = document.documentElement, box = document.getElementById('epochs-box');"
+        "return [d.scrollWidth, d.clientWidth, box.scrollWidth, box.clientWidth];")
+    assert widths[0] <= widths[1], widths
+    assert widths[2] <= widths[3], widths
+
+
 def assert_overview(driver) -> None:
     assert driver.find_element(By.CSS_SELECTOR, "#run-header h1").text == "report-test"
-    assert '"learning_rate": 0.001' in driver.find_element(By.ID, "run-config").text
-    points = texts(driver, 'svg#chart circle.pt[data-series="exact_match"]', "data-epoch")
+    points = texts(driver, 'svg.chart[data-chart="exact"] .pt[data-series="exact_match"]',
+                   "data-epoch")
     assert points == ["1", "2", "3", "4"]
-    assert len(driver.find_elements(By.CSS_SELECTOR, "svg#chart rect.bar")) == 4
     rows = driver.find_elements(By.CSS_SELECTOR, "#epochs-table tbody tr")
     assert [tuple(texts(row, f'td[data-col="{c}"]')[0] for c in ("epoch", "predictions", "exact"))
             for row in rows] == EPOCH_ROWS
@@ -152,25 +215,49 @@ def assert_overview(driver) -> None:
         f"chrf (rules), helpfulness ({LLM_MODEL})"]
 
 
-def assert_judge_chart(driver) -> None:
-    """Both criteria drawn per epoch; the LLM mean score divided by 10, the rule one as it
-    is (a point's height is CHART_TOP + (1 - value) * CHART_PLOT_HEIGHT)."""
+def assert_charts(driver) -> None:
+    """One chart per kind of number, each with its own legend; every criterion drawn per
+    epoch on its own scale (the LLM mean on 0..10, a point of the first series of a chart is
+    a circle at CHART_TOP + (1 - value / max) * CHART_PLOT_HEIGHT)."""
+    charts = texts(driver, "svg.chart", "data-chart")
+    assert charts == list(LEGENDS)
+    for chart, labels in LEGENDS.items():
+        legend = texts(driver, f'figure[data-chart="{chart}"] .legend li')
+        assert legend == labels, chart
     for series in ("mean:c0", "pass:c0", "mean:c1", "pass:c1"):
-        points = texts(driver, f'svg#chart circle.pt[data-series="{series}"]', "data-epoch")
+        points = texts(driver, f'svg.chart .pt[data-series="{series}"]', "data-epoch")
         assert points == ["1", "2", "3", "4"], series
-    heights = texts(driver, 'svg#chart circle.pt[data-epoch="3"]', "cy")
-    series = texts(driver, 'svg#chart circle.pt[data-epoch="3"]', "data-series")
-    expected = {"mean:c0": 0.75, "pass:c0": 1.0, "mean:c1": 0.7, "pass:c1": 1.0}
-    assert {k: v for k, v in zip(series, heights, strict=True) if k in expected} == {
-        k: f"{CHART_TOP + (1 - v) * CHART_PLOT_HEIGHT:.1f}" for k, v in expected.items()}
-    assert len(driver.find_elements(By.CSS_SELECTOR, "svg#chart g.series.pass path")) == 2
+    values = dict(zip(texts(driver, 'svg.chart .pt[data-epoch="3"]', "data-series"),
+                      texts(driver, 'svg.chart .pt[data-epoch="3"]', "data-value"), strict=True))
+    assert values == {"exact_match": "0.6666666666666666", "mean:c0": "0.75", "mean:c1": "7",
+                      "pass:c0": "1", "pass:c1": "1"}
+    for series, value, top in (("exact_match", 2 / 3, 1), ("mean:c0", 0.75, 1),
+                               ("mean:c1", 7.0, 10), ("pass:c0", 1.0, 1)):
+        cy = texts(driver, f'svg.chart circle.pt[data-series="{series}"][data-epoch="3"]', "cy")
+        assert [float(y) for y in cy] == [round(CHART_TOP + (1 - value / top)
+                                                * CHART_PLOT_HEIGHT, 1)], series
     titles = [t.get_attribute("textContent") for t in driver.find_elements(
-        By.CSS_SELECTOR, 'svg#chart circle.pt[data-series="mean:c1"] title')]
-    assert titles[2] == f"helpfulness ({LLM_MODEL}) mean score / 10, epoch 3: 7.00"
-    legend = driver.find_element(By.CSS_SELECTOR, "#chart-box .legend").text
-    assert f"helpfulness ({LLM_MODEL}) mean score / 10 (left axis)" in legend
-    assert "chrf (rules) mean score (left axis)" in legend
-    assert "drawn divided by 10" in driver.find_element(By.ID, "chart-note").text
+        By.CSS_SELECTOR, 'svg.chart .pt[data-series="mean:c1"] title')]
+    assert titles[2] == f"helpfulness ({LLM_MODEL}) mean score, epoch 3: 7.00"
+    assert "rule criteria 0 to 1" in driver.find_element(By.ID, "chart-note").text
+
+
+def assert_every_series_visible(driver) -> None:
+    """The two pass rates coincide at epochs 1, 3 and 4 (0%, 100%, 100%): they differ in
+    dash, width and marker, keep the criterion's colour of the mean chart, and no point of
+    any chart is covered by another."""
+    lines = driver.find_elements(By.CSS_SELECTOR, 'svg.chart[data-chart="pass"] path.line')
+    looks = [(e.get_attribute("stroke-dasharray"), e.get_attribute("stroke-width"))
+             for e in lines]
+    assert len(looks) == 2 and looks[0] != looks[1]
+    shapes = {texts(driver, f'svg.chart .pt[data-series="{s}"]', "data-shape")[0]
+              for s in ("pass:c0", "pass:c1")}
+    assert len(shapes) == 2
+    color = {e.get_attribute("data-series"): e.get_attribute("stroke")
+             for e in driver.find_elements(By.CSS_SELECTOR, "svg.chart path.line")}
+    assert color["mean:c0"] == color["pass:c0"] != color["pass:c1"] == color["mean:c1"]
+    assert color["exact_match"] not in (color["pass:c0"], color["pass:c1"])
+    assert driver.execute_script(HIDDEN_POINTS_JS) == []
 
 
 def assert_sample_shown(driver, index: int) -> None:
@@ -223,8 +310,11 @@ async def test_report_renders_and_explores_samples(stack, writer_stub, browser, 
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 20_000
+    assert_headline_first_and_config_collapsed(browser)
+    assert_fits_1280(browser)
     assert_overview(browser)
-    assert_judge_chart(browser)
+    assert_charts(browser)
+    assert_every_series_visible(browser)
     assert_sample_shown(browser, 0)
     browser.find_element(By.ID, "next-sample").click()
     assert_sample_shown(browser, 1)
@@ -269,7 +359,7 @@ async def test_report_of_a_run_without_predictions(stack, writer_stub, browser, 
     assert result.exit_code == 0, result.output
     browser.get(output.as_uri())
     assert browser.find_element(By.CSS_SELECTOR, "#run-header h1").text == "empty"
-    assert browser.find_elements(By.ID, "chart") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.chart") == []
     assert "No samples recorded yet." in browser.find_element(By.ID, "explorer-box").text
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
