@@ -14,6 +14,8 @@ class CliSettings(BaseSettings):
     query_address: str = Field("127.0.0.1:50052", description="Query service host:port.")
     judge_address: str = Field("127.0.0.1:50053", description="Judge service host:port "
                                "(`epochlens judge resume`).")
+    web_url: str = Field("http://127.0.0.1:8080", description="Base URL of the web service "
+                         "(`epochlens ui`).")
     token: str | None = Field(None, description="Bearer token; unset: minted for `user`.")
     user: str = Field("local", description="User the CLI mints a token for when token is unset.")
     timeout_s: float = Field(10.0, gt=0, description="Deadline of each RPC the CLI makes.")

@@ -1,6 +1,8 @@
 """The `epochlens` command line: tokens, health checks, the local stack, a smoke
 session, and (services.cli.views, services.cli.report) the views of runs."""
 
+import urllib.error
+import urllib.request
 from typing import Any
 
 import grpc
@@ -8,7 +10,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
-from services.cli import judging, keys, report, stack, views
+from services.cli import judging, keys, report, stack, ui, views
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
@@ -56,10 +58,17 @@ def token(user: str = typer.Option(..., "--user", help="User id to put in `sub`.
 
 
 @app.command()
-def health(address: str = typer.Option(..., help="host:port of a service."),
+def health(address: str | None = typer.Option(None, help="host:port of a gRPC service."),
+           url: str | None = typer.Option(None, help="URL of an HTTP health endpoint (the "
+                                          "web service's /healthz) instead of --address."),
            service: str = typer.Option("", help="Service name; empty: the whole server."),
            timeout: float = typer.Option(2.0, help="Seconds to wait.")) -> None:
     """Exit 0 when the server reports SERVING (for health checks and scripts)."""
+    if (address is None) == (url is None):
+        typer.echo("error: give one of --address or --url", err=True)
+        raise typer.Exit(2)
+    if url is not None:
+        raise typer.Exit(_http_health(url, timeout))
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -70,6 +79,19 @@ def health(address: str = typer.Option(..., help="host:port of a service."),
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     typer.echo(f"{address}: {status}")
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+def _http_health(url: str, timeout: float) -> int:
+    """0 when GET url answers 200; the status line (or why there was none) is printed."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            typer.echo(f"{url}: {reply.status}")
+            return 0
+    except urllib.error.HTTPError as exc:
+        typer.echo(f"{url}: {exc.code}", err=True)
+    except (urllib.error.URLError, OSError) as exc:
+        typer.echo(f"{url}: {getattr(exc, 'reason', exc)}", err=True)
+    return 1
 
 
 @app.command("up")
@@ -163,6 +185,7 @@ views.register(app)
 app.add_typer(judging.app, name="judge")
 app.add_typer(keys.app, name="keys")
 app.command("login")(keys.login)
+app.command("ui")(ui.ui)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from services.common.config import AuthSettings
 from services.common.startup import env_name
 from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
+from services.web.config import WebSettings
 from services.writer.config import MigrateSettings, WriterSettings
 from trainer_client.config import PredictionsConfig
 from trainer_client.credentials import CredentialSettings
@@ -18,7 +19,8 @@ from trainer_client.demo import DemoSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = (AuthSettings, WriterSettings, QuerySettings, MigrateSettings, CliSettings,
-            StackSettings, PredictionsConfig, DemoSettings, JudgeSettings, CredentialSettings)
+            StackSettings, PredictionsConfig, DemoSettings, JudgeSettings, CredentialSettings,
+            WebSettings)
 
 
 def known_names() -> set[str]:

@@ -3,9 +3,14 @@ the real query service of the `stack` fixture (PostgreSQL only here), and HTTP c
 
 from collections.abc import AsyncIterator
 
+import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from grpc_status import rpc_status
 
+from epochlens.v1 import query_pb2_grpc
 from services.common.auth import mint_token
 from services.web.config import WebSettings
 from services.web.server import RunningWeb
@@ -49,3 +54,27 @@ async def http(web) -> AsyncIterator[httpx.AsyncClient]:
 def bearer(stack: Stack, user: str) -> dict[str, str]:
     """The Authorization header of a token for `user`."""
     return {"Authorization": f"Bearer {mint_token(stack.auth, user)}"}
+
+
+HTTP_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+           grpc.StatusCode.UNAUTHENTICATED: 401}
+
+
+def field_violations(body: dict) -> list[dict]:
+    """The fieldViolations of the google.rpc.BadRequest detail of a Status body."""
+    (bad,) = [d for d in body["details"]
+              if d["@type"] == "type.googleapis.com/google.rpc.BadRequest"]
+    return bad["fieldViolations"]
+
+
+async def grpc_answer(stack, method: str, request: Message, md) -> tuple[int, dict]:
+    """(HTTP status, JSON body) the web service should give for this gRPC call's outcome."""
+    async with grpc.aio.insecure_channel(stack.query.address) as channel:
+        try:
+            reply = await getattr(query_pb2_grpc.QueryServiceStub(channel), method)(
+                request, metadata=md)
+        except grpc.aio.AioRpcError as exc:
+            status = rpc_status.from_call(exc)
+            assert status is not None, f"{method}: no rich status"
+            return HTTP_OF[exc.code()], json_format.MessageToDict(status)
+    return 200, json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)

@@ -8,24 +8,19 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from google.protobuf import json_format
 from google.protobuf.message import Message
-from grpc_status import rpc_status
 
 from epochlens.v1 import (
     common_pb2,
     judge_pb2,
     query_pb2,
-    query_pb2_grpc,
     writer_pb2,
     writer_pb2_grpc,
 )
 from tests.helpers import create_run, grid, item
 from tests.integration.test_query_judgments import settled
-from tests.web.conftest import bearer
+from tests.web.conftest import bearer, field_violations, grpc_answer
 
-HTTP_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
-           grpc.StatusCode.UNAUTHENTICATED: 401}
 EPOCHS, SAMPLES, METRIC_STEPS = 3, 4, 30
 
 
@@ -106,26 +101,6 @@ def cases(s: Seeded) -> dict[str, tuple[str, str, list[tuple[str, str]], Message
                           [("startStep", "5"), ("end_step", "9")],
                           q.ListMetricsRequest(run_id=run, start_step=5, end_step=9)),
     }
-
-
-def field_violations(body: dict) -> list[dict]:
-    """The fieldViolations of the google.rpc.BadRequest detail of a Status body."""
-    (bad,) = [d for d in body["details"]
-              if d["@type"] == "type.googleapis.com/google.rpc.BadRequest"]
-    return bad["fieldViolations"]
-
-
-async def grpc_answer(stack, method: str, request: Message, md) -> tuple[int, dict]:
-    """(HTTP status, JSON body) the web service should give for this gRPC call's outcome."""
-    async with grpc.aio.insecure_channel(stack.query.address) as channel:
-        try:
-            reply = await getattr(query_pb2_grpc.QueryServiceStub(channel), method)(
-                request, metadata=md)
-        except grpc.aio.AioRpcError as exc:
-            status = rpc_status.from_call(exc)
-            assert status is not None, f"{method}: no rich status"
-            return HTTP_OF[exc.code()], json_format.MessageToDict(status)
-    return 200, json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
 
 @pytest.mark.parametrize("case", list(cases(Seeded("", "RUN", "RUN", ()))))
