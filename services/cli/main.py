@@ -96,7 +96,7 @@ def _http_health(url: str, timeout: float) -> int:
 
 @app.command("up")
 def stack_up() -> None:
-    """Run migrate, then start judge, writer and query as local processes (what
+    """Run migrate, then start judge, writer, query and web as local processes (what
     docker-compose runs); refuses the public example secrets of .env.example."""
     try:
         addresses = stack.up(stack.StackSettings())

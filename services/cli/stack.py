@@ -1,7 +1,9 @@
 """`epochlens up` / `epochlens down`: the docker-compose stack as local processes.
 
-The same steps as docker-compose.yml: migrate, then judge, writer and query,
-each waited on through its health service. Pid files and logs go to the state dir.
+The same steps as docker-compose.yml: migrate, then judge, writer, query and web,
+each waited on through its health service (the web service's /healthz over HTTP; it is
+pointed at the query service started here unless EPOCHLENS_WEB_QUERY_ADDRESS is set).
+Pid files and logs go to the state dir.
 Before anything starts, every service's settings are loaded (a bad or missing setting is one
 ConfigurationError naming them all) and the public example secrets of .env.example are
 refused unless allow_example_secrets is set.
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from pydantic import Field
@@ -22,10 +26,11 @@ from services.common.health import wait_until_serving
 from services.common.startup import ConfigurationError, example_secrets_in_use, load_settings
 from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
+from services.web.config import WebSettings
 from services.writer.config import MigrateSettings, WriterSettings
 
 SERVICES = (("judge", "services.judge.server"), ("writer", "services.writer.server"),
-            ("query", "services.query.server"))
+            ("query", "services.query.server"), ("web", "services.web.server"))
 
 
 class StackSettings(BaseSettings):
@@ -49,8 +54,8 @@ def up(settings: StackSettings) -> dict[str, str]:
     """Checks the configuration, migrates, starts the services, waits until healthy.
     Returns name -> address. A service already running is a StackError before anything
     is migrated or started."""
-    auth, judge, writer, query, _ = load_settings(
-        AuthSettings, JudgeSettings, WriterSettings, QuerySettings, MigrateSettings)
+    auth, judge, writer, query, web, _ = load_settings(
+        AuthSettings, JudgeSettings, WriterSettings, QuerySettings, WebSettings, MigrateSettings)
     refuse_example_secrets(settings, (auth, query))
     already = running(settings)
     if already:
@@ -63,11 +68,13 @@ def up(settings: StackSettings) -> dict[str, str]:
                              capture_output=True, text=True)
     if migrate.returncode != 0:
         raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
-    addresses = {"judge": _address(judge), "writer": _address(writer), "query": _address(query)}
+    addresses = {"judge": _address(judge), "writer": _address(writer), "query": _address(query),
+                 "web": f"http://{_address(web)}"}
+    environments = {"web": _web_environment(web, addresses["query"])}
     for name, module in SERVICES:
         log = (settings.state_dir / f"{name}.log").open("ab")
         process = subprocess.Popen([sys.executable, "-m", module], stdout=log, stderr=log,
-                                   start_new_session=True)
+                                   start_new_session=True, env=environments.get(name))
         _pid_file(settings, name).write_text(str(process.pid))
     for name, _ in SERVICES:
         _wait_healthy(settings, name, addresses[name])
@@ -105,7 +112,15 @@ def down(settings: StackSettings) -> list[str]:
     return stopped
 
 
-def _address(settings: JudgeSettings | WriterSettings | QuerySettings) -> str:
+def _web_environment(web: WebSettings, query_address: str) -> dict[str, str]:
+    """The web service's environment: the query service started here, unless its own
+    query_address is set (in the environment or .env)."""
+    if "query_address" in web.model_fields_set:
+        return dict(os.environ)
+    return {**os.environ, "EPOCHLENS_WEB_QUERY_ADDRESS": query_address}
+
+
+def _address(settings: JudgeSettings | WriterSettings | QuerySettings | WebSettings) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
     return f"{host}:{settings.port}"
 
@@ -127,11 +142,33 @@ def _running_pid(settings: StackSettings, name: str) -> int | None:
 
 
 def _wait_healthy(settings: StackSettings, name: str, address: str) -> None:
-    if wait_until_serving(address, settings.start_timeout_s, settings.health_poll_s,
-                          lambda: _running_pid(settings, name) is not None):
+    def still_starting() -> bool:
+        return _running_pid(settings, name) is not None
+
+    if address.startswith("http://"):
+        healthy = _wait_http_ok(f"{address}/healthz", settings, still_starting)
+    else:
+        healthy = wait_until_serving(address, settings.start_timeout_s, settings.health_poll_s,
+                                     still_starting)
+    if healthy:
         return
     log_tail = (settings.state_dir / f"{name}.log").read_text(errors="replace")[-2000:]
     raise StackError(f"{name} did not become healthy at {address}; its log ends:\n{log_tail}")
+
+
+def _wait_http_ok(url: str, settings: StackSettings, still_starting) -> bool:
+    """True once GET url answers 200; False after start_timeout_s or once the process is
+    gone."""
+    deadline = time.monotonic() + settings.start_timeout_s
+    while time.monotonic() < deadline and still_starting():
+        try:
+            with urllib.request.urlopen(url, timeout=settings.health_poll_s * 5) as reply:
+                if reply.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(settings.health_poll_s)
+    return False
 
 
 def _wait_exit(pid: int, timeout_s: float) -> None:

@@ -1,6 +1,7 @@
-"""The stack as an operator runs it: `epochlens up` (migrate + writer + query as
-processes on the embedded SQLite store), the CLI smoke session, the real grpcurl
-binary (reflection, health, an authenticated call with JSON input), `epochlens down`."""
+"""The stack as an operator runs it: `epochlens up` (migrate + judge + writer + query + web
+as processes on the embedded SQLite store), the CLI smoke session, the real grpcurl
+binary (reflection, health, an authenticated call with JSON input), the web service in
+front of the query service (`epochlens health --url`, `epochlens ui`), `epochlens down`."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,23 +40,26 @@ def run(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
 def stack_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     data = str(root / "data")
-    writer, query, judge = free_port(), free_port(), free_port()
+    writer, query, judge, web = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
            "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
            "EPOCHLENS_WRITER_PORT": str(writer), "EPOCHLENS_QUERY_PORT": str(query),
            "EPOCHLENS_SQLITE_DIR": data, "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
-           "EPOCHLENS_JUDGE_PORT": str(judge),
+           "EPOCHLENS_JUDGE_PORT": str(judge), "EPOCHLENS_WEB_PORT": str(web),
+           "EPOCHLENS_CLI_WEB_URL": f"http://127.0.0.1:{web}",
            "EPOCHLENS_WRITER_JUDGE_ADDRESS": f"127.0.0.1:{judge}",
            "EPOCHLENS_CLI_WRITER_ADDRESS": f"127.0.0.1:{writer}",
            "EPOCHLENS_CLI_QUERY_ADDRESS": f"127.0.0.1:{query}", "EPOCHLENS_CLI_USER": "e2e"}
     env.pop("EPOCHLENS_WRITER_DATABASE_URL", None)
     env.pop("EPOCHLENS_QUERY_DATABASE_URL", None)
     env.pop("EPOCHLENS_JUDGE_DATABASE_URL", None)
+    env.pop("EPOCHLENS_WEB_QUERY_ADDRESS", None)
     up = run([str(BIN / "epochlens"), "up"], env, root)
     assert f"writer: serving on 127.0.0.1:{writer}" in up.stdout
+    assert f"web: serving on http://127.0.0.1:{web}" in up.stdout
     yield env, root, writer, query
     down = run([str(BIN / "epochlens"), "down"], env, root)
-    assert "stopped: judge, writer, query" in down.stdout
+    assert "stopped: judge, writer, query, web" in down.stdout
 
 
 def grpcurl() -> str:
@@ -111,3 +117,27 @@ def test_grpcurl_without_token_is_unauthenticated(stack_env):
                  env, root, check=False)
     assert result.returncode != 0
     assert "Unauthenticated" in result.stderr
+
+
+def test_web_service_answers_in_front_of_the_query_service(stack_env):
+    env, root, _, _ = stack_env
+    web = env["EPOCHLENS_CLI_WEB_URL"]
+    health = run([str(BIN / "epochlens"), "health", "--url", f"{web}/healthz"], env, root)
+    assert health.stdout.strip() == f"{web}/healthz: 200"
+    link = run([str(BIN / "epochlens"), "ui", "--no-browser"], env, root).stdout.strip()
+    assert link.startswith(f"{web}/auth/link?code=")
+    opener = urllib.request.build_opener(NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as signed_in:
+        opener.open(link, timeout=10)
+    assert signed_in.value.code == 303
+    cookie = signed_in.value.headers["set-cookie"].split(";")[0]
+    request = urllib.request.Request(f"{web}/v1/runs", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200 and "runs" in json.load(reply)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Leaves a redirect as the HTTPError it is, so its Set-Cookie can be read."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None

@@ -39,6 +39,7 @@ def demo_stack(tmp_path_factory):
            "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": "demo-test-page-token-secret",
            "EPOCHLENS_WRITER_PORT": str(free_port()), "EPOCHLENS_QUERY_PORT": str(free_port()),
            "EPOCHLENS_JUDGE_PORT": str(free_port()), "EPOCHLENS_JUDGE_SHUTDOWN_GRACE_S": "0.5",
+           "EPOCHLENS_WEB_PORT": str(free_port()), "EPOCHLENS_WEB_SHUTDOWN_GRACE_S": "0.5",
            "EPOCHLENS_WRITER_SHUTDOWN_GRACE_S": "0.5", "EPOCHLENS_QUERY_SHUTDOWN_GRACE_S": "0.5",
            "EPOCHLENS_STACK_STATE_DIR": str(root / "run"),
            "EPOCHLENS_TRAINER_SPOOL_DIR": str(root / "spool"),
