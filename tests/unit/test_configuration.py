@@ -51,9 +51,12 @@ def test_every_setting_has_a_description():
 def test_compose_uses_only_real_settings_and_has_health_checks():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "migrate", "judge", "writer", "query"}
-    for name in ("judge", "writer", "query"):
+    assert set(services) == {"postgres", "migrate", "judge", "writer", "query", "web"}
+    for name in ("judge", "writer", "query", "web"):
         assert services[name]["healthcheck"]["test"][1:3] == ["epochlens", "health"]
+    assert services["web"]["healthcheck"]["test"][3:] == ["--url",
+                                                          "http://127.0.0.1:8080/healthz"]
+    assert services["web"]["depends_on"] == {"query": {"condition": "service_healthy"}}
     used = {key for svc in services.values() for key in (svc.get("environment") or {})
             if key.startswith("EPOCHLENS_")}
     assert used and sorted(used - known_names()) == []
