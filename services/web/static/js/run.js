@@ -1,0 +1,192 @@
+// The run page: header, charts, epochs table and predictions table. While the run is RUNNING
+// the page listens to /v1/runs/{id}:watch (server-sent events fed by WatchRun): an epoch event
+// adds or updates its row and chart points, metric events extend the loss lines, and a run
+// event with a final state says so and closes the stream.
+import * as api from "./api.js";
+import {clear, DASH, duration, el, field, num, section, select, STATE_LABELS, stateBadge, usd,
+  when} from "./dom.js";
+import {epochsTable} from "./epochs.js";
+import {predictionsTable} from "./predictions.js";
+import {EXACT_METRIC, exactChart, isLossName, judgeCharts, lossChart, metricChart} from
+  "./runcharts.js";
+
+const RUNNING = "RUN_STATE_RUNNING";
+const SUMMARY_REFRESH_MS = 400;
+
+async function loadMetrics(runId) {
+  const names = await api.get(api.runPath(runId, "/metrics"), {max_points: 1});
+  const all = (names.series || []).map((s) => s.name).concat(names.omittedNames || []);
+  const wanted = all.filter((n) => isLossName(n) || n === EXACT_METRIC);
+  const full = wanted.length
+    ? await api.get(api.runPath(runId, "/metrics"), {names: wanted}) : {series: []};
+  return {names: all, series: new Map((full.series || []).map((s) => [s.name, s.points || []]))};
+}
+
+async function loadModel(runId) {
+  const [run, epochs, summary, metrics] = await Promise.all([
+    api.get(api.runPath(runId)), api.allPages(api.runPath(runId, "/epochs"), {}, "epochs"),
+    api.get(api.runPath(runId, "/summary")), loadMetrics(runId)]);
+  return {run, epochs, summary, metrics: metrics.series, metricNames: metrics.names};
+}
+
+function fact(label, value) {
+  return [el("dt", {}, label), el("dd", {"data-fact": label}, value)];
+}
+
+function sampleCount(model) {
+  return model.epochs.reduce((most, e) => Math.max(most, num(e.predictionCount)), 0);
+}
+
+function judgeCost(summary) {
+  const budget = num(summary.budgetUsd);
+  return usd(summary.totalCostUsd) + (budget ? ` of ${usd(budget)} budget` : "") +
+    (summary.budgetExhausted ? " (budget spent)" : "");
+}
+
+function renderHeader(model, ui) {
+  const run = model.run;
+  clear(ui.header).append(el("h1", {id: "run-name"}, run.name || run.id),
+    el("dl", {class: "facts"},
+      ...fact("Model", run.modelName || DASH), ...fact("Dataset", run.datasetName || DASH),
+      ...fact("State", stateBadge(run.state)), ...fact("Started", when(run.createTime)),
+      ...fact("Duration", duration(run.createTime, run.finishTime)),
+      ...fact("Samples", String(sampleCount(model))),
+      ...fact("Epochs", String(model.epochs.length)),
+      ...fact("Judge cost", judgeCost(model.summary))),
+    ui.live,
+    el("p", {class: "links"}, el("a", {href: "/compare?a=" + encodeURIComponent(run.id)},
+      "Compare with another run")));
+}
+
+function otherMetricPicker(ctx, model, ui) {
+  const others = model.metricNames.filter((n) => !isLossName(n) && n !== EXACT_METRIC);
+  if (!others.length) return null;
+  const picker = select("metric-name", others.map((n) => [n, n]), others[0]);
+  const box = el("div", {class: "metric-box"});
+  const show = async () => {
+    const page = await api.get(api.runPath(model.run.id, "/metrics"), {names: [picker.value]});
+    const points = ((page.series || [])[0] || {}).points || [];
+    clear(box).append(metricChart({...model, metrics: new Map([[picker.value, points]])},
+      picker.value));
+  };
+  picker.addEventListener("change", () => show().catch(ctx.fail));
+  show().catch(ctx.fail);
+  return el("div", {class: "chart-cell"}, field("Other training metric", picker), box);
+}
+
+function renderCharts(model, ui) {
+  clear(ui.charts).append(lossChart(model), exactChart(model), ...judgeCharts(model));
+  if (ui.metricPicker) ui.charts.append(ui.metricPicker);
+}
+
+function renderEpochs(model, ui) {
+  clear(ui.epochs).append(epochsTable(model, (epoch) => ui.predictions.showEpoch(epoch)));
+}
+
+function criteriaOf(summary) {
+  return [...new Set((summary.rows || []).map((r) => r.criterion))].sort();
+}
+
+function buildPage(ctx, model) {
+  const ui = {header: el("header", {class: "card run-header", id: "run-header"}),
+    live: el("p", {class: "live", id: "live-status", role: "status"}),
+    charts: el("div", {class: "charts", id: "charts"}), epochs: el("div", {id: "epochs-box"})};
+  ui.predictions = predictionsTable(ctx, model.run.id, model.epochs.map((e) => num(e.epoch)),
+    criteriaOf(model.summary));
+  ui.metricPicker = otherMetricPicker(ctx, model, ui);
+  ctx.main.append(ui.header, section("Charts", "charts-section", ui.charts),
+    section("Epochs", "epochs-section", ui.epochs),
+    section("Predictions", "predictions-section", ui.predictions.node));
+  return ui;
+}
+
+export async function runView(ctx, runId) {
+  const model = await loadModel(runId);
+  if (!ctx.alive()) return;
+  document.title = `${model.run.name || runId} - epochlens`;
+  const ui = buildPage(ctx, model);
+  const redraw = () => {
+    renderHeader(model, ui);
+    renderCharts(model, ui);
+    renderEpochs(model, ui);
+  };
+  redraw();
+  await ui.predictions.load();
+  if (model.run.state === RUNNING) ctx.onLeave(watch(ctx, model, ui, redraw));
+}
+
+function upsertEpoch(model, epoch) {
+  const i = model.epochs.findIndex((e) => num(e.epoch) === num(epoch.epoch));
+  if (i >= 0) model.epochs[i] = epoch;
+  else {
+    model.epochs.push(epoch);
+    model.epochs.sort((a, b) => num(a.epoch) - num(b.epoch));
+  }
+}
+
+function addPoints(model, update) {
+  const points = model.metrics.get(update.name) || [];
+  const last = points.length ? num(points[points.length - 1].step) : -1;
+  const fresh = (update.points || []).filter((p) => num(p.step) > last);
+  model.metrics.set(update.name, points.concat(fresh));
+  if (!model.metricNames.includes(update.name)) model.metricNames.push(update.name);
+  return isLossName(update.name) || update.name === EXACT_METRIC;
+}
+
+function watch(ctx, model, ui, redraw) {
+  const source = new EventSource(api.watchUrl(model.run.id));
+  let summaryTimer = null;
+  const refreshSummary = () => {
+    clearTimeout(summaryTimer);
+    summaryTimer = setTimeout(async () => {
+      model.summary = await api.get(api.runPath(model.run.id, "/summary")).catch((err) => {
+        ctx.fail(err);
+        return model.summary;
+      });
+      if (ctx.alive()) redraw();
+    }, SUMMARY_REFRESH_MS);
+  };
+  const listening = "Live: new epochs appear as they are stored.";
+  ui.live.textContent = listening;
+  source.onopen = () => {
+    ui.live.textContent = listening;
+  };
+  source.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    if (event.epoch) {
+      upsertEpoch(model, event.epoch);
+      ui.predictions.setEpochs(model.epochs.map((e) => num(e.epoch)));
+      refreshSummary();
+    }
+    if (event.metrics && !addPoints(model, event.metrics)) return;
+    if (event.run) model.run = event.run;
+    redraw();
+    if (event.run && event.run.state !== RUNNING) finished(model, ui, source, refreshSummary);
+  };
+  source.addEventListener("end", () => {
+    source.close();
+    if (!ui.live.dataset.final) ui.live.textContent = "The live stream ended.";
+  });
+  source.addEventListener("rpc-error", (message) => {
+    source.close();
+    const status = JSON.parse(message.data);
+    ui.live.textContent = `Live updates stopped: ${status.message || status.code}`;
+  });
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) {
+      ui.live.textContent = "Live updates stopped; reload the page to see newer epochs.";
+    } else ui.live.textContent = "Live: reconnecting...";
+  };
+  return () => {
+    clearTimeout(summaryTimer);
+    source.close();
+  };
+}
+
+function finished(model, ui, source, refreshSummary) {
+  source.close();
+  const label = STATE_LABELS[model.run.state] || model.run.state;
+  ui.live.textContent = `The run ${label}.`;
+  ui.live.dataset.final = label;
+  refreshSummary();
+}

@@ -1,0 +1,526 @@
+"""The web UI's pages in a real headless Chromium (the Debian chromium and driver of the
+report tests) against the real stack on PostgreSQL: writer, judge and query servers and the
+web service, all in-process (the `stack` and `web` fixtures of tests/web/conftest.py). Runs
+are seeded through the real writer (predictions and metrics) and judged by the real judge
+(rules exact_match and chrf); an LLM criterion with a reasoning written in HTML is inserted
+into schema `judge` directly.
+
+The servers run on this thread's event loop, so every browser step runs in a worker thread
+(asyncio.to_thread) and the loop stays free to answer the browser.
+"""
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from epochlens.v1 import writer_pb2, writer_pb2_grpc
+from services.common.auth import mint_token
+from services.judge.models import judgments_table
+from tests.helpers import create_run, item
+from tests.integration.test_query_judgments import insert_rows, llm_row, settled
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT_S = 10.0
+LIVE_WAIT_S = 5.0
+EPOCHS, SAMPLES, STEPS_PER_EPOCH = 4, 12, 10
+HOSTILE = ('<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+           '<a href="javascript:window.__pwned = 3">click me</a>')
+HOSTILE_AT = (2, 7)  # (epoch, sample) of the prediction written in HTML
+HTML_REASONING = '<img src=x onerror="window.__pwned = 4"><b>bold</b> reasoning'
+RULES = {"judge": {"rules": {"criteria": ["exact_match", "chrf"]}}}
+
+
+def truth(sample: int) -> str:
+    return f"answer {sample}"
+
+
+def prediction_text(run: str, epoch: int, sample: int) -> str:
+    """Run alpha gets 3 more samples right each epoch (exact match 25, 50, 75, 100 %), run
+    beta 2 more (exact match 16.7, 33.3, 50 %, three epochs)."""
+    if run == "alpha" and (epoch, sample) == HOSTILE_AT:
+        return HOSTILE
+    right = 3 * epoch if run == "alpha" else 2 * epoch
+    return truth(sample) if sample < right else f"{run} guess {epoch} for {sample}"
+
+
+@dataclass
+class Seeded:
+    alpha: str
+    beta: str
+    other: str  # user B's run
+    user_a: str
+    user_b: str
+
+
+async def write_epoch(stub, md, run_id: str, run: str, epoch: int) -> None:
+    step = epoch * STEPS_PER_EPOCH
+    items = [item(step, s, epoch=epoch, prompt=f"question {s}: what is the answer?",
+                  ground_truth=truth(s), prediction=prediction_text(run, epoch, s))
+             for s in range(SAMPLES)]
+    await stub.WritePredictions(writer_pb2.WritePredictionsRequest(
+        run_id=run_id, predictions=items), metadata=md)
+    metrics = [writer_pb2.MetricInput(step=k, name="loss", value=round(2.0 - 0.04 * k, 4))
+               for k in range(step - STEPS_PER_EPOCH + 1, step + 1)]
+    metrics.append(writer_pb2.MetricInput(step=step, name="eval_loss",
+                                          value=round(2.2 - 0.3 * epoch, 4)))
+    await stub.WriteMetrics(writer_pb2.WriteMetricsRequest(run_id=run_id, metrics=metrics),
+                            metadata=md)
+
+
+async def seed_run(stack, stub, user: str, run: str, epochs: int, model: str, rate: float,
+                   finish: bool = True) -> str:
+    md = stack.metadata(user)
+    created = await create_run(stub, md, name=f"{run}-{uuid.uuid4().hex[:6]}", model_name=model,
+                               config={"learning_rate": rate, **RULES})
+    for epoch in range(1, epochs + 1):
+        await write_epoch(stub, md, created.id, run, epoch)
+    if finish:
+        await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=created.id), metadata=md)
+    return created.id
+
+
+def llm_rows(run_id: str, user: str) -> list[dict]:
+    """helpfulness (LLM) for samples 0..2 of every epoch: score 2 * epoch + 1, pass at 7."""
+    return [llm_row(run_id, user, e, e * STEPS_PER_EPOCH, s, 2 * e + 1,
+                    reasoning=HTML_REASONING if (e, s) == (2, 1) else f"helpful at {e}")
+            for e in range(1, EPOCHS + 1) for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+async def seeded(stack) -> Seeded:
+    tag = uuid.uuid4().hex[:6]
+    user_a, user_b = f"web-a-{tag}", f"web-b-{tag}"
+    async with grpc.aio.insecure_channel(stack.writer.address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        alpha = await seed_run(stack, stub, user_a, "alpha", EPOCHS, "tiny-model", 0.001)
+        beta = await seed_run(stack, stub, user_a, "beta", EPOCHS - 1, "other-model", 0.0001)
+        other = await seed_run(stack, stub, user_b, "bravo", 1, "tiny-model", 0.001)
+    for run_id in (alpha, beta, other):
+        await settled(stack, run_id)
+    await insert_rows(stack, judgments_table, llm_rows(alpha, user_a))
+    return Seeded(alpha, beta, other, user_a, user_b)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium with a fresh profile, 1280 px wide; skipped only when it is not
+    installed."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (install them with `make browser`)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--window-size=1280,900",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_window_size(1280, 900)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# --- browser steps (run in a worker thread) ---------------------------------------------
+
+def wait_for(driver, condition: Callable, timeout: float = WAIT_S, what: str = ""):
+    """The first truthy result of condition(driver) (stale elements retried)."""
+    def attempt(d):
+        try:
+            return condition(d)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+    try:
+        return WebDriverWait(driver, timeout).until(attempt)
+    except TimeoutException:
+        page = driver.execute_script("return document.body ? document.body.innerText : ''")
+        raise AssertionError(f"timed out waiting for {what} at {driver.current_url}; page: "
+                             f"{page[:800]!r}; console: {driver.get_log('browser')}") from None
+
+
+def texts(scope, selector: str, attribute: str | None = None) -> list[str]:
+    found = scope.find_elements(By.CSS_SELECTOR, selector)
+    return [e.get_attribute(attribute) if attribute else e.text for e in found]
+
+
+def count(driver, selector: str) -> int:
+    return len(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def log_in(driver, base: str, token: str) -> None:
+    driver.delete_all_cookies()
+    driver.get(base + "/login")
+    field = wait_for(driver, lambda d: d.find_element(By.ID, "token"), what="login form")
+    label = driver.find_element(By.CSS_SELECTOR, 'label[for="token"]').text
+    assert label == "Access token"
+    field.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, '#login-form button[type="submit"]').click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#runs-table, #runs-empty"),
+             what="runs list after login")
+    driver.get_log("browser")  # drained: the 401s that led to the login page are expected
+
+
+def no_horizontal_scroll(driver) -> bool:
+    return driver.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+
+def table_rows(driver, selector: str, cols: tuple[str, ...]) -> list[tuple[str, ...]]:
+    rows = driver.find_elements(By.CSS_SELECTOR, selector + " tbody tr")
+    return [tuple(row.find_element(By.CSS_SELECTOR, f'td[data-col="{c}"]').text for c in cols)
+            for row in rows]
+
+
+def severe_logs(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def run_names(driver) -> list[str]:
+    return texts(driver, '#runs-table td[data-col="name"]')
+
+
+def api_status(base: str, path: str, token: str | None) -> tuple[int, dict]:
+    request = urllib.request.Request(base + path, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def watch_refusal(base: str, path: str, token: str) -> int | None:
+    """The error code the event stream route answers with, or None when it streams."""
+    request = urllib.request.Request(base + path, headers={
+        "Accept": "text/event-stream", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S):
+            return None
+    except urllib.error.HTTPError as err:
+        return json.loads(err.read() or b"{}").get("code", err.code)
+
+
+async def in_browser(step: Callable, *args):
+    return await asyncio.to_thread(step, *args)
+
+
+# --- tests ------------------------------------------------------------------------------
+
+def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> None:
+    driver.delete_all_cookies()
+    driver.get(base + "/")
+    wait_for(driver, lambda d: d.find_element(By.ID, "login-form"), what="login form shown")
+    assert count(driver, "#runs-table") == 0
+    log_in(driver, base, token)
+    assert driver.current_url == base + "/"
+    names = run_names(driver)
+    assert [n.split("-")[0] for n in names] == ["beta", "alpha"]  # newest first
+    assert texts(driver, '#runs-table td[data-col="model"]') == ["other-model", "tiny-model"]
+    assert texts(driver, '#runs-table td[data-col="state"]') == ["finished", "finished"]
+    driver.find_element(By.ID, "filter-name").send_keys("alpha")
+    driver.find_element(By.CSS_SELECTOR, '#runs-filters button[type="submit"]').click()
+    wait_for(driver, lambda d: [n.split("-")[0] for n in run_names(d)] == ["alpha"],
+             what="name filter")
+    driver.get(base + "/?model=other")
+    wait_for(driver, lambda d: [n.split("-")[0] for n in run_names(d)] == ["beta"],
+             what="model filter")
+    driver.get(base + "/?state=RUN_STATE_RUNNING")
+    wait_for(driver, lambda d: d.find_element(By.ID, "runs-empty"), what="state filter")
+    assert no_horizontal_scroll(driver)
+
+
+async def test_login_and_runs_list(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(check_login_and_runs_list, browser, web.url, seeded, token)
+
+
+def check_run_page(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pred-table tbody tr"),
+             what="run page rendered")
+    assert driver.find_element(By.ID, "run-name").text.startswith("alpha-")
+    facts = {k: texts(driver, f'[data-fact="{k}"]')[0]
+             for k in ("Model", "Dataset", "State", "Samples", "Epochs", "Judge cost")}
+    assert facts == {"Model": "tiny-model", "Dataset": "toy", "State": "finished",
+                     "Samples": "12", "Epochs": "4", "Judge cost": "$0.1200"}
+    assert texts(driver, '[data-chart="loss"] path.line', "data-series") == ["eval_loss", "loss"]
+    assert count(driver, '[data-chart="loss"] path.pt[data-series="loss"]') == 40
+    assert count(driver, '[data-chart="loss"] path.pt[data-series="eval_loss"]') == 4
+    assert count(driver, '[data-chart="loss"] line.boundary') == 4
+    assert texts(driver, '[data-chart="exact"] path.pt', "data-y") == ["0.25", "0.5", "0.75", "1"]
+    assert texts(driver, '[data-chart="mean-rule"] .legend li') == ["chrf (rules)"]
+    assert texts(driver, '[data-chart="mean-llm"] path.pt', "data-y") == ["3", "5", "7", "9"]
+    assert texts(driver, '[data-chart="pass"] .legend li') == [
+        "chrf (rules)", "helpfulness (openai/gpt-test)"]
+    titles = texts(driver, '[data-chart="mean-llm"] path.pt title', "textContent")
+    assert titles[2] == "helpfulness (openai/gpt-test), epoch 3: 7"
+    assert table_rows(driver, "#epochs-table", ("epoch", "predictions", "step", "exact")) == [
+        ("1", "12", "10", "25.0%"), ("2", "12", "20", "50.0%"), ("3", "12", "30", "75.0%"),
+        ("4", "12", "40", "100.0%")]
+    assert texts(driver, '#epochs-table td[data-col="metric:loss"]') == [
+        "1.6", "1.2", "0.8", "0.4"]
+    assert no_horizontal_scroll(driver)
+
+
+def check_predictions_table(driver) -> None:
+    cols = ("epoch", "sample")
+    assert table_rows(driver, "#pred-table", cols) == [("1", str(s)) for s in range(10)]
+    first = driver.find_element(By.CSS_SELECTOR, "#pred-table tbody tr")
+    assert first.find_element(By.CSS_SELECTOR, '[data-col="truth"]').text == "answer 0"
+    wait_for(driver, lambda d: texts(d, '#pred-table tbody tr:first-child .chip',
+                                     "data-criterion") == ["chrf", "exact_match", "helpfulness"],
+             what="judgments in the predictions table")
+    driver.find_element(By.ID, "pred-next").click()
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", cols) == [
+        ("1", "10"), ("1", "11")] + [("2", str(s)) for s in range(8)], what="second page")
+    assert driver.find_element(By.ID, "pred-page").text == "Page 2"
+    driver.find_element(By.ID, "pred-prev").click()
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", cols)[0] == ("1", "0"),
+             what="back to the first page")
+    Select(driver.find_element(By.ID, "pred-epoch")).select_by_value("3")
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", cols) == [
+        ("3", str(s)) for s in range(10)], what="epoch filter")
+    driver.find_element(By.ID, "pred-next").click()
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", cols) == [("3", "10"), ("3", "11")],
+             what="epoch filter, second page")
+    assert not driver.find_element(By.ID, "pred-next").is_enabled()
+    assert no_horizontal_scroll(driver)
+
+
+async def test_run_page_charts_epochs_and_predictions(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(log_in, browser, web.url, token)
+    await in_browser(check_run_page, browser, web.url, seeded.alpha)
+    await in_browser(check_predictions_table, browser)
+    assert await in_browser(severe_logs, browser) == []
+
+
+def check_verdict_filter(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pred-table tbody tr"),
+             what="run page rendered")
+    Select(driver.find_element(By.ID, "pred-epoch")).select_by_value("2")
+    wait_for(driver, lambda d: d.find_element(By.ID, "pred-criterion").is_enabled())
+    Select(driver.find_element(By.ID, "pred-criterion")).select_by_value("exact_match")
+    wait_for(driver, lambda d: d.find_element(By.ID, "pred-passed").is_enabled())
+    Select(driver.find_element(By.ID, "pred-passed")).select_by_value("true")
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", ("epoch", "sample")) == [
+        ("2", str(s)) for s in range(6)], what="passed filter")
+    Select(driver.find_element(By.ID, "pred-passed")).select_by_value("false")
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", ("epoch", "sample")) == [
+        ("2", str(s)) for s in range(6, 12)], what="failed filter")
+
+
+async def test_predictions_filtered_by_criterion_verdict(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(log_in, browser, web.url, token)
+    await in_browser(check_verdict_filter, browser, web.url, seeded.alpha)
+
+
+def shown_prediction(driver, epoch: int) -> str:
+    """The prediction text of the sample view's card for `epoch` (removed words left out)."""
+    return driver.execute_script(
+        "const card = document.querySelector("
+        "  '#prediction-list .pred-card[data-epoch=\"' + arguments[0] + '\"] .pred-text');"
+        "return Array.from(card.children).filter((n) => n.dataset.op !== 'removed')"
+        "  .map((n) => n.textContent).join('');", epoch)
+
+
+def check_sample_view(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}/samples/7")
+    wait_for(driver, lambda d: count(d, "#prediction-list .pred-card") == EPOCHS,
+             what="sample 7 across epochs")
+    assert driver.find_element(By.ID, "sample-prompt").text == "question 7: what is the answer?"
+    assert driver.find_element(By.ID, "sample-truth").text == "answer 7"
+    assert [shown_prediction(driver, e) for e in range(1, EPOCHS + 1)] == [
+        prediction_text("alpha", e, 7) for e in range(1, EPOCHS + 1)]
+    assert texts(driver, "#prediction-list .marker", "data-match") == [
+        "false", "false", "true", "true"]
+    assert count(driver, '#prediction-list .pred-card[data-epoch="3"] [data-op="added"]') == 1
+    assert count(driver, '#prediction-list .pred-card[data-epoch="3"] [data-op="removed"]') == 1
+    verdicts = texts(driver, '#prediction-list .judgment[data-criterion="exact_match"]',
+                     "data-verdict")
+    assert verdicts == ["fail", "fail", "pass", "pass"]
+    check_inert(driver)
+    driver.find_element(By.ID, "next-sample").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "sample-truth").text == "answer 8",
+             what="next sample")
+    assert driver.current_url == f"{base}/runs/{run_id}/samples/8"
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
+    wait_for(driver, lambda d: d.find_element(By.ID, "sample-truth").text == "answer 7",
+             what="arrow key back to sample 7")
+    driver.get(f"{base}/runs/{run_id}/samples/1")
+    wait_for(driver, lambda d: count(d, "#prediction-list .pred-card") == EPOCHS)
+    reasons = texts(driver, '#prediction-list .pred-card[data-epoch="2"] '
+                            '.judgment[data-criterion="helpfulness"] .j-reason', "textContent")
+    assert reasons == [HTML_REASONING]
+    check_inert(driver)
+    assert no_horizontal_scroll(driver)
+
+
+def check_inert(driver) -> None:
+    """No script of the model's text ran and none of its markup became elements."""
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.execute_script(
+        "return document.querySelectorAll('main img, main script, main b, "
+        "a[href^=\"javascript\"]').length") == 0
+    assert driver.execute_script("return document.scripts.length") == 1
+
+
+async def test_sample_view_diffs_switching_and_inert_model_text(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(log_in, browser, web.url, token)
+    await in_browser(check_sample_view, browser, web.url, seeded.alpha)
+    assert await in_browser(severe_logs, browser) == []
+
+
+def check_hostile_in_table(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pred-table tbody tr"))
+    Select(driver.find_element(By.ID, "pred-epoch")).select_by_value("2")
+    sample = driver.find_element(By.ID, "pred-sample")
+    sample.send_keys("7", Keys.TAB)
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", ("epoch", "sample")) == [("2", "7")],
+             what="epoch 2, sample 7")
+    cell = driver.find_element(By.CSS_SELECTOR, '#pred-table td[data-col="prediction"]')
+    assert cell.get_attribute("textContent") == HOSTILE
+    check_inert(driver)
+    row = driver.find_element(By.CSS_SELECTOR, "#pred-table tbody tr")
+    row.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: d.current_url.endswith(f"/runs/{run_id}/samples/7"),
+             what="Enter on a row opens its sample")
+
+
+async def test_hostile_prediction_stays_text_in_the_table(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(log_in, browser, web.url, token)
+    await in_browser(check_hostile_in_table, browser, web.url, seeded.alpha)
+
+
+def compared(driver) -> list[tuple[str, str]]:
+    """(run A, run B) prediction text per epoch of the compared sample."""
+    return [tuple(row.find_element(By.CSS_SELECTOR, f'td[data-col="prediction-{side}"] '
+                                   '.pred-text').text for side in "ab")
+            for row in driver.find_elements(By.CSS_SELECTOR, "#compare-sample tbody tr")]
+
+
+def check_compare(driver, base: str, seeded: Seeded) -> None:
+    driver.get(f"{base}/compare?a={seeded.alpha}&b={seeded.beta}")
+    wait_for(driver, lambda d: count(d, "#compare-sample tbody tr") == EPOCHS,
+             what="compare page")
+    assert table_rows(driver, "#compare-epochs", ("epoch", "exact-a", "exact-b")) == [
+        ("1", "25.0%", "16.7%"), ("2", "50.0%", "33.3%"), ("3", "75.0%", "50.0%"),
+        ("4", "100.0%", "\u2013")]
+    assert texts(driver, '#config-diff tbody tr', "data-key") == ["learning_rate"]
+    assert count(driver, '[data-chart="exact"] path.pt') == 7
+    assert compared(driver) == [(prediction_text("alpha", e, 0), prediction_text("beta", e, 0)
+                                 if e < EPOCHS else "(none)") for e in range(1, EPOCHS + 1)]
+    driver.find_element(By.ID, "compare-next-sample").click()
+    wait_for(driver, lambda d: compared(d)[0] == ("answer 1", "answer 1"),
+             what="compare sample 1")
+    assert compared(driver)[3] == (prediction_text("alpha", 4, 1), "(none)")
+    assert driver.find_element(By.ID, "compare-truth").text == "answer 1"
+    assert no_horizontal_scroll(driver)
+
+
+async def test_compare_two_runs(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    await in_browser(log_in, browser, web.url, token)
+    await in_browser(check_compare, browser, web.url, seeded)
+
+
+def check_no_cookie(driver, base: str, run_id: str) -> None:
+    driver.delete_all_cookies()
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_element(By.ID, "login-form"), what="login form")
+    assert count(driver, "#run-header, #epochs-table, #pred-table") == 0
+    assert "alpha" not in driver.find_element(By.TAG_NAME, "main").text
+
+
+def check_other_user(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, ".error-message"),
+             what="not found message")
+    message = driver.find_element(By.CSS_SELECTOR, ".error-message").text
+    assert message.startswith("Not found (HTTP 404): ")
+    assert count(driver, "#run-header, #epochs-table, #pred-table") == 0
+    driver.get(base + "/")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#runs-table"))
+    assert [n.split("-")[0] for n in run_names(driver)] == ["bravo"]
+
+
+async def test_no_cookie_no_data_and_user_b_cannot_see_a(stack, seeded, web, browser):
+    await in_browser(check_no_cookie, browser, web.url, seeded.alpha)
+    status, body = await asyncio.to_thread(api_status, web.url, f"/v1/runs/{seeded.alpha}", None)
+    assert (status, body["code"]) == (401, grpc.StatusCode.UNAUTHENTICATED.value[0])
+    token_b = mint_token(stack.auth, seeded.user_b)
+    await in_browser(log_in, browser, web.url, token_b)
+    await in_browser(check_other_user, browser, web.url, seeded.alpha)
+    status, body = await asyncio.to_thread(api_status, web.url, f"/v1/runs/{seeded.alpha}",
+                                           token_b)
+    assert (status, body["code"]) == (404, grpc.StatusCode.NOT_FOUND.value[0])
+
+
+def live_row_and_point(driver, epoch: int) -> bool:
+    rows = texts(driver, "#epochs-table tbody tr", "data-epoch")
+    points = count(driver, '[data-chart="loss"] path.pt[data-series="loss"]')
+    return rows == [str(e) for e in range(1, epoch + 1)] and points == epoch * STEPS_PER_EPOCH
+
+
+def open_live_page(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: live_row_and_point(d, 1), what="live run page")
+    wait_for(driver, lambda d: d.find_element(By.ID, "live-status").text.startswith("Live:"),
+             what="live stream open")
+    driver.execute_script("window.__sameDocument = true")
+
+
+def wait_live(driver, condition: Callable, what: str) -> float:
+    started = time.monotonic()
+    wait_for(driver, condition, LIVE_WAIT_S, what)
+    assert driver.execute_script("return window.__sameDocument") is True  # no reload
+    return time.monotonic() - started
+
+
+async def test_live_epoch_appears_without_reload(stack, seeded, web, browser):
+    token = mint_token(stack.auth, seeded.user_a)
+    md = stack.metadata(seeded.user_a)
+    async with grpc.aio.insecure_channel(stack.writer.address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        run_id = await seed_run(stack, stub, seeded.user_a, "alpha", 1, "tiny-model", 0.001,
+                                finish=False)
+        refusal = await asyncio.to_thread(watch_refusal, web.url, f"/v1/runs/{run_id}:watch",
+                                          token)
+        if refusal == grpc.StatusCode.UNIMPLEMENTED.value[0]:
+            pytest.skip("WatchRun is not implemented by the query service yet")
+        await in_browser(log_in, browser, web.url, token)
+        await in_browser(open_live_page, browser, web.url, run_id)
+        await write_epoch(stub, md, run_id, "alpha", 2)
+        elapsed = await in_browser(wait_live, browser, lambda d: live_row_and_point(d, 2),
+                                   "epoch 2 row and its loss points")
+        assert elapsed < LIVE_WAIT_S
+        await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run_id), metadata=md)
+        await in_browser(wait_live, browser, lambda d: d.find_element(
+            By.ID, "live-status").text == "The run finished.", "finished shown")
