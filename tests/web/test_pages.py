@@ -249,6 +249,11 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
     driver.get(base + "/?state=RUN_STATE_RUNNING")
     wait_for(driver, lambda d: d.find_element(By.ID, "runs-empty"), what="state filter")
     assert no_horizontal_scroll(driver)
+    driver.find_element(By.CSS_SELECTOR, '#logout-form button[type="submit"]').click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "login-form"), what="logged out")
+    driver.get(base + "/")
+    wait_for(driver, lambda d: d.find_element(By.ID, "login-form"), what="still logged out")
+    assert count(driver, "#runs-table") == 0
 
 
 async def test_login_and_runs_list(stack, seeded, web, browser):
@@ -282,6 +287,23 @@ def check_run_page(driver, base: str, run_id: str) -> None:
     assert texts(driver, '#epochs-table td[data-col="metric:loss"]') == [
         "1.6", "1.2", "0.8", "0.4"]
     assert no_horizontal_scroll(driver)
+    assert_nested_lines(driver, "pass")
+    driver.set_window_size(1024, 700)  # a small laptop screen
+    try:
+        assert no_horizontal_scroll(driver)
+    finally:
+        driver.set_window_size(1280, 900)
+
+
+def assert_nested_lines(driver, chart: str) -> None:
+    """Each line of the chart is drawn narrower, with smaller markers, than the one before
+    it, so a line on the same values as an earlier one leaves that one showing."""
+    widths = [float(w) for w in texts(driver, f'[data-chart="{chart}"] path.line',
+                                      "stroke-width")]
+    assert len(widths) >= 2 and widths == sorted(widths, reverse=True)
+    assert len(set(widths)) == len(widths)
+    colors = texts(driver, f'[data-chart="{chart}"] path.line', "stroke")
+    assert len(set(colors)) == len(colors)
 
 
 def check_predictions_table(driver) -> None:
@@ -489,6 +511,11 @@ def live_row_and_point(driver, epoch: int) -> bool:
     return rows == [str(e) for e in range(1, epoch + 1)] and points == epoch * STEPS_PER_EPOCH
 
 
+def live_exact_rates(driver) -> list[str]:
+    """The exact-match chart's points (from the judge, which judges after the commit)."""
+    return texts(driver, '[data-chart="exact"] path.pt', "data-y")
+
+
 def open_live_page(driver, base: str, run_id: str) -> None:
     driver.get(f"{base}/runs/{run_id}")
     wait_for(driver, lambda d: live_row_and_point(d, 1), what="live run page")
@@ -521,6 +548,10 @@ async def test_live_epoch_appears_without_reload(stack, seeded, web, browser):
         elapsed = await in_browser(wait_live, browser, lambda d: live_row_and_point(d, 2),
                                    "epoch 2 row and its loss points")
         assert elapsed < LIVE_WAIT_S
+        await in_browser(wait_live, browser, lambda d: live_exact_rates(d) == ["0.25", "0.5"],
+                         "epoch 2 exact-match point once judged")
+        assert await in_browser(table_rows, browser, "#epochs-table", ("epoch", "exact")) == [
+            ("1", "25.0%"), ("2", "50.0%")]
         await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run_id), metadata=md)
         await in_browser(wait_live, browser, lambda d: d.find_element(
             By.ID, "live-status").text == "The run finished.", "finished shown")

@@ -1,8 +1,8 @@
 // Line charts drawn as SVG (createElementNS). Every line stays visible: each series has its
-// own color, marker shape and dash pattern; lines drawn first are wider, so one drawn later on
-// the same values leaves the earlier one showing at its edges; on per-epoch charts the points of
-// each series are also shifted sideways by a few pixels. Each point has a <title> (hover) and
-// moving the pointer over the plot writes the nearest values below it.
+// own color, marker shape and dash pattern; lines and markers drawn first are larger, so one
+// drawn later on the same values leaves the earlier one showing at its edges; on per-epoch
+// charts the points of each series are also shifted sideways by a few pixels. Each point has
+// a <title> (hover) and moving the pointer over the plot writes the nearest values below it.
 import {el, svg, shortNumber} from "./dom.js";
 
 const COLORS = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#332288", "#56b4e9",
@@ -15,7 +15,8 @@ const MARKED_POINTS = 40;
 
 export function seriesStyle(index) {
   return {color: COLORS[index % COLORS.length], dash: DASHES[index % DASHES.length],
-    shape: SHAPES[index % SHAPES.length], width: Math.max(1.6, 3.6 - 0.5 * index)};
+    shape: SHAPES[index % SHAPES.length], width: Math.max(1.6, 3.6 - 0.5 * index),
+    radius: Math.max(2.6, 5 - 0.6 * index)};
 }
 
 function niceStep(span, count) {
@@ -123,7 +124,7 @@ function drawSeries(root, spec, series, index, s) {
     group.append(svg("path", {class: marked ? "pt" : "pt minor", "data-series": series.key,
       "data-x": p.x, "data-y": p.y, fill: style.shape === "cross" ? "none" : style.color,
       stroke: style.color, "stroke-width": 1.5,
-      d: markerPath(style.shape, coords[i][0], coords[i][1], marked ? 4 : 2.5)},
+      d: markerPath(style.shape, coords[i][0], coords[i][1], marked ? style.radius : 2)},
     svg("title", {}, p.title || `${series.label}, ${spec.xLabel} ${p.x}: ${shortNumber(p.y)}`)));
   });
   root.append(group);

@@ -12,6 +12,7 @@ import {EXACT_METRIC, exactChart, isLossName, judgeCharts, lossChart, metricChar
 
 const RUNNING = "RUN_STATE_RUNNING";
 const SUMMARY_REFRESH_MS = 400;
+const JUDGING_POLL_MS = 1000;
 
 async function loadMetrics(runId) {
   const names = await api.get(api.runPath(runId, "/metrics"), {max_points: 1});
@@ -43,6 +44,19 @@ function judgeCost(summary) {
     (summary.budgetExhausted ? " (budget spent)" : "");
 }
 
+function judgingPending(summary) {
+  return num(summary.pendingPredictions) + num(summary.handoffWaiting);
+}
+
+function judgingText(summary) {
+  const parts = [];
+  if (judgingPending(summary)) parts.push(`${judgingPending(summary)} predictions to judge`);
+  if (num(summary.failedPredictions)) parts.push(`${num(summary.failedPredictions)} failed`);
+  if (summary.llmPausedReason) parts.push(`LLM judging paused: ${summary.llmPausedReason}`);
+  if (summary.handoffError) parts.push(`hand-off error: ${summary.handoffError}`);
+  return parts.length ? parts.join("; ") : "up to date";
+}
+
 function renderHeader(model, ui) {
   const run = model.run;
   clear(ui.header).append(el("h1", {id: "run-name"}, run.name || run.id),
@@ -52,7 +66,8 @@ function renderHeader(model, ui) {
       ...fact("Duration", duration(run.createTime, run.finishTime)),
       ...fact("Samples", String(sampleCount(model))),
       ...fact("Epochs", String(model.epochs.length)),
-      ...fact("Judge cost", judgeCost(model.summary))),
+      ...fact("Judge cost", judgeCost(model.summary)),
+      ...fact("Judging", judgingText(model.summary))),
     ui.live,
     el("p", {class: "links"}, el("a", {href: "/compare?a=" + encodeURIComponent(run.id)},
       "Compare with another run")));
@@ -100,6 +115,29 @@ function buildPage(ctx, model) {
   return ui;
 }
 
+// Re-reads the run summary (judge results land after their predictions): soon after an
+// epoch event or the end of the run, then again while the judge has predictions of the run
+// left to judge. Returns schedule(delayMs).
+function summaryRefresher(ctx, model, redraw) {
+  let timer = null;
+  const refresh = async () => {
+    timer = null;
+    const summary = await api.get(api.runPath(model.run.id, "/summary"));
+    if (!ctx.alive()) return;
+    if (JSON.stringify(summary) !== JSON.stringify(model.summary)) {
+      model.summary = summary;
+      redraw();
+    }
+    if (judgingPending(summary) && timer === null) schedule(JUDGING_POLL_MS);
+  };
+  const schedule = (delay) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => refresh().catch(ctx.fail), delay);
+  };
+  ctx.onLeave(() => clearTimeout(timer));
+  return schedule;
+}
+
 export async function runView(ctx, runId) {
   const model = await loadModel(runId);
   if (!ctx.alive()) return;
@@ -111,8 +149,10 @@ export async function runView(ctx, runId) {
     renderEpochs(model, ui);
   };
   redraw();
+  const refreshSummary = summaryRefresher(ctx, model, redraw);
+  if (judgingPending(model.summary)) refreshSummary(JUDGING_POLL_MS);
   await ui.predictions.load();
-  if (model.run.state === RUNNING) ctx.onLeave(watch(ctx, model, ui, redraw));
+  if (model.run.state === RUNNING) ctx.onLeave(watch(ctx, model, ui, redraw, refreshSummary));
 }
 
 function upsertEpoch(model, epoch) {
@@ -133,19 +173,8 @@ function addPoints(model, update) {
   return isLossName(update.name) || update.name === EXACT_METRIC;
 }
 
-function watch(ctx, model, ui, redraw) {
+function watch(ctx, model, ui, redraw, refreshSummary) {
   const source = new EventSource(api.watchUrl(model.run.id));
-  let summaryTimer = null;
-  const refreshSummary = () => {
-    clearTimeout(summaryTimer);
-    summaryTimer = setTimeout(async () => {
-      model.summary = await api.get(api.runPath(model.run.id, "/summary")).catch((err) => {
-        ctx.fail(err);
-        return model.summary;
-      });
-      if (ctx.alive()) redraw();
-    }, SUMMARY_REFRESH_MS);
-  };
   const listening = "Live: new epochs appear as they are stored.";
   ui.live.textContent = listening;
   source.onopen = () => {
@@ -156,7 +185,7 @@ function watch(ctx, model, ui, redraw) {
     if (event.epoch) {
       upsertEpoch(model, event.epoch);
       ui.predictions.setEpochs(model.epochs.map((e) => num(e.epoch)));
-      refreshSummary();
+      refreshSummary(SUMMARY_REFRESH_MS);
     }
     if (event.metrics && !addPoints(model, event.metrics)) return;
     if (event.run) model.run = event.run;
@@ -177,10 +206,7 @@ function watch(ctx, model, ui, redraw) {
       ui.live.textContent = "Live updates stopped; reload the page to see newer epochs.";
     } else ui.live.textContent = "Live: reconnecting...";
   };
-  return () => {
-    clearTimeout(summaryTimer);
-    source.close();
-  };
+  return () => source.close();
 }
 
 function finished(model, ui, source, refreshSummary) {
@@ -188,5 +214,5 @@ function finished(model, ui, source, refreshSummary) {
   const label = STATE_LABELS[model.run.state] || model.run.state;
   ui.live.textContent = `The run ${label}.`;
   ui.live.dataset.final = label;
-  refreshSummary();
+  refreshSummary(SUMMARY_REFRESH_MS);
 }
