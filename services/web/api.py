@@ -50,6 +50,8 @@ def _endpoint(binding: Binding) -> Endpoint:
             token = request_token(request, state.settings)
             message = build_request(binding, request.path_params,
                                     request.query_params.multi_items())
+            if stream and request.method == "HEAD":  # headers only: no stream to hold open
+                return Response(media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
             if stream:
                 return await sse.open_stream(request, state, binding, message, token)
             reply = await _call(state.calls[binding.method.name], binding, message, token,

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RESUME_FIELD = "resume_token"
 KEEPALIVE = b": keepalive\n\n"
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+MEDIA_TYPE = "text/event-stream"
 
 
 def frame(data: object, event: str | None = None, event_id: str | None = None) -> bytes:
@@ -128,7 +129,7 @@ class EventStreamResponse(StreamingResponse):
     (stream over, client gone, server stopping), even before the first event was sent."""
 
     def __init__(self, stream: EventStream) -> None:
-        super().__init__(stream.events(), media_type="text/event-stream", headers=HEADERS)
+        super().__init__(stream.events(), media_type=MEDIA_TYPE, headers=HEADERS)
         self.stream = stream
 
     async def __call__(self, scope, receive, send) -> None:

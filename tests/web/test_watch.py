@@ -14,7 +14,10 @@ import httpx
 from google.protobuf import json_format
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2
+from services.query.config import QuerySettings
+from services.query.server import start as start_query
 from services.web.server import start as start_web
+from tests.conftest import PAGE_SECRET, READER_ROLE, pg_url
 from tests.helpers import create_run, item
 from tests.web.conftest import bearer, grpc_answer, web_settings
 
@@ -202,3 +205,33 @@ async def test_stopping_server_closes_open_streams_at_once(stack, writer_stub):
         await running.stop()
         assert time.monotonic() - started < 2.0
         assert await reader.next(wait_s=5) is None  # closed, no `end`: the browser resumes
+
+
+async def test_head_answers_the_headers_without_a_stream(stack, web, writer_stub, http):
+    md = stack.metadata("web-watcher")
+    run = await new_run(writer_stub, md)
+    answer = await http.head(f"/v1/runs/{run.id}:watch", headers=bearer(stack, "web-watcher"))
+    assert (answer.status_code, answer.headers["content-type"]) == (
+        200, "text/event-stream; charset=utf-8")
+    assert await wait_streams(http, 0) == 0
+
+
+async def test_query_service_lost_mid_stream_is_a_last_rpc_error_event(stack, writer_stub):
+    """A query service of its own (same database) that stops while the stream is open: the
+    stream's last event is `rpc-error` with the gRPC status, then it closes."""
+    md, auth = stack.metadata("web-watcher"), bearer(stack, "web-watcher")
+    run = await new_run(writer_stub, md)
+    query = await start_query(QuerySettings(
+        database_url=pg_url(READER_ROLE, stack.database), page_token_secret=PAGE_SECRET,
+        port=0, shutdown_grace_s=0.1, _env_file=None), stack.auth)
+    running = await start_web(web_settings(query.address))
+    try:
+        async with sse(running.url, f"/v1/runs/{run.id}:watch", auth) as reader:
+            await reader.until(is_metrics)
+            await query.stop(0)
+            last = await reader.next()
+            assert await reader.next() is None
+    finally:
+        await running.stop()
+    assert (last["event"], last["id"]) == ("rpc-error", None)
+    assert last["data"] == {"code": 14, "message": "Cancelling all calls"}  # UNAVAILABLE
