@@ -42,6 +42,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 WAIT_S = 10.0
 LIVE_WAIT_S = 5.0
 EPOCHS, SAMPLES, STEPS_PER_EPOCH = 4, 12, 10
+RUNS_PAGE = 20  # runs per page of the runs list (services/web/static/js/runs.js)
 HOSTILE = ('<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
            '<a href="javascript:window.__pwned = 3">click me</a>')
 HOSTILE_AT = (2, 7)  # (epoch, sample) of the prediction written in HTML
@@ -82,6 +83,8 @@ async def write_epoch(stub, md, run_id: str, run: str, epoch: int) -> None:
                for k in range(step - STEPS_PER_EPOCH + 1, step + 1)]
     metrics.append(writer_pb2.MetricInput(step=step, name="eval_loss",
                                           value=round(2.2 - 0.3 * epoch, 4)))
+    metrics += [writer_pb2.MetricInput(step=k, name="learning_rate", value=1e-4 / k)
+                for k in range(step - STEPS_PER_EPOCH + 1, step + 1)]
     await stub.WriteMetrics(writer_pb2.WriteMetricsRequest(run_id=run_id, metrics=metrics),
                             metadata=md)
 
@@ -239,6 +242,15 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
     assert [n.split("-")[0] for n in names] == ["beta", "alpha"]  # newest first
     assert texts(driver, '#runs-table td[data-col="model"]') == ["other-model", "tiny-model"]
     assert texts(driver, '#runs-table td[data-col="state"]') == ["finished", "finished"]
+    first = driver.find_element(By.CSS_SELECTOR, "#runs-table tbody tr")
+    first.send_keys(Keys.ARROW_DOWN)
+    focused = driver.switch_to.active_element
+    assert focused.get_attribute("data-run-id") == seeded.alpha
+    focused.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: d.find_elements(By.ID, "run-name"), what="run opened by Enter")
+    assert driver.current_url == f"{base}/runs/{seeded.alpha}"
+    driver.back()
+    wait_for(driver, lambda d: len(run_names(d)) == 2, what="back to the runs list")
     driver.find_element(By.ID, "filter-name").send_keys("alpha")
     driver.find_element(By.CSS_SELECTOR, '#runs-filters button[type="submit"]').click()
     wait_for(driver, lambda d: [n.split("-")[0] for n in run_names(d)] == ["alpha"],
@@ -288,6 +300,9 @@ def check_run_page(driver, base: str, run_id: str) -> None:
         "1.6", "1.2", "0.8", "0.4"]
     assert no_horizontal_scroll(driver)
     assert_nested_lines(driver, "pass")
+    assert driver.find_element(By.ID, "metric-name").get_attribute("value") == "learning_rate"
+    wait_for(driver, lambda d: count(d, '[data-chart="metric"] path.pt') == 40,
+             what="the other metric's chart")
     driver.set_window_size(1024, 700)  # a small laptop screen
     try:
         assert no_horizontal_scroll(driver)
@@ -555,3 +570,28 @@ async def test_live_epoch_appears_without_reload(stack, seeded, web, browser):
         await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run_id), metadata=md)
         await in_browser(wait_live, browser, lambda d: d.find_element(
             By.ID, "live-status").text == "The run finished.", "finished shown")
+
+
+def check_runs_paging(driver, base: str, names: list[str]) -> None:
+    driver.get(base + "/")
+    wait_for(driver, lambda d: run_names(d) == names[:RUNS_PAGE], what="first page of runs")
+    assert not driver.find_element(By.ID, "runs-prev").is_enabled()
+    driver.find_element(By.ID, "runs-next").click()
+    wait_for(driver, lambda d: run_names(d) == names[RUNS_PAGE:], what="second page of runs")
+    assert not driver.find_element(By.ID, "runs-next").is_enabled()
+    driver.find_element(By.ID, "runs-prev").click()
+    wait_for(driver, lambda d: run_names(d) == names[:RUNS_PAGE], what="back to the first page")
+    driver.back()
+    wait_for(driver, lambda d: run_names(d) == names[RUNS_PAGE:], what="browser back")
+
+
+async def test_runs_list_pages_with_tokens(stack, web, browser):
+    user = f"web-pages-{uuid.uuid4().hex[:6]}"
+    md = stack.metadata(user)
+    async with grpc.aio.insecure_channel(stack.writer.address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        for i in range(RUNS_PAGE + 2):
+            await create_run(stub, md, name=f"paged-{i:02d}")
+    names = [f"paged-{i:02d}" for i in reversed(range(RUNS_PAGE + 2))]  # newest first
+    await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
+    await in_browser(check_runs_paging, browser, web.url, names)
