@@ -169,7 +169,7 @@ async def test_quiet_stream_gets_keepalive_comments(stack, web, writer_stub):
     async with sse(web.url, f"/v1/runs/{run.id}:watch", auth) as reader:
         await reader.until(is_metrics)
         pending = asyncio.ensure_future(reader.next(wait_s=30))
-        await asyncio.sleep(web.state.settings.sse_keepalive_s * 2.5)
+        await asyncio.sleep(web.state.settings.sse_keepalive_s * 3.5)
         assert reader.comments[:2] == [": keepalive", ": keepalive"]
         pending.cancel()
 
