@@ -195,6 +195,14 @@ def table_rows(driver, selector: str, cols: tuple[str, ...]) -> list[tuple[str, 
             for row in rows]
 
 
+def assert_labelled(driver) -> None:
+    """Every form control of the page has a label."""
+    unlabelled = driver.execute_script(
+        "return Array.from(document.querySelectorAll('input:not([type=hidden]), select, "
+        "textarea')).filter((c) => !c.labels.length).map((c) => c.id || c.name);")
+    assert unlabelled == []
+
+
 def severe_logs(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -260,6 +268,7 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
              what="model filter")
     driver.get(base + "/?state=RUN_STATE_RUNNING")
     wait_for(driver, lambda d: d.find_element(By.ID, "runs-empty"), what="state filter")
+    assert_labelled(driver)
     assert no_horizontal_scroll(driver)
     driver.find_element(By.CSS_SELECTOR, '#logout-form button[type="submit"]').click()
     wait_for(driver, lambda d: d.find_element(By.ID, "login-form"), what="logged out")
@@ -300,6 +309,7 @@ def check_run_page(driver, base: str, run_id: str) -> None:
         "1.6", "1.2", "0.8", "0.4"]
     assert no_horizontal_scroll(driver)
     assert_nested_lines(driver, "pass")
+    assert_labelled(driver)
     assert driver.find_element(By.ID, "metric-name").get_attribute("value") == "learning_rate"
     wait_for(driver, lambda d: count(d, '[data-chart="metric"] path.pt') == 40,
              what="the other metric's chart")
@@ -400,6 +410,7 @@ def check_sample_view(driver, base: str, run_id: str) -> None:
     verdicts = texts(driver, '#prediction-list .judgment[data-criterion="exact_match"]',
                      "data-verdict")
     assert verdicts == ["fail", "fail", "pass", "pass"]
+    assert_labelled(driver)
     check_inert(driver)
     driver.find_element(By.ID, "next-sample").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "sample-truth").text == "answer 8",
@@ -479,6 +490,7 @@ def check_compare(driver, base: str, seeded: Seeded) -> None:
              what="compare sample 1")
     assert compared(driver)[3] == (prediction_text("alpha", 4, 1), "(none)")
     assert driver.find_element(By.ID, "compare-truth").text == "answer 1"
+    assert_labelled(driver)
     assert no_horizontal_scroll(driver)
 
 

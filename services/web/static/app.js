@@ -25,7 +25,15 @@ export function navigate(url, options) {
   const state = (options && options.state) || {};
   if (options && options.replace) history.replaceState(state, "", url);
   else history.pushState(state, "", url);
-  render();
+  window.scrollTo(0, 0);
+  render().then(focusMain);
+}
+
+// After a navigation the new page's content gets the focus (screen readers announce it;
+// Tab continues from there), unless the page already focused something of its own.
+function focusMain() {
+  const main = document.getElementById("main");
+  if (!main.contains(document.activeElement)) main.focus({preventScroll: true});
 }
 
 const HTTP_WORDS = {400: "Invalid request", 403: "Not allowed", 404: "Not found",
