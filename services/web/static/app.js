@@ -51,8 +51,7 @@ function showError(main, err) {
 function fail(generation, err) {
   if (generation !== current.generation) return;
   if (err instanceof Unauthorized) {
-    navigate("/login?next=" + encodeURIComponent(location.pathname + location.search),
-      {replace: true});
+    navigate("/login", {replace: true});
     return;
   }
   console.warn("epochlens web:", err);

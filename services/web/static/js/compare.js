@@ -105,14 +105,17 @@ function passSeries(label, side) {
   for (const r of side.summary.rows || []) {
     if (!num(r.scoredCount)) continue;
     const key = `${label}:${judgeKey(r)}`;
-    if (!groups.has(key)) groups.set(key, {key, label: `run ${label} ${judgeLabel(r)}`, points: []});
+    if (!groups.has(key)) {
+      groups.set(key, {key, label: `run ${label} ${judgeLabel(r)}`, points: []});
+    }
     groups.get(key).points.push({x: num(r.epoch), y: num(r.passRate)});
   }
   return [...groups.values()];
 }
 
 function criteriaText(side, epoch) {
-  const rows = (side.summary.rows || []).filter((r) => num(r.epoch) === epoch && num(r.scoredCount));
+  const rows = (side.summary.rows || [])
+    .filter((r) => num(r.epoch) === epoch && num(r.scoredCount));
   if (!rows.length) return DASH;
   return el("ul", {class: "criteria"}, ...rows.map((r) => el("li", {},
     `${judgeLabel(r)}: mean ${shortNumber(num(r.meanScore))}, pass ${pct(num(r.passRate))}`)));

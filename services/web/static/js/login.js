@@ -4,7 +4,6 @@ import {el} from "./dom.js";
 
 export function loginView(ctx) {
   document.title = "Log in - epochlens";
-  const failed = ctx.params.get("error");
   const input = el("input", {id: "token", name: "token", type: "password", required: true,
     autocomplete: "off", spellcheck: "false", "aria-describedby": "token-help"});
   const form = el("form", {id: "login-form", method: "post", action: "/auth/login"},
@@ -14,8 +13,6 @@ export function loginView(ctx) {
     el("button", {type: "submit"}, "Log in"));
   ctx.main.append(el("section", {class: "card login", "aria-labelledby": "login-title"},
     el("h1", {id: "login-title"}, "Log in to epochlens"),
-    failed ? el("p", {class: "error-message", role: "alert"}, "That token was not accepted: " +
-      failed) : null,
     form));
   input.focus();
 }

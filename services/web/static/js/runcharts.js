@@ -41,7 +41,8 @@ function metricSeries(model, name) {
 export function lossChart(model) {
   const names = [...model.metrics.keys()].filter(isLossName).sort();
   return lineChart({key: "loss", title: "Training and eval loss by step", xLabel: "step",
-    series: names.map((name) => metricSeries(model, name)), boundaries: epochBoundaries(model.epochs),
+    series: names.map((name) => metricSeries(model, name)),
+    boundaries: epochBoundaries(model.epochs),
     empty: "No loss recorded (the trainer's logs arrive as metrics).",
     note: "Dashed vertical lines: the step of each epoch's predictions."});
 }
