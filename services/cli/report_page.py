@@ -58,11 +58,14 @@ svg.chart .grid { stroke: var(--line); } svg.chart .tick { fill: var(--muted); f
   margin: 8px 0 0; color: var(--muted); }
 .legend svg { width: 36px; height: 14px; margin-right: 6px; vertical-align: middle; }
 .chart-note { color: var(--muted); margin: 8px 0 0; font-size: 12px; }
-.scroll { max-height: 420px; overflow: auto; }
+.scroll { max-height: 560px; overflow: auto; }
 table { border-collapse: collapse; width: 100%; }
 th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: left;
   white-space: nowrap; }
-#epochs-table th { white-space: normal; vertical-align: bottom; min-width: 4em; }
+#epochs-table th { white-space: normal; overflow-wrap: break-word; vertical-align: bottom;
+  min-width: 4em; }
+#epochs-table th .sub { color: var(--muted); font-weight: normal; font-size: 12px; }
+#epochs-table td > div + div { color: var(--muted); }
 th { position: sticky; top: 0; background: var(--card); }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .picker { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 14px; }
@@ -252,8 +255,8 @@ function judgeFacts() {
   return facts;
 }
 
-// [key, label, numeric, title]: per criterion its mean score and pass rate over scored
-// judgments (unscored ones are left out), then the epoch's judge cost.
+// [key, label, numeric, title, note]: per criterion one column, its mean score over the
+// pass rate (over scored judgments; unscored ones are left out), then the judge cost.
 function epochColumns() {
   const columns = [["epoch", "Epoch", true], ["latest_step", "Latest step", true],
     ["predictions", "Predictions", true], ["exact", "Exact matches", true],
@@ -261,9 +264,8 @@ function epochColumns() {
   const shared = (name) => JUDGES.criteria.filter((c) => c.criterion === name).length > 1;
   for (const c of JUDGES.criteria) {
     const name = shared(c.criterion) ? c.label : c.criterion;
-    columns.push(["mean:" + c.id, name + " mean", true,
-      c.label + ": mean score over scored judgments"],
-    ["pass:" + c.id, name + " pass", true, c.label + ": pass rate over scored judgments"]);
+    columns.push(["judge:" + c.id, name, true,
+      c.label + ": mean score and pass rate over scored judgments", "mean / pass"]);
   }
   if (JUDGES.criteria.length) columns.push(["judge_cost", "Judge cost", true]);
   return columns.concat([["written", "Written (UTC)", false,
@@ -285,8 +287,8 @@ function epochCells(row) {
     judge_cost: row.judge_cost ? usd(row.judge_cost.cost_usd) : DASH};
   for (const c of JUDGES.criteria) {
     const judged = (row.judges || {})[c.id];
-    shown["mean:" + c.id] = judged ? fmtScore(judged.mean, c.type) : DASH;
-    shown["pass:" + c.id] = judged ? percent(judged.pass) : DASH;
+    shown["judge:" + c.id] = [["mean:" + c.id, judged ? fmtScore(judged.mean, c.type) : DASH],
+      ["pass:" + c.id, judged ? percent(judged.pass) : DASH]];
   }
   return shown;
 }
@@ -295,8 +297,10 @@ function renderEpochs(host) {
   const table = el("table", {id: "epochs-table"});
   const head = table.appendChild(el("thead")).appendChild(el("tr"));
   const columns = epochColumns();
-  for (const [key, label, , title] of columns) {
-    head.append(el("th", {scope: "col", "data-col": key, title: title || label}, label));
+  for (const [key, label, , title, note] of columns) {
+    const th = head.appendChild(el("th", {scope: "col", "data-col": key, title: title || label},
+      label));
+    if (note) th.append(el("div", {class: "sub"}, note));
   }
   const body = table.appendChild(el("tbody"));
   for (const row of DATA.epochs) {
@@ -305,7 +309,12 @@ function renderEpochs(host) {
     for (const [key, , numeric] of columns) {
       const title = key === "written" && row.first_write ?
         {title: row.first_write + " to " + row.last_write} : {};
-      tr.append(el("td", {"data-col": key, class: numeric ? "num" : "", ...title}, shown[key]));
+      const value = shown[key], td = el("td", {"data-col": key, class: numeric ? "num" : "",
+        ...title}, Array.isArray(value) ? null : value);
+      if (Array.isArray(value)) {
+        td.append(...value.map(([col, text]) => el("div", {"data-col": col}, text)));
+      }
+      tr.append(td);
     }
   }
   host.append(DATA.epochs.length ? table : el("p", {class: "empty"}, "No epochs recorded yet."));
@@ -354,7 +363,7 @@ function drawAxes(root, chart, s) {
 
 // The look of series i of n: wider lines and larger markers for the ones drawn first.
 function seriesStyle(series, i, n, s) {
-  const largest = Math.max(4, Math.min(14, s.step * 0.45));
+  const largest = Math.max(4, Math.min(16, s.step * 0.45));
   const gap = n > 1 ? Math.min(3, (largest - 3.5) / (n - 1)) : 0;
   return {color: COLORS[series.color % COLORS.length], dash: DASHES[i % DASHES.length],
     shape: SHAPES[i % SHAPES.length], width: 2 + 1.5 * (n - 1 - i),
@@ -404,7 +413,8 @@ function drawSeriesPoints(root, chart, series, style, s) {
   series.values.forEach((v, i) => {
     if (v === null) return;
     const point = shapeMarker(style.shape, Number(s.x(i).toFixed(1)), Number(s.y(v).toFixed(1)),
-      style.radius, {class: "pt", fill: "#ffffff", stroke: style.color, "stroke-width": 2,
+      style.radius, {class: "pt", fill: "#ffffff", stroke: style.color, "stroke-width": 1.5,
+        "stroke-linejoin": "round",
         "data-series": series.id, "data-epoch": DATA.epochs[i].epoch,
         "data-value": v, "data-shape": style.shape});
     point.append(svgEl("title", null, pointLabel(chart, series, i, v)));

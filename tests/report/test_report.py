@@ -68,8 +68,8 @@ CHART_TOP, CHART_PLOT_HEIGHT = 16, 188  # CHART.top, CHART.height - top - bottom
 LEGENDS = {"exact": ["exact-match rate"], "mean-1": ["chrf (rules) mean score"],
            "mean-10": [f"helpfulness ({LLM_MODEL}) mean score"],
            "pass": ["chrf (rules) pass rate", f"helpfulness ({LLM_MODEL}) pass rate"]}
-# Each chart point's top edge (its marker's bounding box, in window coordinates, half a unit
-# inside the stroke): the element drawn there, which must be that point itself and not a
+# Each chart point's top edge (its marker's bounding box, in window coordinates, a quarter
+# unit inside the stroke): the element drawn there, which must be that point itself and not a
 # point or line of another series drawn over it.
 HIDDEN_POINTS_JS = """
 const hidden = [];
@@ -78,7 +78,7 @@ for (const chart of document.querySelectorAll('svg.chart')) {
   const matrix = chart.getScreenCTM();
   for (const point of chart.querySelectorAll('.pt')) {
     const box = point.getBBox();
-    const probe = new DOMPoint(box.x + box.width / 2, box.y + 0.5).matrixTransform(matrix);
+    const probe = new DOMPoint(box.x + box.width / 2, box.y + 0.25).matrixTransform(matrix);
     const found = document.elementFromPoint(probe.x, probe.y);
     if (found !== point) hidden.push([point.dataset.series, point.dataset.epoch,
       found ? found.getAttribute('data-series') || found.tagName : null]);
@@ -207,9 +207,12 @@ def assert_overview(driver) -> None:
     rows = driver.find_elements(By.CSS_SELECTOR, "#epochs-table tbody tr")
     assert [tuple(texts(row, f'td[data-col="{c}"]')[0] for c in ("epoch", "predictions", "exact"))
             for row in rows] == EPOCH_ROWS
-    assert [tuple(texts(row, f'td[data-col="{c}"]')[0]
+    assert [tuple(texts(row, f'td [data-col="{c}"], td[data-col="{c}"]')[0]
                   for c in ("mean:c0", "mean:c1", "pass:c1", "judge_cost"))
             for row in rows] == JUDGE_ROWS
+    assert texts(driver, "#epochs-table th", "data-col") == [
+        "epoch", "latest_step", "predictions", "exact", "rate", "judge:c0", "judge:c1",
+        "judge_cost", "written"]
     assert texts(driver, '[data-fact="Judge cost"]') == ["$0.1300"]
     assert texts(driver, '[data-fact="Judge criteria"]') == [
         f"chrf (rules), helpfulness ({LLM_MODEL})"]
@@ -327,6 +330,43 @@ async def test_report_renders_and_explores_samples(stack, writer_stub, browser, 
     assert not browser.find_element(By.ID, "next-sample").is_enabled()
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
+
+
+MANY = [f"a_rather_long_rule_criterion_name_{k}" for k in range(9)]
+
+
+@ON_POSTGRES
+async def test_many_coinciding_criteria_fit_the_page_and_stay_visible(stack, writer_stub,
+                                                                      browser, tmp_path):
+    """Nine rule criteria with long names, every one scoring 1.0 (all lines on one another
+    in both judge charts), over six epochs: each chart point can still be seen, and the
+    page does not scroll sideways at 1280 px."""
+    user = f"report-{uuid.uuid4().hex[:6]}"
+    md = stack.metadata(user)
+    run = await create_run(writer_stub, md, name="many-criteria", config=NO_JUDGING)
+    items = [item(epoch * 10, sample, epoch=epoch, prediction="yes", ground_truth="yes")
+             for epoch in range(1, 7) for sample in range(2)]
+    await writer_stub.WritePredictions(writer_pb2.WritePredictionsRequest(
+        run_id=run.id, predictions=items), metadata=md)
+    await writer_stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id), metadata=md)
+    await settled(stack, run.id)
+    await insert_rows(stack, judgments_table, [
+        judgment_row(run.id, user, sent.epoch, sent.step, sent.sample_index, name, RULE, 1.0,
+                     0.5) for sent in items for name in MANY])
+    output = tmp_path / "many.html"
+    result = await run_cli(stack, user, "report", run.id, "-o", str(output))
+    assert result.exit_code == 0, result.output
+    browser.set_window_size(1280, 1600)
+    browser.get(output.as_uri())
+    assert texts(browser, "svg.chart", "data-chart") == ["exact", "mean-1", "pass"]
+    assert [len(texts(browser, f'figure[data-chart="{c}"] .legend li')) for c in
+            ("exact", "mean-1", "pass")] == [1, 9, 9]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart .pt")) == 6 * (1 + 9 + 9)
+    assert browser.execute_script(HIDDEN_POINTS_JS) == []
+    widths = browser.execute_script(
+        "const d = document.documentElement; return [d.scrollWidth, d.clientWidth];")
+    assert widths[0] <= widths[1], widths
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
 @ON_POSTGRES
