@@ -11,7 +11,8 @@ const DASHES = [null, "7 4", "2 3", "9 3 2 3", "4 4"];
 const SHAPES = ["circle", "square", "triangle", "diamond", "down", "cross"];
 const BOX = {width: 560, height: 250, left: 56, right: 14, top: 14, bottom: 38};
 const DODGE_PX = 4;
-const MARKED_POINTS = 40;
+const MARKED_POINTS = 40;  // markers of full size per series; the others are small dots
+const MAX_POINTS_DRAWN = 250;  // longer series: only the full-size markers (hover: the readout)
 
 export function seriesStyle(index) {
   return {color: COLORS[index % COLORS.length], dash: DASHES[index % DASHES.length],
@@ -115,12 +116,15 @@ function drawSeries(root, spec, series, index, s) {
   if (coords.length > 1) {
     group.append(svg("path", {class: "line", "data-series": series.key, fill: "none",
       stroke: style.color, "stroke-width": style.width, "stroke-dasharray": style.dash,
-      d: coords.map(([x, y], i) => (i ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1)).join("")}));
+      d: coords.map(([x, y], i) => (i ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1))
+        .join("")}));
   }
   const every = Math.max(1, Math.ceil(series.points.length / MARKED_POINTS));
+  const dense = series.points.length > MAX_POINTS_DRAWN;
   series.points.forEach((p, i) => {
     const last = i === series.points.length - 1;
     const marked = i % every === 0 || last;
+    if (dense && !marked) return;
     group.append(svg("path", {class: marked ? "pt" : "pt minor", "data-series": series.key,
       "data-x": p.x, "data-y": p.y, fill: style.shape === "cross" ? "none" : style.color,
       stroke: style.color, "stroke-width": 1.5,
