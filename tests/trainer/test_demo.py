@@ -253,3 +253,14 @@ def test_demo_refuses_to_train_without_the_services(tmp_path, monkeypatch, capsy
     assert "epochlens up" in out and "exact matches" not in out
     assert "demo: starting" not in out
     assert not (tmp_path / ".epochlens").exists()
+
+
+def test_epochlens_up_on_a_running_stack_starts_nothing(demo_stack):
+    """`epochlens up` again: refused, naming what runs, and the running stack untouched."""
+    before = stack_pids()
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "up"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: already running: judge (pid ")
+    assert done.stderr.rstrip().endswith("nothing was started (`epochlens down` stops them)")
+    assert stack_pids() == before
