@@ -403,6 +403,10 @@ def check_sample_view(driver, base: str, run_id: str) -> None:
     assert verdicts == ["fail", "fail", "pass", "pass"]
     assert_labelled(driver)
     check_inert(driver)
+    driver.find_element(By.CSS_SELECTOR, ".pred-card").send_keys(Keys.ARROW_DOWN)
+    assert driver.switch_to.active_element.get_attribute("data-epoch") == "2"
+    driver.switch_to.active_element.send_keys(Keys.END)
+    assert driver.switch_to.active_element.get_attribute("data-epoch") == str(EPOCHS)
     driver.find_element(By.ID, "next-sample").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "sample-truth").text == "answer 8",
              what="next sample")

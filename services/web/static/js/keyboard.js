@@ -2,22 +2,34 @@
 // it), ArrowDown / ArrowUp move to the next / previous item, Home / End to the first / last,
 // Enter opens it.
 
+const MOVES = {ArrowDown: (i) => i + 1, ArrowUp: (i) => i - 1, Home: () => 0,
+  End: (i, n) => n - 1};
+
+function onKey(event, items, onOpen) {
+  const i = items.indexOf(event.target);
+  if (i < 0) return;
+  if (event.key in MOVES) {
+    const next = MOVES[event.key](i, items.length);
+    items[Math.max(0, Math.min(items.length - 1, next))].focus();
+    event.preventDefault();
+  } else if (event.key === "Enter" && onOpen) {
+    onOpen(items[i]);
+    event.preventDefault();
+  }
+}
+
+// A fixed list of items (a table's rows).
 export function navigable(items, onOpen) {
-  items.forEach((item, i) => {
+  for (const item of items) {
     item.tabIndex = 0;
-    item.addEventListener("keydown", (event) => {
-      if (event.target !== item) return;
-      const moves = {ArrowDown: i + 1, ArrowUp: i - 1, Home: 0, End: items.length - 1};
-      if (event.key in moves) {
-        const next = items[Math.max(0, Math.min(items.length - 1, moves[event.key]))];
-        next.focus();
-        event.preventDefault();
-      } else if (event.key === "Enter" && onOpen) {
-        onOpen(item);
-        event.preventDefault();
-      }
-    });
-  });
+    item.addEventListener("keydown", (event) => onKey(event, items, onOpen));
+  }
+}
+
+// Items matching `selector` inside `container`, now and added later (one listener).
+export function navigableWithin(container, selector, onOpen) {
+  container.addEventListener("keydown", (event) =>
+    onKey(event, [...container.querySelectorAll(selector)], onOpen));
 }
 
 // Whether a key press belongs to a form control (and should not be taken as a shortcut).

@@ -4,7 +4,7 @@
 // number field, and the arrow keys (outside form fields) switch samples.
 import * as api from "./api.js";
 import {diffNode} from "./diff.js";
-import {navigable, typingIn} from "./keyboard.js";
+import {navigableWithin, typingIn} from "./keyboard.js";
 import {button, DASH, el, exactMatch, field, num, shortNumber} from "./dom.js";
 
 const PAGE_SIZE = 20;
@@ -30,7 +30,8 @@ function matchMarker(prediction, truth) {
 
 function predictionCard(p, previous, truth) {
   const text = p.prediction || "";
-  const card = el("li", {class: "pred-card", "data-epoch": num(p.epoch), "data-step": num(p.step)},
+  const card = el("li", {class: "pred-card", tabindex: 0, "data-epoch": num(p.epoch),
+    "data-step": num(p.step)},
     el("div", {class: "pred-head"},
       el("span", {class: "pred-label"}, `Epoch ${num(p.epoch)}`),
       el("span", {class: "pred-meta"}, `step ${num(p.step)}` +
@@ -89,7 +90,6 @@ async function loadPages(ctx, runId, index, list, state) {
     list.append(predictionCard(p, state.previous, page.groundTruth));
     state.previous = p.prediction || "";
   }
-  navigable([...list.children]);
   state.token = page.nextPageToken || "";
   return page;
 }
@@ -99,6 +99,7 @@ export async function sampleView(ctx, runId, index) {
     api.allPages(api.runPath(runId, "/epochs"), {}, "epochs")]);
   const count = epochs.reduce((most, e) => Math.max(most, num(e.predictionCount)), 0);
   const list = el("ol", {class: "predictions", id: "prediction-list"});
+  navigableWithin(list, ".pred-card");
   const state = {token: "", previous: null};
   const first = await loadPages(ctx, runId, index, list, state);
   if (!ctx.alive()) return;
