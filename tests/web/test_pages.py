@@ -43,6 +43,7 @@ WAIT_S = 10.0
 LIVE_WAIT_S = 2.0  # the target: a committed epoch visible on the open page within 2 s
 EPOCHS, SAMPLES, STEPS_PER_EPOCH = 4, 12, 10
 RUNS_PAGE = 20  # runs per page of the runs list (services/web/static/js/runs.js)
+SAMPLE_PAGE = 20  # epochs per page of the sample view (services/web/static/js/sample.js)
 HOSTILE = ('<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
            '<a href="javascript:window.__pwned = 3">click me</a>')
 HOSTILE_AT = (2, 7)  # (epoch, sample) of the prediction written in HTML
@@ -617,3 +618,37 @@ async def test_runs_list_pages_with_tokens(stack, web, browser):
     names = [f"paged-{i:02d}" for i in reversed(range(RUNS_PAGE + 2))]  # newest first
     await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
     await in_browser(check_runs_paging, browser, web.url, names)
+
+
+def check_long_sample(driver, base: str, run_id: str, epochs: int) -> None:
+    driver.get(f"{base}/runs/{run_id}/samples/0")
+    wait_for(driver, lambda d: count(d, "#prediction-list .pred-card") == SAMPLE_PAGE,
+             what="first page of the sample's epochs")
+    more = driver.find_element(By.ID, "more-epochs")
+    assert more.is_displayed()
+    more.click()
+    wait_for(driver, lambda d: count(d, "#prediction-list .pred-card") == epochs,
+             what="every epoch after Load more")
+    assert not driver.find_element(By.ID, "more-epochs").is_displayed()
+    assert texts(driver, "#prediction-list .pred-card", "data-epoch") == [
+        str(e) for e in range(1, epochs + 1)]
+    # the first card of the second page is diffed against the last one of the first page
+    first_of_next = f'#prediction-list .pred-card[data-epoch="{SAMPLE_PAGE + 1}"]'
+    assert texts(driver, first_of_next + ' [data-op="removed"]', "textContent") == [
+        f"{SAMPLE_PAGE}"]
+    assert texts(driver, first_of_next + ' [data-op="added"]', "textContent") == [
+        f"{SAMPLE_PAGE + 1}"]
+
+
+async def test_sample_view_loads_more_epochs(stack, web, browser):
+    user = f"web-long-{uuid.uuid4().hex[:6]}"
+    md = stack.metadata(user)
+    epochs = SAMPLE_PAGE + 3
+    async with grpc.aio.insecure_channel(stack.writer.address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        run = await create_run(stub, md, name="long", config=RULES)
+        await stub.WritePredictions(writer_pb2.WritePredictionsRequest(run_id=run.id, predictions=[
+            item(e, 0, epoch=e, prediction=f"try number {e}") for e in range(1, epochs + 1)]),
+            metadata=md)
+    await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
+    await in_browser(check_long_sample, browser, web.url, run.id, epochs)
