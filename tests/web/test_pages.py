@@ -346,6 +346,10 @@ def check_predictions_table(driver) -> None:
              what="epoch filter, second page")
     assert not driver.find_element(By.ID, "pred-next").is_enabled()
     assert no_horizontal_scroll(driver)
+    driver.find_element(By.CSS_SELECTOR, '#epochs-table tr[data-epoch="4"]').send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: table_rows(d, "#pred-table", cols) == [
+        ("4", str(s)) for s in range(10)], what="Enter on an epoch row lists its predictions")
+    assert Select(driver.find_element(By.ID, "pred-epoch")).first_selected_option.text == "epoch 4"
 
 
 async def test_run_page_charts_epochs_and_predictions(stack, seeded, web, browser):
