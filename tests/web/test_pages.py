@@ -475,9 +475,14 @@ def compared(driver) -> list[tuple[str, str]]:
 
 
 def check_compare(driver, base: str, seeded: Seeded) -> None:
-    driver.get(f"{base}/compare?a={seeded.alpha}&b={seeded.beta}")
+    driver.get(f"{base}/compare")
+    wait_for(driver, lambda d: d.find_elements(By.ID, "run-b"), what="run pickers")
+    Select(driver.find_element(By.ID, "run-a")).select_by_value(seeded.alpha)
+    Select(driver.find_element(By.ID, "run-b")).select_by_value(seeded.beta)
+    driver.find_element(By.CSS_SELECTOR, '#compare-form button[type="submit"]').click()
     wait_for(driver, lambda d: count(d, "#compare-sample tbody tr") == EPOCHS,
              what="compare page")
+    assert driver.current_url == f"{base}/compare?a={seeded.alpha}&b={seeded.beta}&sample=0"
     assert table_rows(driver, "#compare-epochs", ("epoch", "exact-a", "exact-b")) == [
         ("1", "25.0%", "16.7%"), ("2", "50.0%", "33.3%"), ("3", "75.0%", "50.0%"),
         ("4", "100.0%", "\u2013")]
