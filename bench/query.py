@@ -48,7 +48,13 @@ TEXT_ALPHABET = string.ascii_lowercase + "      "
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    return build_parser(__doc__).parse_args()
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the seeded store, its measurement and the stack (bench/web.py adds
+    its own to them)."""
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--runs", type=int, default=50, help="runs to seed (default %(default)s)")
@@ -65,7 +71,7 @@ def parse_args() -> argparse.Namespace:
         help="parallel COPY connections while seeding (default %(default)s)")
     add_measure_args(p)
     add_stack_args(p)
-    return p.parse_args()
+    return p
 
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:
