@@ -36,7 +36,7 @@ from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from services.common.auth import mint_token
 from services.judge.models import judgments_table
 from tests.helpers import create_run, item
-from tests.integration.test_query_judgments import insert_rows, llm_row, settled
+from tests.integration.test_query_judgments import NO_JUDGING, insert_rows, llm_row, settled
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT_S = 10.0
@@ -661,3 +661,34 @@ async def test_sample_view_loads_more_epochs(stack, web, browser):
             metadata=md)
     await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
     await in_browser(check_long_sample, browser, web.url, run.id, epochs)
+
+
+def check_exact_from_trainer(driver, base: str, run_id: str) -> None:
+    driver.get(f"{base}/runs/{run_id}")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pred-table tbody tr"),
+             what="run page rendered")
+    assert texts(driver, '[data-chart="exact"] path.pt', "data-y") == ["0.5", "0.75"]
+    assert texts(driver, '[data-chart="exact"] .chart-note') == [
+        "From the trainer pass (epochlens/exact_match)."]
+    assert table_rows(driver, "#epochs-table", ("epoch", "exact")) == [
+        ("1", "50.0%"), ("2", "75.0%")]
+    assert count(driver, '[data-chart="pass"]') == 0  # nothing judged
+
+
+async def test_exact_match_from_the_trainer_metric_without_a_judge(stack, web, browser):
+    """Without judging, the exact-match rate per epoch is the trainer client's pass metric
+    at each epoch's predictions step."""
+    user = f"web-nojudge-{uuid.uuid4().hex[:6]}"
+    md = stack.metadata(user)
+    async with grpc.aio.insecure_channel(stack.writer.address) as channel:
+        stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
+        run = await create_run(stub, md, name="no-judge", config=NO_JUDGING)
+        await stub.WritePredictions(writer_pb2.WritePredictionsRequest(run_id=run.id, predictions=[
+            item(e * STEPS_PER_EPOCH, s, epoch=e) for e in (1, 2) for s in range(2)]),
+            metadata=md)
+        await stub.WriteMetrics(writer_pb2.WriteMetricsRequest(run_id=run.id, metrics=[
+            writer_pb2.MetricInput(step=e * STEPS_PER_EPOCH, name="epochlens/exact_match",
+                                   value=rate) for e, rate in ((1, 0.5), (2, 0.75))]),
+            metadata=md)
+    await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
+    await in_browser(check_exact_from_trainer, browser, web.url, run.id)
