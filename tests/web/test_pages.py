@@ -580,12 +580,15 @@ async def test_live_epoch_appears_without_reload(stack, web, browser):
         # the judge scores the epoch after its commit: its point follows once judged
         await in_browser(wait_live, browser, lambda d: live_exact_rates(d) == ["0.25", "0.5"],
                          "epoch 2 exact-match point once judged", WAIT_S)
-        assert await in_browser(table_rows, browser, "#epochs-table", ("epoch", "exact")) == [
-            ("1", "25.0%"), ("2", "50.0%")]
+        await in_browser(wait_for, browser, lambda d: table_rows(
+            d, "#epochs-table", ("epoch", "exact")) == [("1", "25.0%"), ("2", "50.0%")],
+            WAIT_S, "epochs table with both exact-match rates")
         await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run_id), metadata=md)
         await in_browser(wait_live, browser, lambda d: d.find_element(
             By.ID, "live-status").text == "The run finished.", "finished shown")
-        assert await in_browser(lambda: texts(browser, '[data-fact="State"]')) == ["finished"]
+        await in_browser(wait_for, browser,
+                         lambda d: texts(d, '[data-fact="State"]') == ["finished"], WAIT_S,
+                         "finished in the header")
 
 
 async def test_live_page_says_when_the_run_failed(stack, web, browser):
@@ -601,7 +604,9 @@ async def test_live_page_says_when_the_run_failed(stack, web, browser):
             run_id=run_id, state=common_pb2.RUN_STATE_FAILED), metadata=md)
         await in_browser(wait_live, browser, lambda d: d.find_element(
             By.ID, "live-status").text == "The run failed.", "failed shown")
-        assert await in_browser(lambda: texts(browser, '[data-fact="State"]')) == ["failed"]
+        await in_browser(wait_for, browser,
+                         lambda d: texts(d, '[data-fact="State"]') == ["failed"], WAIT_S,
+                         "failed in the header")
 
 
 def check_runs_paging(driver, base: str, names: list[str]) -> None:
@@ -667,6 +672,10 @@ def check_exact_from_trainer(driver, base: str, run_id: str) -> None:
     driver.get(f"{base}/runs/{run_id}")
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pred-table tbody tr"),
              what="run page rendered")
+    # the page re-reads the summary while the judge has tasks of the run (here: none to
+    # store), redrawing the charts; read them once it is done
+    wait_for(driver, lambda d: texts(d, '[data-fact="Judging"]') == ["up to date"],
+             what="judging up to date")
     assert texts(driver, '[data-chart="exact"] path.pt', "data-y") == ["0.5", "0.75"]
     assert texts(driver, '[data-chart="exact"] .chart-note') == [
         "From the trainer pass (epochlens/exact_match)."]
