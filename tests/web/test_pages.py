@@ -553,7 +553,8 @@ def open_live_page(driver, base: str, run_id: str) -> None:
     wait_for(driver, lambda d: live_row_and_point(d, 1), what="live run page")
     wait_for(driver, lambda d: d.find_element(By.ID, "live-status").text.startswith("Live:"),
              what="live stream open")
-    driver.execute_script("window.__sameDocument = true")
+    driver.execute_script("window.__sameDocument = true;"
+                          "document.querySelector('#epochs-table tr[data-epoch=\"1\"]').focus()")
 
 
 def wait_live(driver, condition: Callable, what: str, timeout: float = LIVE_WAIT_S) -> float:
@@ -577,6 +578,9 @@ async def test_live_epoch_appears_without_reload(stack, web, browser):
         elapsed = await in_browser(wait_live, browser, lambda d: live_row_and_point(d, 2),
                                    "epoch 2 row and its loss points")
         assert elapsed < LIVE_WAIT_S
+        focused = await in_browser(browser.execute_script,
+                                   "return document.activeElement.dataset.epoch")
+        assert focused == "1"  # the redrawn table kept the keyboard focus
         # the judge scores the epoch after its commit: its point follows once judged
         await in_browser(wait_live, browser, lambda d: live_exact_rates(d) == ["0.25", "0.5"],
                          "epoch 2 exact-match point once judged", WAIT_S)

@@ -94,8 +94,12 @@ function renderCharts(model, ui) {
   if (ui.metricPicker) ui.charts.append(ui.metricPicker);
 }
 
+// Redrawn on live updates: a focused row keeps the focus.
 function renderEpochs(model, ui) {
+  const row = document.activeElement && document.activeElement.closest &&
+    document.activeElement.closest("#epochs-table tr[data-epoch]");
   clear(ui.epochs).append(epochsTable(model, (epoch) => ui.predictions.showEpoch(epoch)));
+  if (row) ui.epochs.querySelector(`tr[data-epoch="${Number(row.dataset.epoch)}"]`)?.focus();
 }
 
 function criteriaOf(summary) {
@@ -117,17 +121,18 @@ function buildPage(ctx, model) {
 
 // Re-reads the run summary (judge results land after their predictions): soon after an
 // epoch event or the end of the run, then again while the judge has predictions of the run
-// left to judge. Returns schedule(delayMs).
-function summaryRefresher(ctx, model, redraw) {
+// left to judge (the charts and tables are redrawn only when the judged numbers changed).
+// Returns schedule(delayMs).
+function summaryRefresher(ctx, model, redraw, renderHeaderOnly) {
   let timer = null;
   const refresh = async () => {
     timer = null;
     const summary = await api.get(api.runPath(model.run.id, "/summary"));
     if (!ctx.alive()) return;
-    if (JSON.stringify(summary) !== JSON.stringify(model.summary)) {
-      model.summary = summary;
-      redraw();
-    }
+    const rowsChanged = JSON.stringify(summary.rows) !== JSON.stringify(model.summary.rows);
+    model.summary = summary;
+    if (rowsChanged) redraw();
+    else renderHeaderOnly();
     if (judgingPending(summary) && timer === null) schedule(JUDGING_POLL_MS);
   };
   const schedule = (delay) => {
@@ -149,7 +154,7 @@ export async function runView(ctx, runId) {
     renderEpochs(model, ui);
   };
   redraw();
-  const refreshSummary = summaryRefresher(ctx, model, redraw);
+  const refreshSummary = summaryRefresher(ctx, model, redraw, () => renderHeader(model, ui));
   if (judgingPending(model.summary)) refreshSummary(JUDGING_POLL_MS);
   await ui.predictions.load();
   if (model.run.state === RUNNING) ctx.onLeave(watch(ctx, model, ui, redraw, refreshSummary));
