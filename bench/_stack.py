@@ -80,6 +80,25 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
                    help="wait for a service to exit after SIGTERM (default %(default)s)")
 
 
+def rollup_statements(schema: str, widths: Sequence[int]) -> list[str]:
+    """SQL that builds the metric rollups the writer keeps (schema.metric_rollups) from the
+    metrics a benchmark loaded by COPY: aggregates per width, then each bucket's last point
+    (the same statements as writer migration 0005's backfill)."""
+    metrics, rollups = f"{schema}.metrics", f"{schema}.metric_rollups"
+    statements = [
+        f"INSERT INTO {rollups} (run_id, name, width, bucket, user_id, count, min_value, "
+        f"max_value, last_step, last_value, last_epoch, last_wall_time) "
+        f"SELECT run_id, name, {width}, step / {width}, min(user_id), count(*), min(value), "
+        f"max(value), max(step), 0, NULL, min(wall_time) FROM {metrics} "
+        f"GROUP BY run_id, name, step / {width}" for width in widths]
+    last = (f"FROM {metrics} m WHERE m.run_id = {rollups}.run_id AND m.name = {rollups}.name "
+            f"AND m.step = {rollups}.last_step")
+    statements.append(f"UPDATE {rollups} SET last_value = (SELECT m.value {last}), "
+                      f"last_epoch = (SELECT m.epoch {last}), "
+                      f"last_wall_time = (SELECT m.wall_time {last})")
+    return statements
+
+
 def free_port(host: str) -> int:
     """A port that was free a moment ago (bind to port 0, read it, release it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
-from _stack import add_stack_args, bench_stack, percentile
+from _stack import add_stack_args, bench_stack, percentile, rollup_statements
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc
-from services.writer.models import SCHEMA
+from services.writer.models import ROLLUP_WIDTHS, SCHEMA
 
 RUN_COLUMNS = ("id", "user_id", "name", "model_name", "dataset_name", "config", "state",
                "request_id", "create_time", "finish_time")
@@ -70,6 +70,8 @@ async def seed(admin_dsn: str, args: argparse.Namespace) -> tuple[str, float]:
         await conn.copy_records_to_table("metrics", schema_name=SCHEMA,
                                          columns=list(METRIC_COLUMNS),
                                          records=metric_records(run_id, args))
+        for statement in rollup_statements(SCHEMA, ROLLUP_WIDTHS):  # what the writer keeps
+            await conn.execute(statement)
         await conn.execute(f"{'VACUUM ' if args.vacuum else ''}ANALYZE")
     finally:
         await conn.close()

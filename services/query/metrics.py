@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from epochlens.v1 import query_pb2
 from services.common.convert import timestamp
+from services.writer.models import ROLLUP_WIDTHS, metric_rollups_table
 from services.writer.models import metrics_table as M
 
 # Steps looked up per statement when the last rows of the buckets are read.
@@ -64,9 +65,11 @@ async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, 
                       budget: int, response: query_pb2.ListMetricsResponse) -> None:
     """One series: its stored values, or its step buckets when there are more than budget.
     The step span comes from the index's ends; the values are read once when the span fits
-    the budget, and otherwise aggregated in one pass (read again only when the buckets
-    turn out to hold no more values than the budget: a sparse series is kept whole). A
-    name without values in the range has no series."""
+    the budget. Otherwise the buckets come from the writer's rollups when the whole series
+    is asked for and they are wide enough, else from one aggregating pass over the values
+    in the range; the values are read again only when the buckets turn out to hold no more
+    values than the budget (a sparse series is kept whole). A name without values in the
+    range has no series."""
     first, last = (await conn.execute(
         select(func.min(M.c.step), func.max(M.c.step))
         .where(*_in_range(query, user_id), M.c.name == name))).one()
@@ -74,7 +77,10 @@ async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, 
         return
     width = math.ceil((last - first + 1) / budget)
     if width > 1:
-        buckets = await _buckets(conn, user_id, query, name, first, width)
+        rolled = (await _rolled_up(conn, user_id, query, name, (first, last), budget)
+                  if query.start_step is None and query.end_step is None else None)
+        width, buckets = rolled or (width, await _buckets(conn, user_id, query, name, first,
+                                                          width))
         stored = sum(row[-1] for row in buckets)
         if stored > budget:
             series = response.series.add(name=name, stored_count=stored, downsampled=True,
@@ -84,6 +90,41 @@ async def _add_series(conn: AsyncConnection, user_id: str, query: MetricsQuery, 
     points = await _all_points(conn, user_id, query, name)
     series = response.series.add(name=name, stored_count=len(points), bucket_steps=1)
     _add_points(series, points)
+
+
+async def _rolled_up(conn: AsyncConnection, user_id: str, query: MetricsQuery, name: str,
+                     span: tuple[int, int], budget: int) -> tuple[int, list[tuple]] | None:
+    """(width, buckets as _buckets gives them) from the writer's rollups: the rows of the
+    widest rollup width that is not wider than the buckets need, merged into buckets of a
+    multiple of it (aligned on multiples of the width, at most `budget` of them). Reads
+    at most about budget * 10 rows whatever the series' length. None when the buckets need
+    less than the narrowest rollup width."""
+    first, last = span
+    need = math.ceil((last - first + 1) / budget)
+    levels = [width for width in ROLLUP_WIDTHS if width <= need]
+    if not levels:
+        return None
+    level = levels[-1]
+    width = level * math.ceil(need / level)
+    while last // width - first // width + 1 > budget:
+        width += level
+    R = metric_rollups_table.c
+    rows = (await conn.execute(
+        select(R.bucket, R.count, R.min_value, R.max_value, R.last_step, R.last_value,
+               R.last_epoch, R.last_wall_time)
+        .where(R.run_id == query.run_id, R.user_id == user_id, R.name == name,
+               R.width == level).order_by(R.bucket))).all()
+    if not rows:  # values stored without the writer (a bulk load): aggregate them instead
+        return None
+    merged: dict[int, list] = {}
+    for bucket, count, low, high, *last_point in rows:
+        into = merged.get(bucket * level // width)
+        if into is None:
+            merged[bucket * level // width] = [*last_point, low, high, count]
+        else:  # rows come in step order: this one's last point is the later one
+            into[:4] = last_point
+            into[4], into[5], into[6] = min(into[4], low), max(into[5], high), into[6] + count
+    return width, [tuple(merged[key]) for key in sorted(merged)]
 
 
 async def run_names(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> list[str]:

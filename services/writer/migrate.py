@@ -36,7 +36,7 @@ async def migrate(settings: MigrateSettings) -> None:
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
-                 "metrics": "SELECT, INSERT",
+                 "metrics": "SELECT, INSERT", "metric_rollups": "SELECT, INSERT, UPDATE",
                  "api_keys": "SELECT, INSERT, UPDATE (revoke_time, last_used_time)"}
 # API keys: only revoke_time and last_used_time may change (a key never moves to another
 # user, even in a transaction that knows its hash), no DELETE (a revoked key's row is
@@ -44,7 +44,7 @@ WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELEC
 # The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
 # is waiting, and why.
 READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",
-                 "judge_outbox": "SELECT", "metrics": "SELECT"}
+                 "judge_outbox": "SELECT", "metrics": "SELECT", "metric_rollups": "SELECT"}
 
 
 async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> None:

@@ -139,6 +139,32 @@ class MetricRow(WriterBase):
     __table_args__ = (Index(None, "run_id", "name", "step"),)
 
 
+# Step widths of the metric rollups (bucket = step // width); migration 0005 has them too.
+ROLLUP_WIDTHS = (10, 100, 1000, 10000)
+
+
+class MetricRollupRow(WriterBase):
+    """Per (run, name, width, bucket of steps): count, minimum, maximum and the last point
+    of the metric's values in the bucket. Kept by the writer in the transaction that stores
+    the values (services.writer.repository.MetricWrite); ListMetrics reads long series
+    from it (services.query.metrics)."""
+
+    __tablename__ = "metric_rollups"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    width: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(BigInteger)
+    min_value: Mapped[float] = mapped_column(Float(precision=53))
+    max_value: Mapped[float] = mapped_column(Float(precision=53))
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    last_value: Mapped[float] = mapped_column(Float(precision=53))
+    last_epoch: Mapped[float | None] = mapped_column(Float(precision=53))
+    last_wall_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class ApiKeyRow(WriterBase):
     """A user's API key: only its hash (HMAC-SHA-256 with the writer's pepper) and a short
     prefix to recognise it by are stored; ExchangeApiKey trades the key for a token."""
@@ -163,4 +189,5 @@ predictions_table = PredictionRow.__table__
 epochs_table = EpochRow.__table__
 judge_outbox_table = JudgeOutboxRow.__table__
 metrics_table = MetricRow.__table__
+metric_rollups_table = MetricRollupRow.__table__
 api_keys_table = ApiKeyRow.__table__

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, text, tuple_, update
+from sqlalchemy import Row, case, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -16,9 +16,11 @@ from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
 from services.writer.models import (
     COMMIT_CHANNEL,
+    ROLLUP_WIDTHS,
     SCHEMA,
     epochs_table,
     judge_outbox_table,
+    metric_rollups_table,
     metrics_table,
     predictions_table,
     runs_table,
@@ -144,12 +146,16 @@ class MetricWrite:
         if not rows:
             return
         rows.sort(key=lambda row: (row["run_id"], row["step"], row["name"]))
+        table = metrics_table.c
         stmt = (_insert(conn, metrics_table).on_conflict_do_nothing()
-                .returning(metrics_table.c.step))
-        inserted = len((await conn.execute(stmt, rows)).all())
+                .returning(table.run_id, table.step, table.name))
+        keys = {tuple(key) for key in (await conn.execute(stmt, rows)).all()}
         # A key a concurrent transaction stored first: counted as a duplicate.
-        self.inserted += inserted
-        self.duplicates += len(rows) - inserted
+        self.inserted += len(keys)
+        self.duplicates += len(rows) - len(keys)
+        if keys:
+            await _roll_up(conn, [row for row in rows
+                                  if (row["run_id"], row["step"], row["name"]) in keys])
 
 
 def _value_and_epoch(metric: writer_pb2.MetricInput) -> tuple[float, float | None]:
@@ -169,6 +175,49 @@ async def _stored_metrics(conn: AsyncConnection, keys: list[_MetricKey]
         for run_id, step, name, value, epoch in result:
             found[(run_id, step, name)] = (value, epoch)
     return found
+
+
+async def _roll_up(conn: AsyncConnection, rows: list[dict]) -> None:
+    """Adds newly stored metric values to their rollup buckets at every width (one upsert
+    statement, buckets in key order so concurrent writers lock them in the same order)."""
+    buckets: dict[tuple, dict] = {}
+    for row in rows:
+        for width in ROLLUP_WIDTHS:
+            key = (row["run_id"], row["name"], width, row["step"] // width)
+            bucket = buckets.get(key)
+            if bucket is None:
+                buckets[key] = _new_bucket(key, row)
+            else:
+                _add_to_bucket(bucket, row)
+    R = metric_rollups_table.c
+    stmt = _insert(conn, metric_rollups_table)
+    new = stmt.excluded
+    low, high = ((func.least, func.greatest) if is_postgres(conn) else (func.min, func.max))
+    later = new.last_step > R.last_step
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[R.run_id, R.name, R.width, R.bucket],
+        set_={"count": R.count + new.count, "min_value": low(R.min_value, new.min_value),
+              "max_value": high(R.max_value, new.max_value),
+              **{column: case((later, getattr(new, column)), else_=getattr(R, column))
+                 for column in ("last_step", "last_value", "last_epoch", "last_wall_time")}})
+    await conn.execute(stmt, [buckets[key] for key in sorted(buckets)])
+
+
+def _new_bucket(key: tuple, row: dict) -> dict:
+    run_id, name, width, bucket = key
+    return {"run_id": run_id, "name": name, "width": width, "bucket": bucket,
+            "user_id": row["user_id"], "count": 1, "min_value": row["value"],
+            "max_value": row["value"], "last_step": row["step"], "last_value": row["value"],
+            "last_epoch": row["epoch"], "last_wall_time": row["wall_time"]}
+
+
+def _add_to_bucket(bucket: dict, row: dict) -> None:
+    bucket["count"] += 1
+    bucket["min_value"] = min(bucket["min_value"], row["value"])
+    bucket["max_value"] = max(bucket["max_value"], row["value"])
+    if row["step"] > bucket["last_step"]:
+        bucket.update(last_step=row["step"], last_value=row["value"], last_epoch=row["epoch"],
+                      last_wall_time=row["wall_time"])
 
 
 def _metric_row(user_id: str, key: _MetricKey, metric: writer_pb2.MetricInput) -> dict:
