@@ -23,6 +23,7 @@ import grpc
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import (
+    NoAlertPresentException,
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
@@ -44,8 +45,9 @@ LIVE_WAIT_S = 2.0  # the issue's target: a committed epoch visible on the open p
 EPOCHS, SAMPLES, STEPS_PER_EPOCH = 4, 12, 10
 RUNS_PAGE = 20  # runs per page of the runs list (services/web/static/js/runs.js)
 SAMPLE_PAGE = 20  # epochs per page of the sample view (services/web/static/js/sample.js)
-HOSTILE = ('<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-           '<a href="javascript:window.__pwned = 3">click me</a>')
+HOSTILE = ('<script>alert(1); window.__pwned = 1</script>'
+           '<img src=x onerror="alert(2); window.__pwned = 2">'
+           '<a href="javascript:alert(3); window.__pwned = 3">click me</a>')
 HOSTILE_AT = (2, 7)  # (epoch, sample) of the prediction written in HTML
 HTML_REASONING = '<img src=x onerror="window.__pwned = 4"><b>bold</b> reasoning'
 RULES = {"judge": {"rules": {"criteria": ["exact_match", "chrf"]}}}
@@ -426,10 +428,21 @@ def check_sample_view(driver, base: str, run_id: str) -> None:
     assert reasons == [HTML_REASONING]
     check_inert(driver)
     assert no_horizontal_scroll(driver)
+    driver.get(f"{base}/runs/{run_id}/samples/{SAMPLES}")
+    wait_for(driver, lambda d: d.find_element(By.ID, "sample-missing"), what="no such sample")
+    assert driver.find_element(By.ID, "sample-missing").text == (
+        f"This run has no predictions for sample {SAMPLES}.")
+    assert driver.find_element(By.ID, "prev-sample").is_enabled()
+    severe = severe_logs(driver)  # the browser logs the 404 that said so; nothing else failed
+    assert len(severe) == 1 and f"/samples/{SAMPLES}?" in severe[0]["message"], severe
+    assert "404 (Not Found)" in severe[0]["message"]
 
 
 def check_inert(driver) -> None:
-    """No script of the model's text ran and none of its markup became elements."""
+    """No script of the model's text ran (no alert open, nothing set) and none of its markup
+    became elements."""
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text  # noqa: B018 (raises when no alert is open)
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     assert driver.execute_script(
         "return document.querySelectorAll('main img, main script, main b, "

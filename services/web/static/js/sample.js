@@ -94,6 +94,33 @@ async function loadPages(ctx, runId, index, list, state) {
   return page;
 }
 
+// The sample's first page, or null when the run has no such sample (404).
+async function firstPage(ctx, runId, index, list, state) {
+  try {
+    return await loadPages(ctx, runId, index, list, state);
+  } catch (err) {
+    if (err instanceof api.ApiError && err.status === 404 && !(err instanceof api.Unauthorized)) {
+      return null;
+    }
+    throw err;
+  }
+}
+
+function sampleBody(ctx, runId, index, list, state, first) {
+  if (first === null) {
+    return [el("p", {class: "empty", id: "sample-missing"},
+      `This run has no predictions for sample ${index}.`)];
+  }
+  const more = button("Load more epochs", {id: "more-epochs", hidden: !state.token});
+  more.addEventListener("click", () => loadPages(ctx, runId, index, list, state)
+    .then(() => { more.hidden = !state.token; }).catch(ctx.fail));
+  return [el("p", {class: "hint"}, "Words added since the previous epoch are underlined in " +
+    "green, removed ones struck through in red. Left and right arrow keys switch samples."),
+  el("div", {class: "sample-meta"}, textBlock("Prompt", "sample-prompt", first.prompt, ""),
+    textBlock("Ground truth", "sample-truth", first.groundTruth, "(no ground truth)")),
+  list, more];
+}
+
 export async function sampleView(ctx, runId, index) {
   const [run, epochs] = await Promise.all([api.get(api.runPath(runId)),
     api.allPages(api.runPath(runId, "/epochs"), {}, "epochs")]);
@@ -101,23 +128,16 @@ export async function sampleView(ctx, runId, index) {
   const list = el("ol", {class: "predictions", id: "prediction-list"});
   navigableWithin(list, ".pred-card");
   const state = {token: "", previous: null};
-  const first = await loadPages(ctx, runId, index, list, state);
+  const first = await firstPage(ctx, runId, index, list, state);
   if (!ctx.alive()) return;
   document.title = `Sample ${index} of ${run.name || runId} - epochlens`;
-  const more = button("Load more epochs", {id: "more-epochs", hidden: !state.token});
-  more.addEventListener("click", () => loadPages(ctx, runId, index, list, state)
-    .then(() => { more.hidden = !state.token; }).catch(ctx.fail));
   const form = samplePicker(ctx, runId, index, count);
   keyboardSwitch(ctx, form);
   ctx.main.append(el("nav", {class: "crumbs", "aria-label": "Breadcrumb"},
     el("a", {href: "/runs/" + encodeURIComponent(runId)}, run.name || runId), " / ",
     `sample ${index}`),
   section(`Sample ${index} across epochs`, "sample-section", form,
-    el("p", {class: "hint"}, "Words added since the previous epoch are underlined in green, " +
-      "removed ones struck through in red. Left and right arrow keys switch samples."),
-    el("div", {class: "sample-meta"}, textBlock("Prompt", "sample-prompt", first.prompt, ""),
-      textBlock("Ground truth", "sample-truth", first.groundTruth, "(no ground truth)")),
-    list, more));
+    ...sampleBody(ctx, runId, index, list, state, first)));
 }
 
 function section(title, id, ...children) {
