@@ -99,7 +99,7 @@ async function firstPage(ctx, runId, index, list, state) {
   try {
     return await loadPages(ctx, runId, index, list, state);
   } catch (err) {
-    if (err instanceof api.ApiError && err.status === 404 && !(err instanceof api.Unauthorized)) {
+    if (err instanceof api.ApiError && err.status === 404) {
       return null;
     }
     throw err;
