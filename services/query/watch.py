@@ -204,10 +204,23 @@ class WatchRead:
 
 
 def changes(read: WatchRead, cursor: WatchCursor) -> Iterator[query_pb2.WatchRunEvent]:
-    """The events of one read, updating `cursor` as each is produced."""
-    if read.run.state != cursor.state:
+    """The events of one read, updating `cursor` as each is produced. A changed run comes
+    first while it runs, and last once it is finished: the event that says finished is
+    the stream's last (a client may stop reading at it)."""
+    changed = read.run.state != cursor.state
+    running = read.run.state == common_pb2.RUN_STATE_RUNNING
+    if changed and running:
         cursor.state = read.run.state
         yield query_pb2.WatchRunEvent(run=run_to_proto(read.run))
+    yield from _data_changes(read, cursor)
+    if changed and not running:
+        cursor.state = read.run.state
+        yield query_pb2.WatchRunEvent(run=run_to_proto(read.run))
+    cursor.fresh = False
+
+
+def _data_changes(read: WatchRead, cursor: WatchCursor) -> Iterator[query_pb2.WatchRunEvent]:
+    """Epoch summaries that are new or grew, and new metric points, updating `cursor`."""
     resend = (cursor.epoch_totals is not None and cursor.epoch_totals
               != (len(read.epochs), sum(row.prediction_count for row in read.epochs)))
     if cursor.epoch_totals is not None:
@@ -223,7 +236,6 @@ def changes(read: WatchRead, cursor: WatchCursor) -> Iterator[query_pb2.WatchRun
         if rows:
             cursor.metric_steps[name] = rows[-1].step
             yield query_pb2.WatchRunEvent(metrics=_metric_update(name, rows))
-    cursor.fresh = False
 
 
 def _epoch(row) -> query_pb2.EpochSummary:

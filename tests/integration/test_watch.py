@@ -44,11 +44,11 @@ class Watch:
             run_id=run_id, resume_token=resume_token), metadata=md)
         self.events: list[query_pb2.WatchRunEvent] = []
 
-    async def until(self, predicate, timeout: float = 10.0) -> float:
+    async def until(self, predicate, wait_s: float = 10.0) -> float:
         """Reads events until predicate(event) holds for one; returns the seconds waited."""
         started = time.monotonic()
         while True:
-            event = await asyncio.wait_for(self.call.read(), timeout)
+            event = await asyncio.wait_for(self.call.read(), wait_s)
             assert event is not grpc.aio.EOF, "the watch ended before the expected event"
             self.events.append(event)
             if predicate(event):
@@ -195,3 +195,25 @@ async def test_one_notification_per_commit(stack, writer_stub):
     finally:
         await conn.close()
     assert heard == [run.id, run.id]
+
+
+async def test_finished_event_comes_after_the_last_commits(stack, writer_stub, query_stub):
+    """An epoch committed just before FinishRun (one read sees both) is sent before the
+    event that says finished, which is the stream's last."""
+    md = stack.metadata("alice")
+    run = await create_run(writer_stub, md)
+    await write(writer_stub, md, run.id, epoch_rows(0, 2, 10))
+    watch = Watch(query_stub, md, run.id)
+    try:
+        await watch.until(lambda e: kind(e) == "epoch")
+        await write(writer_stub, md, run.id, epoch_rows(1, 2, 20))
+        await writer_stub.FinishRun(writer_pb2.FinishRunRequest(
+            run_id=run.id, state=common_pb2.RUN_STATE_FAILED), metadata=md)
+        await watch.until(lambda e: kind(e) == "run" and e.run.state != 1)
+        assert await asyncio.wait_for(watch.call.read(), 10) is grpc.aio.EOF
+    finally:
+        watch.cancel()
+    after_start = watch.events[2:]
+    assert [kind(e) for e in after_start] == ["epoch", "run"]
+    assert after_start[0].epoch.epoch == 1
+    assert after_start[1].run.state == common_pb2.RUN_STATE_FAILED

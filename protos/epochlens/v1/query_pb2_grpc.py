@@ -173,7 +173,8 @@ class QueryServiceServicer:
         """Streams a run's changes as they are committed, so clients stop polling: first the run, its
         epoch summaries and the latest point of each metric (or, with a resume_token, only what
         changed since that event), then each state change, new or grown epoch and new metric
-        points. The stream ends after the event that shows the run finished.
+        points. The event that shows the run finished comes after everything committed before
+        it, and is the stream's last.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,7 +69,8 @@ class QueryServiceStub:
     """Streams a run's changes as they are committed, so clients stop polling: first the run, its
     epoch summaries and the latest point of each metric (or, with a resume_token, only what
     changed since that event), then each state change, new or grown epoch and new metric
-    points. The stream ends after the event that shows the run finished.
+    points. The event that shows the run finished comes after everything committed before
+    it, and is the stream's last.
     """
 
 @_typing.type_check_only
@@ -112,7 +113,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """Streams a run's changes as they are committed, so clients stop polling: first the run, its
     epoch summaries and the latest point of each metric (or, with a resume_token, only what
     changed since that event), then each state change, new or grown epoch and new metric
-    points. The stream ends after the event that shows the run finished.
+    points. The event that shows the run finished comes after everything committed before
+    it, and is the stream's last.
     """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -212,7 +214,8 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a run's changes as they are committed, so clients stop polling: first the run, its
         epoch summaries and the latest point of each metric (or, with a resume_token, only what
         changed since that event), then each state change, new or grown epoch and new metric
-        points. The stream ends after the event that shows the run finished.
+        points. The event that shows the run finished comes after everything committed before
+        it, and is the stream's last.
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
