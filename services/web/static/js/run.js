@@ -74,7 +74,10 @@ function renderHeader(model, ui) {
 }
 
 function otherMetricPicker(ctx, model, ui) {
-  const others = model.metricNames.filter((n) => !isLossName(n) && n !== EXACT_METRIC);
+  // the trainer's own metrics (learning rate, grad norm, ...) first, then epochlens' pass ones
+  const own = (n) => (n.startsWith("epochlens/") ? 1 : 0);
+  const others = model.metricNames.filter((n) => !isLossName(n) && n !== EXACT_METRIC)
+    .sort((a, b) => own(a) - own(b) || (a < b ? -1 : a > b ? 1 : 0));
   if (!others.length) return null;
   const picker = select("metric-name", others.map((n) => [n, n]), others[0]);
   const box = el("div", {class: "metric-box"});
