@@ -15,12 +15,12 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from epochlens.v1 import query_pb2, query_pb2_grpc
+from services.common.auth import mint_token
 from tests.conftest import JWT_SECRET
 from tests.web import test_pages as pages
 from tests.web.test_pages import count, in_browser, log_in, texts, wait_for
 
-pytest.importorskip("torch")
-from services.common.auth import mint_token  # noqa: E402
+pytest.importorskip("torch")  # the demo trains with it
 from trainer_client.demo import DemoSettings, main  # noqa: E402
 
 browser = pages.browser  # the same module-scoped fixture: one Chromium for this module

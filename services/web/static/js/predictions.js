@@ -85,39 +85,42 @@ function epochOptions(control, epochs, value) {
   control.value = value;
 }
 
-// The filter form, built once (focus stays in it while the rows reload).
-function filterControls(table) {
+function filterInputs(table) {
   const f = table.filters;
   const epoch = select("pred-epoch", [], "");
   epochOptions(epoch, table.epochs, f.epoch);
-  const sample = el("input", {id: "pred-sample", type: "number", min: 0, step: 1,
-    value: f.sample, placeholder: "all"});
-  const criterion = select("pred-criterion", [["", "any criterion"],
-    ...table.criteria.map((c) => [c, c])], f.criterion);
   const passed = select("pred-passed", [["", "passed or failed"], ["true", "passed"],
     ["false", "failed"]], f.passed);
   passed.disabled = !f.criterion;
-  const size = select("pred-page-size", PAGE_SIZES.map((n) => [n, String(n)]), f.pageSize);
+  return {epoch, passed,
+    sample: el("input", {id: "pred-sample", type: "number", min: 0, step: 1, value: f.sample,
+      placeholder: "all"}),
+    criterion: select("pred-criterion", [["", "any criterion"],
+      ...table.criteria.map((c) => [c, c])], f.criterion),
+    size: select("pred-page-size", PAGE_SIZES.map((n) => [n, String(n)]), f.pageSize)};
+}
+
+// The filter form, built once (focus stays in it while the rows reload).
+function filterControls(table) {
+  const c = filterInputs(table);
   const apply = () => {
-    passed.disabled = !criterion.value;
-    table.setFilters({epoch: epoch.value, sample: sample.value.trim(),
-      criterion: criterion.value, passed: criterion.value ? passed.value : "",
-      pageSize: Number(size.value)});
+    c.passed.disabled = !c.criterion.value;
+    table.setFilters({epoch: c.epoch.value, sample: c.sample.value.trim(),
+      criterion: c.criterion.value, passed: c.criterion.value ? c.passed.value : "",
+      pageSize: Number(c.size.value)});
   };
-  for (const control of [epoch, criterion, passed, size, sample]) {
-    control.addEventListener("change", apply);
-  }
+  for (const control of Object.values(c)) control.addEventListener("change", apply);
   table.setEpochs = (list) => {
     table.epochs = list;
-    epochOptions(epoch, list, table.filters.epoch);
+    epochOptions(c.epoch, list, table.filters.epoch);
   };
   table.showEpoch = (value) => {
-    epoch.value = String(value);
+    c.epoch.value = String(value);
     apply();
   };
   const form = el("form", {class: "filters", id: "pred-filters", role: "search"},
-    field("Epoch", epoch), field("Sample", sample), field("Criterion", criterion),
-    field("Verdict", passed), field("Rows per page", size));
+    field("Epoch", c.epoch), field("Sample", c.sample), field("Criterion", c.criterion),
+    field("Verdict", c.passed), field("Rows per page", c.size));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     apply();

@@ -181,6 +181,17 @@ function addPoints(model, update) {
   return isLossName(update.name) || update.name === EXACT_METRIC;
 }
 
+// One WatchRunEvent into the page's model; whether the page shows what changed.
+function applyEvent(model, ui, event, refreshSummary) {
+  if (event.epoch) {
+    upsertEpoch(model, event.epoch);
+    ui.predictions.setEpochs(model.epochs.map((e) => num(e.epoch)));
+    refreshSummary(SUMMARY_REFRESH_MS);
+  }
+  if (event.run) model.run = event.run;
+  return event.metrics ? addPoints(model, event.metrics) : true;
+}
+
 function watch(ctx, model, ui, redraw, refreshSummary) {
   const source = new EventSource(api.watchUrl(model.run.id));
   const listening = "Live: new epochs appear as they are stored.";
@@ -190,13 +201,7 @@ function watch(ctx, model, ui, redraw, refreshSummary) {
   };
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
-    if (event.epoch) {
-      upsertEpoch(model, event.epoch);
-      ui.predictions.setEpochs(model.epochs.map((e) => num(e.epoch)));
-      refreshSummary(SUMMARY_REFRESH_MS);
-    }
-    if (event.metrics && !addPoints(model, event.metrics)) return;
-    if (event.run) model.run = event.run;
+    if (!applyEvent(model, ui, event, refreshSummary)) return;
     redraw();
     if (event.run && event.run.state !== RUNNING) finished(model, ui, source, refreshSummary);
   };
