@@ -253,6 +253,9 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
     assert driver.current_url == f"{base}/runs/{seeded.alpha}"
     driver.back()
     wait_for(driver, lambda d: len(run_names(d)) == 2, what="back to the runs list")
+
+
+def check_filters_and_logout(driver, base: str) -> None:
     driver.find_element(By.ID, "filter-name").send_keys("alpha")
     driver.find_element(By.CSS_SELECTOR, '#runs-filters button[type="submit"]').click()
     wait_for(driver, lambda d: [n.split("-")[0] for n in run_names(d)] == ["alpha"],
@@ -274,6 +277,7 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
 async def test_login_and_runs_list(stack, seeded, web, browser):
     token = mint_token(stack.auth, seeded.user_a)
     await in_browser(check_login_and_runs_list, browser, web.url, seeded, token)
+    await in_browser(check_filters_and_logout, browser, web.url)
 
 
 def check_run_page(driver, base: str, run_id: str) -> None:
@@ -285,6 +289,22 @@ def check_run_page(driver, base: str, run_id: str) -> None:
              for k in ("Model", "Dataset", "State", "Samples", "Epochs", "Judge cost")}
     assert facts == {"Model": "tiny-model", "Dataset": "toy", "State": "finished",
                      "Samples": "12", "Epochs": "4", "Judge cost": "$0.1200"}
+    check_charts(driver)
+    assert table_rows(driver, "#epochs-table", ("epoch", "predictions", "step", "exact")) == [
+        ("1", "12", "10", "25.0%"), ("2", "12", "20", "50.0%"), ("3", "12", "30", "75.0%"),
+        ("4", "12", "40", "100.0%")]
+    assert texts(driver, '#epochs-table td[data-col="metric:loss"]') == [
+        "1.6", "1.2", "0.8", "0.4"]
+    assert no_horizontal_scroll(driver)
+    assert_labelled(driver)
+    driver.set_window_size(1024, 700)  # a small laptop screen
+    try:
+        assert no_horizontal_scroll(driver)
+    finally:
+        driver.set_window_size(1280, 900)
+
+
+def check_charts(driver) -> None:
     assert texts(driver, '[data-chart="loss"] path.line', "data-series") == ["eval_loss", "loss"]
     assert count(driver, '[data-chart="loss"] path.pt[data-series="loss"]') == 40
     assert count(driver, '[data-chart="loss"] path.pt[data-series="eval_loss"]') == 4
@@ -296,22 +316,10 @@ def check_run_page(driver, base: str, run_id: str) -> None:
         "chrf (rules)", "helpfulness (openai/gpt-test)"]
     titles = texts(driver, '[data-chart="mean-llm"] path.pt title', "textContent")
     assert titles[2] == "helpfulness (openai/gpt-test), epoch 3: 7"
-    assert table_rows(driver, "#epochs-table", ("epoch", "predictions", "step", "exact")) == [
-        ("1", "12", "10", "25.0%"), ("2", "12", "20", "50.0%"), ("3", "12", "30", "75.0%"),
-        ("4", "12", "40", "100.0%")]
-    assert texts(driver, '#epochs-table td[data-col="metric:loss"]') == [
-        "1.6", "1.2", "0.8", "0.4"]
-    assert no_horizontal_scroll(driver)
     assert_nested_lines(driver, "pass")
-    assert_labelled(driver)
     assert driver.find_element(By.ID, "metric-name").get_attribute("value") == "learning_rate"
     wait_for(driver, lambda d: count(d, '[data-chart="metric"] path.pt') == 40,
              what="the other metric's chart")
-    driver.set_window_size(1024, 700)  # a small laptop screen
-    try:
-        assert no_horizontal_scroll(driver)
-    finally:
-        driver.set_window_size(1280, 900)
 
 
 def assert_nested_lines(driver, chart: str) -> None:
@@ -410,6 +418,9 @@ def check_sample_view(driver, base: str, run_id: str) -> None:
     assert verdicts == ["fail", "fail", "pass", "pass"]
     assert_labelled(driver)
     check_inert(driver)
+
+
+def check_sample_switching(driver, base: str, run_id: str) -> None:
     driver.find_element(By.CSS_SELECTOR, ".pred-card").send_keys(Keys.ARROW_DOWN)
     assert driver.switch_to.active_element.get_attribute("data-epoch") == "2"
     driver.switch_to.active_element.send_keys(Keys.END)
@@ -428,6 +439,9 @@ def check_sample_view(driver, base: str, run_id: str) -> None:
     assert reasons == [HTML_REASONING]
     check_inert(driver)
     assert no_horizontal_scroll(driver)
+
+
+def check_missing_sample(driver, base: str, run_id: str) -> None:
     driver.get(f"{base}/runs/{run_id}/samples/{SAMPLES}")
     wait_for(driver, lambda d: d.find_element(By.ID, "sample-missing"), what="no such sample")
     assert driver.find_element(By.ID, "sample-missing").text == (
@@ -454,6 +468,8 @@ async def test_sample_view_diffs_switching_and_inert_model_text(stack, seeded, w
     token = mint_token(stack.auth, seeded.user_a)
     await in_browser(log_in, browser, web.url, token)
     await in_browser(check_sample_view, browser, web.url, seeded.alpha)
+    await in_browser(check_sample_switching, browser, web.url, seeded.alpha)
+    await in_browser(check_missing_sample, browser, web.url, seeded.alpha)
     assert await in_browser(severe_logs, browser) == []
 
 
