@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import ENV_FILE, AuthSettings
 from services.common.health import wait_until_serving
+from services.common.server import port_in_use
 from services.common.startup import ConfigurationError, example_secrets_in_use, load_settings
 from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
@@ -63,6 +64,7 @@ def up(settings: StackSettings) -> dict[str, str]:
             f"{name} (pid {pid}, pid file {_pid_file(settings, name)})"
             for name, pid in already.items()) + "; nothing was started (`epochlens down` "
             "stops them)")
+    _refuse_busy_ports({"judge": judge, "writer": writer, "query": query, "web": web})
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     migrate = subprocess.run([sys.executable, "-m", "services.writer.migrate"],
                              capture_output=True, text=True)
@@ -79,6 +81,16 @@ def up(settings: StackSettings) -> dict[str, str]:
     for name, _ in SERVICES:
         _wait_healthy(settings, name, addresses[name])
     return addresses
+
+
+def _refuse_busy_ports(services: dict[str, BaseSettings]) -> None:
+    """StackError when a service's port is taken by a process this stack did not start:
+    its health check would be answered by that process while the new one fails to bind."""
+    busy = [f"{name} {svc.host}:{svc.port}" for name, svc in services.items()
+            if svc.port and port_in_use(svc.host, svc.port)]
+    if busy:
+        raise StackError("port in use by another process: " + ", ".join(busy)
+                         + "; nothing was started")
 
 
 def refuse_example_secrets(settings: StackSettings, loaded: tuple[BaseSettings, ...]) -> None:

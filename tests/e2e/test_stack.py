@@ -141,3 +141,24 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, *args, **kwargs):
         return None
+
+
+def test_up_refuses_a_port_another_process_holds(tmp_path):
+    """A process of someone else's on the web port would answer the health check while the
+    new web service fails to bind: refused before anything is migrated or started."""
+    ports = {name: free_port() for name in ("writer", "query", "judge")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        web = taken.getsockname()[1]
+        env = {**os.environ, "EPOCHLENS_AUTH_JWT_SECRET": JWT_SECRET,
+               "EPOCHLENS_QUERY_PAGE_TOKEN_SECRET": PAGE_SECRET,
+               "EPOCHLENS_SQLITE_DIR": str(tmp_path / "data"),
+               "EPOCHLENS_STACK_STATE_DIR": str(tmp_path / "run"),
+               "EPOCHLENS_WEB_PORT": str(web),
+               **{f"EPOCHLENS_{name.upper()}_PORT": str(port) for name, port in ports.items()}}
+        result = run([str(BIN / "epochlens"), "up"], env, tmp_path, check=False)
+    assert result.returncode == 1
+    assert (f"port in use by another process: web 127.0.0.1:{web}; nothing was started"
+            in result.stderr)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
