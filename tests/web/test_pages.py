@@ -732,5 +732,7 @@ async def test_exact_match_from_the_trainer_metric_without_a_judge(stack, web, b
             writer_pb2.MetricInput(step=e * STEPS_PER_EPOCH, name="epochlens/exact_match",
                                    value=rate) for e, rate in ((1, 0.5), (2, 0.75))]),
             metadata=md)
+        # finished: no live stream whose first events would redraw the page while it is read
+        await stub.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id), metadata=md)
     await in_browser(log_in, browser, web.url, mint_token(stack.auth, user))
     await in_browser(check_exact_from_trainer, browser, web.url, run.id)
