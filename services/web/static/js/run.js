@@ -163,33 +163,47 @@ export async function runView(ctx, runId) {
   if (model.run.state === RUNNING) ctx.onLeave(watch(ctx, model, ui, redraw, refreshSummary));
 }
 
+// Whether the epoch is new or differs from the one shown.
 function upsertEpoch(model, epoch) {
   const i = model.epochs.findIndex((e) => num(e.epoch) === num(epoch.epoch));
-  if (i >= 0) model.epochs[i] = epoch;
-  else {
+  if (i >= 0) {
+    const old = model.epochs[i];
+    if (num(old.predictionCount) === num(epoch.predictionCount) &&
+        num(old.latestStep) === num(epoch.latestStep)) return false;
+    model.epochs[i] = epoch;
+  } else {
     model.epochs.push(epoch);
     model.epochs.sort((a, b) => num(a.epoch) - num(b.epoch));
   }
+  return true;
 }
 
+// Whether the update added points to a series the charts draw.
 function addPoints(model, update) {
   const points = model.metrics.get(update.name) || [];
   const last = points.length ? num(points[points.length - 1].step) : -1;
   const fresh = (update.points || []).filter((p) => num(p.step) > last);
   model.metrics.set(update.name, points.concat(fresh));
   if (!model.metricNames.includes(update.name)) model.metricNames.push(update.name);
-  return isLossName(update.name) || update.name === EXACT_METRIC;
+  return fresh.length > 0 && (isLossName(update.name) || update.name === EXACT_METRIC);
 }
 
-// One WatchRunEvent into the page's model; whether the page shows what changed.
+// One WatchRunEvent into the page's model; whether the page has to be redrawn (the first
+// events of a stream repeat what the page already shows).
 function applyEvent(model, ui, event, refreshSummary) {
   if (event.epoch) {
-    upsertEpoch(model, event.epoch);
+    if (!upsertEpoch(model, event.epoch)) return false;
     ui.predictions.setEpochs(model.epochs.map((e) => num(e.epoch)));
     refreshSummary(SUMMARY_REFRESH_MS);
+    return true;
   }
-  if (event.run) model.run = event.run;
-  return event.metrics ? addPoints(model, event.metrics) : true;
+  if (event.run) {
+    const changed = event.run.state !== model.run.state ||
+      (event.run.finishTime || "") !== (model.run.finishTime || "");
+    model.run = event.run;
+    return changed;
+  }
+  return event.metrics ? addPoints(model, event.metrics) : false;
 }
 
 function watch(ctx, model, ui, redraw, refreshSummary) {
@@ -201,8 +215,7 @@ function watch(ctx, model, ui, redraw, refreshSummary) {
   };
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
-    if (!applyEvent(model, ui, event, refreshSummary)) return;
-    redraw();
+    if (applyEvent(model, ui, event, refreshSummary)) redraw();
     if (event.run && event.run.state !== RUNNING) finished(model, ui, source, refreshSummary);
   };
   source.addEventListener("end", () => {
