@@ -8,7 +8,8 @@ on the newest run; starts the real writer and query services and the web service
   * API: p50/p99 ms per JSON endpoint (httpx, bearer token, sequential, --api-iterations
     timed calls after --api-warmup), against the target p99 < --target-api-p99-ms (50);
     the metrics calls are over the run with --metric-steps steps: the two series the run
-    page asks for, and every name (1000 points per series, the default budget);
+    page asks for (--page-points each, as the page asks), and every name at the default
+    budget (1000 points per series) for reference;
   * page: in headless Chromium, logged in through the login form, the run page of the
     run with metrics opened --page-loads times: first contentful paint and the time until
     the loss chart and the epochs table are drawn (performance.now() from navigation
@@ -86,6 +87,8 @@ def parse_args():
     add("--api-iterations", type=int, default=200, help="timed calls per endpoint")
     add("--api-warmup", type=int, default=20, help="untimed calls per endpoint first")
     add("--page-loads", type=int, default=5, help="timed loads of the run page")
+    add("--page-points", type=int, default=500,
+        help="max_points of the run page's metrics call (SERIES_POINTS in charts.js)")
     add("--live-epochs", type=int, default=20, help="epochs written while the page is open")
     add("--live-samples", type=int, default=100, help="predictions per live epoch")
     add("--live-pause-s", type=float, default=1.0, help="pause between live epochs")
@@ -161,9 +164,9 @@ def endpoints(runs: list[str], metric_run: str, args) -> dict[str, str]:
                                      f"&page_size={args.page_size}",
         "GET .../samples/{n}": f"/v1/runs/{run}/samples/{args.samples // 2}",
         "GET .../summary": f"/v1/runs/{run}/summary",
-        "GET .../metrics?names=loss,eval_loss": f"/v1/runs/{metric_run}/metrics"
-                                                "?names=loss&names=eval_loss",
-        "GET .../metrics (all 4 names)": f"/v1/runs/{metric_run}/metrics",
+        "GET .../metrics (the page's call)": f"/v1/runs/{metric_run}/metrics"
+                                             f"?names=loss&names=eval_loss&max_points={args.page_points}",
+        "GET .../metrics (all 4 names, 1000 points each)": f"/v1/runs/{metric_run}/metrics",
     }
 
 

@@ -10,6 +10,9 @@ const COLORS = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#332288"
 const DASHES = [null, "7 4", "2 3", "9 3 2 3", "4 4"];
 const SHAPES = ["circle", "square", "triangle", "diamond", "down", "cross"];
 const BOX = {width: 560, height: 250, left: 56, right: 14, top: 14, bottom: 38};
+// Points asked per metric series (ListMetrics max_points): about one per pixel of a chart
+// (BOX.width); the server downsamples longer series into step buckets with min and max.
+export const SERIES_POINTS = 500;
 const DODGE_PX = 4;
 const MARKED_POINTS = 40;  // markers of full size per series; the others are small dots
 const MAX_POINTS_DRAWN = 250;  // longer series: only the full-size markers (hover: the readout)

@@ -2,7 +2,7 @@
 // per-epoch numbers of both (exact match, losses, each criterion's mean and pass rate) as
 // charts and a table, and one sample's predictions from both runs epoch by epoch.
 import * as api from "./api.js";
-import {lineChart} from "./charts.js";
+import {SERIES_POINTS, lineChart} from "./charts.js";
 import {navigable} from "./keyboard.js";
 import {button, clear, DASH, el, field, num, pct, section, select, shortNumber,
   stateBadge} from "./dom.js";
@@ -20,7 +20,7 @@ async function loadSide(runId) {
   const wanted = (names.series || []).map((s) => s.name)
     .filter((n) => isLossName(n) || n === EXACT_METRIC);
   const full = wanted.length
-    ? await api.get(api.runPath(runId, "/metrics"), {names: wanted}) : {series: []};
+    ? await api.get(api.runPath(runId, "/metrics"), {names: wanted, max_points: SERIES_POINTS}) : {series: []};
   return {run, epochs, summary,
     metrics: new Map((full.series || []).map((s) => [s.name, s.points || []]))};
 }

@@ -3,6 +3,7 @@
 // adds or updates its row and chart points, metric events extend the loss lines, and a run
 // event with a final state says so and closes the stream.
 import * as api from "./api.js";
+import {SERIES_POINTS} from "./charts.js";
 import {clear, DASH, duration, el, field, num, section, select, STATE_LABELS, stateBadge, usd,
   when} from "./dom.js";
 import {epochsTable} from "./epochs.js";
@@ -19,7 +20,7 @@ async function loadMetrics(runId) {
   const all = (names.series || []).map((s) => s.name).concat(names.omittedNames || []);
   const wanted = all.filter((n) => isLossName(n) || n === EXACT_METRIC);
   const full = wanted.length
-    ? await api.get(api.runPath(runId, "/metrics"), {names: wanted}) : {series: []};
+    ? await api.get(api.runPath(runId, "/metrics"), {names: wanted, max_points: SERIES_POINTS}) : {series: []};
   return {names: all, series: new Map((full.series || []).map((s) => [s.name, s.points || []]))};
 }
 
@@ -82,7 +83,7 @@ function otherMetricPicker(ctx, model, ui) {
   const picker = select("metric-name", others.map((n) => [n, n]), others[0]);
   const box = el("div", {class: "metric-box"});
   const show = async () => {
-    const page = await api.get(api.runPath(model.run.id, "/metrics"), {names: [picker.value]});
+    const page = await api.get(api.runPath(model.run.id, "/metrics"), {names: [picker.value], max_points: SERIES_POINTS});
     const points = ((page.series || [])[0] || {}).points || [];
     clear(box).append(metricChart({...model, metrics: new Map([[picker.value, points]])},
       picker.value));
