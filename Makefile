@@ -107,6 +107,8 @@ bench: install pg browser
 	$(PY) bench/export.py
 	$(PY) bench/report.py
 	$(PY) bench/client_install.py
+	$(PY) bench/metrics.py
+	$(PY) bench/web.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client scripts clients/python
