@@ -42,8 +42,8 @@ import grpc
 import httpx
 from _stack import REPO_ROOT, bench_stack, free_port, percentile, rollup_statements
 from query import build_parser, seed_database
+from report import start_browser
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -187,16 +187,6 @@ def measure_api(url: str, token: str, paths: dict[str, str], args) -> list[tuple
                     times.append(elapsed)
             rows.append((name, size, percentile(times, 50), percentile(times, 99)))
     return rows
-
-
-def start_browser(args, profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = args.chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--window-size=1280,1000", f"--user-data-dir={profile}"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(args.chromedriver), options=options)
 
 
 def log_in(driver: webdriver.Chrome, url: str, token: str) -> None:

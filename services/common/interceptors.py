@@ -152,7 +152,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_server_stream(handler.unary_stream, details.method),
+                self._wrap_stream(handler.unary_stream, details.method, self._checked),
                 deserializer, handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
@@ -196,23 +196,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, exc, method, self._max_violations)
         return behavior
 
-    def _wrap_server_stream(self, inner: Callable, method: str) -> Callable:
+    def _wrap_stream(self, inner: Callable, method: str,
+                     check: Callable | None = None) -> Callable:
+        """A streaming handler (stream-stream; with check=self._checked, unary-stream)
+        behind authentication, the edge check and the error mapping."""
+        check = check or self._checked_stream
+
         async def behavior(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
             try:
                 self._authenticate(context, method)
-                async for response in inner(self._checked(request), context):
-                    yield response
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                await _abort(context, exc, method, self._max_violations)
-        return behavior
-
-    def _wrap_stream(self, inner: Callable, method: str) -> Callable:
-        async def behavior(request_iterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            try:
-                self._authenticate(context, method)
-                async for response in inner(self._checked_stream(request_iterator), context):
+                async for response in inner(check(request), context):
                     yield response
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
