@@ -273,17 +273,18 @@ def _foreign_writes(run_id: uuid.UUID) -> list[tuple[str, str]]:
 
 
 async def test_leases_are_renewed_while_a_slow_batch_is_judged(judge_db):
-    """Three LLM calls of 0.8 s each, one at a time, under a 1 s lease: the lease is renewed
-    while the batch is judged, so a second worker never claims the task."""
+    """Three LLM calls of 1.5 s each, one at a time, under a 3 s lease: the lease is renewed
+    (every lease_s / 3) while the batch is judged, so a second worker never claims the task.
+    (A 1 s lease renewed every 0.33 s was lost once under a loaded CI run.)"""
     importlib.import_module("services.judge.llm.judge")  # the SDKs' import is not timed
-    fake = FakeLlmServer(latency_s=0.8).start()
+    fake = FakeLlmServer(latency_s=1.5).start()
     engine = judge_db.engine()
     run_id = uuid.uuid4()
     config = {"llm": {"provider": "openai_compatible", "endpoint": "fake",
                       "model": "slow", "criteria": ["helpfulness", "accuracy", "clarity"],
                       "concurrency": 1}}
     endpoints = {"fake": {"base_url": fake.openai_url}}
-    slow, other = (workers_for(judge_db, engine, lease_s=1.0, llm_endpoints=endpoints)
+    slow, other = (workers_for(judge_db, engine, lease_s=3.0, llm_endpoints=endpoints)
                    for _ in range(2))
     try:
         await JudgeStore(engine).enqueue(USER, run_id, make_items(1, run_id), config)
