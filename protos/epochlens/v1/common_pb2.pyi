@@ -51,6 +51,34 @@ RUN_STATE_CANCELLED: RunState.ValueType  # 4
 """Training was stopped by the user before it ended."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
+class _RunKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_KIND_UNSPECIFIED: _RunKind.ValueType  # 0
+    """Not set. Never stored: CreateRun treats it as RUN_KIND_TRAINING; in filters it means any kind."""
+    RUN_KIND_TRAINING: _RunKind.ValueType  # 1
+    """A fine-tuning run: predictions of a fixed sample of prompts at every epoch (or every N steps)."""
+    RUN_KIND_EVALUATION: _RunKind.ValueType  # 2
+    """A batch evaluation of a model or endpoint on a dataset (EvaluationService.Evaluate, `epochlens
+    eval`): one prediction per dataset row, at epoch 0 and step 0, sample_index = the row's index.
+    """
+
+class RunKind(_RunKind, metaclass=_RunKindEnumTypeWrapper):
+    """What a run records."""
+
+RUN_KIND_UNSPECIFIED: RunKind.ValueType  # 0
+"""Not set. Never stored: CreateRun treats it as RUN_KIND_TRAINING; in filters it means any kind."""
+RUN_KIND_TRAINING: RunKind.ValueType  # 1
+"""A fine-tuning run: predictions of a fixed sample of prompts at every epoch (or every N steps)."""
+RUN_KIND_EVALUATION: RunKind.ValueType  # 2
+"""A batch evaluation of a model or endpoint on a dataset (EvaluationService.Evaluate, `epochlens
+eval`): one prediction per dataset row, at epoch 0 and step 0, sample_index = the row's index.
+"""
+Global___RunKind: _TypeAlias = RunKind  # noqa: Y015
+
 @_typing.final
 class Run(_message.Message):
     """One fine-tuning run whose predictions are recorded. Owned by the user who created it."""
@@ -66,6 +94,7 @@ class Run(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID in its canonical 36-character form)."""
     user_id: _builtins.str
@@ -78,6 +107,8 @@ class Run(_message.Message):
     """Dataset the samples come from."""
     state: Global___RunState.ValueType
     """Current lifecycle state."""
+    kind: Global___RunKind.ValueType
+    """Training run or evaluation (runs created before kinds existed are training runs)."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Free-form run configuration, including the predictions and judge config."""
@@ -102,10 +133,11 @@ class Run(_message.Message):
         state: Global___RunState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___RunKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "dataset_name", b"dataset_name", "finish_time", b"finish_time", "id", b"id", "model_name", b"model_name", "name", b"name", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "dataset_name", b"dataset_name", "finish_time", b"finish_time", "id", b"id", "kind", b"kind", "model_name", b"model_name", "name", b"name", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

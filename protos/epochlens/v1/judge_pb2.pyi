@@ -706,3 +706,307 @@ class ResumeJudgingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeJudgingResponse: _TypeAlias = ResumeJudgingResponse  # noqa: Y015
+
+@_typing.final
+class GenerationConfig(_message.Message):
+    """How to generate responses with an OpenAI-compatible endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Name of an endpoint the operator configured for the judge (EPOCHLENS_JUDGE_LLM_ENDPOINTS);
+    never a URL.
+    """
+    model: _builtins.str
+    """Model to ask the endpoint for (required; the endpoint may list the models it serves)."""
+    max_new_tokens: _builtins.int
+    """Most tokens per response: 0 means the judge's generation_max_tokens_default; above its
+    generation_max_tokens_ceiling is INVALID_ARGUMENT.
+    """
+    temperature: _builtins.float
+    """Sampling temperature, 0 to 2 (0: greedy, reproducible where the server allows it)."""
+    system_prompt: _builtins.str
+    """System message sent before each prompt, when non-empty."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model: _builtins.str = ...,
+        max_new_tokens: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        system_prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "max_new_tokens", b"max_new_tokens", "model", b"model", "system_prompt", b"system_prompt", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationConfig: _TypeAlias = GenerationConfig  # noqa: Y015
+
+@_typing.final
+class GenerationPrompt(_message.Message):
+    """One prompt to generate a response for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Caller's index of the prompt (the dataset row), echoed in the response."""
+    prompt: _builtins.str
+    """The prompt, sent as the user message (required, non-empty)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationPrompt: _TypeAlias = GenerationPrompt  # noqa: Y015
+
+@_typing.final
+class GenerateResponsesRequest(_message.Message):
+    """Request for GenerateResponses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generation(self) -> Global___GenerationConfig:
+        """The endpoint, model and sampling settings."""
+
+    @_builtins.property
+    def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerationPrompt]:
+        """Prompts (1 to the judge's generation_max_prompts)."""
+
+    def __init__(
+        self,
+        *,
+        generation: Global___GenerationConfig | None = ...,
+        prompts: _abc.Iterable[Global___GenerationPrompt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "prompts", b"prompts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponsesRequest: _TypeAlias = GenerateResponsesRequest  # noqa: Y015
+
+@_typing.final
+class GeneratedResponse(_message.Message):
+    """The outcome of one prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    GENERATION_TIME_MS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Index of the prompt (GenerationPrompt.index)."""
+    response: _builtins.str
+    """The generated text; empty when error is set."""
+    generation_time_ms: _builtins.float
+    """Wall time of the successful call, milliseconds."""
+    prompt_tokens: _builtins.int
+    """Prompt tokens the endpoint reported (0 when it reported none)."""
+    completion_tokens: _builtins.int
+    """Completion tokens the endpoint reported (0 when it reported none)."""
+    error: _builtins.str
+    """Why there is no response (after the retries the error class allows); empty on success."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        response: _builtins.str = ...,
+        generation_time_ms: _builtins.float = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "error", b"error", "generation_time_ms", b"generation_time_ms", "index", b"index", "prompt_tokens", b"prompt_tokens", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GeneratedResponse: _TypeAlias = GeneratedResponse  # noqa: Y015
+
+@_typing.final
+class GenerateResponsesResponse(_message.Message):
+    """Response of GenerateResponses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedResponse]:
+        """One outcome per prompt, in request order."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___GeneratedResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponsesResponse: _TypeAlias = GenerateResponsesResponse  # noqa: Y015
+
+@_typing.final
+class PairwiseSummary(_message.Message):
+    """The stored outcomes of pairwise judging (the run config's judge.pairwise section) of one
+    epoch against its baseline: the same prompt's response from the baseline epoch (or the
+    baseline run) and from this epoch, asked in both orders so that position bias cancels.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_EPOCH_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    WINS_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    TIES_FIELD_NUMBER: _builtins.int
+    UNSCORED_FIELD_NUMBER: _builtins.int
+    WIN_RATE_FIELD_NUMBER: _builtins.int
+    WIN_RATE_LOW_FIELD_NUMBER: _builtins.int
+    WIN_RATE_HIGH_FIELD_NUMBER: _builtins.int
+    POSITION_BIAS_PAIRS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """Epoch of the judged (candidate) predictions."""
+    baseline_run_id: _builtins.str
+    """Run the baseline responses come from (this run for per-epoch judging)."""
+    baseline_epoch: _builtins.int
+    """Epoch of the baseline responses."""
+    criterion: _builtins.str
+    """Criterion (the pairwise rubric's name)."""
+    judge_model: _builtins.str
+    """"<provider>/<model>" of the pairwise judge."""
+    wins: _builtins.int
+    """Pairs where both orders preferred the candidate."""
+    losses: _builtins.int
+    """Pairs where both orders preferred the baseline."""
+    ties: _builtins.int
+    """Pairs judged a tie, or where the two orders disagreed (position bias)."""
+    unscored: _builtins.int
+    """Pairs without a usable verdict in one of the orders (unparseable, budget spent, errors)."""
+    win_rate: _builtins.float
+    """(wins + ties / 2) / (wins + losses + ties); 0 when no pair was scored."""
+    win_rate_low: _builtins.float
+    """Lower end of the win rate's confidence interval (Wilson score, the query service's
+    confidence level).
+    """
+    win_rate_high: _builtins.float
+    """Upper end of that interval."""
+    position_bias_pairs: _builtins.int
+    """Pairs where the first-shown response was preferred in both orders' raw answers: a
+    measure of the judge's position bias, reported, never counted as a win or loss.
+    """
+    cost_usd: _builtins.float
+    """Cost of the pairwise calls, US dollars."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        baseline_run_id: _builtins.str = ...,
+        baseline_epoch: _builtins.int = ...,
+        criterion: _builtins.str = ...,
+        judge_model: _builtins.str = ...,
+        wins: _builtins.int = ...,
+        losses: _builtins.int = ...,
+        ties: _builtins.int = ...,
+        unscored: _builtins.int = ...,
+        win_rate: _builtins.float = ...,
+        win_rate_low: _builtins.float = ...,
+        win_rate_high: _builtins.float = ...,
+        position_bias_pairs: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_epoch", b"baseline_epoch", "baseline_run_id", b"baseline_run_id", "cost_usd", b"cost_usd", "criterion", b"criterion", "epoch", b"epoch", "judge_model", b"judge_model", "losses", b"losses", "position_bias_pairs", b"position_bias_pairs", "ties", b"ties", "unscored", b"unscored", "win_rate", b"win_rate", "win_rate_high", b"win_rate_high", "win_rate_low", b"win_rate_low", "wins", b"wins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairwiseSummary: _TypeAlias = PairwiseSummary  # noqa: Y015
+
+@_typing.final
+class JudgeAgreement(_message.Message):
+    """How far a judge agrees with people on one criterion of one run, over the predictions both
+    judged (the latest human revision counts; several people: each pair counts).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_TYPE_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    PERCENT_AGREEMENT_FIELD_NUMBER: _builtins.int
+    COHEN_KAPPA_FIELD_NUMBER: _builtins.int
+    SPEARMAN_FIELD_NUMBER: _builtins.int
+    criterion: _builtins.str
+    """Criterion name."""
+    judge_type: Global___JudgeType.ValueType
+    """Rule or LLM."""
+    judge_model: _builtins.str
+    """"rules" or "<provider>/<model>" (a panel: its members and the combined "panel/<rule>")."""
+    pairs: _builtins.int
+    """Predictions scored by both the judge and a person."""
+    percent_agreement: _builtins.float
+    """Share of pairs with the same pass/fail verdict, 0..1."""
+    cohen_kappa: _builtins.float
+    """Cohen's kappa on pass/fail; unset when undefined (fewer than 2 pairs, or both sides
+    constant).
+    """
+    spearman: _builtins.float
+    """Spearman rank correlation of the scores (ties ranked by their mean rank); unset when
+    undefined (fewer than 2 pairs, or a side constant).
+    """
+    def __init__(
+        self,
+        *,
+        criterion: _builtins.str = ...,
+        judge_type: Global___JudgeType.ValueType = ...,
+        judge_model: _builtins.str = ...,
+        pairs: _builtins.int = ...,
+        percent_agreement: _builtins.float = ...,
+        cohen_kappa: _builtins.float | None = ...,
+        spearman: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cohen_kappa", b"_cohen_kappa", "_spearman", b"_spearman", "cohen_kappa", b"cohen_kappa", "spearman", b"spearman"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cohen_kappa", b"_cohen_kappa", "_spearman", b"_spearman", "cohen_kappa", b"cohen_kappa", "criterion", b"criterion", "judge_model", b"judge_model", "judge_type", b"judge_type", "pairs", b"pairs", "percent_agreement", b"percent_agreement", "spearman", b"spearman"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cohen_kappa: _TypeAlias = _typing.Literal["cohen_kappa"]  # noqa: Y015
+    _WhichOneofArgType__cohen_kappa: _TypeAlias = _typing.Literal["_cohen_kappa", b"_cohen_kappa"]  # noqa: Y015
+    _WhichOneofReturnType__spearman: _TypeAlias = _typing.Literal["spearman"]  # noqa: Y015
+    _WhichOneofArgType__spearman: _TypeAlias = _typing.Literal["_spearman", b"_spearman"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cohen_kappa) -> _WhichOneofReturnType__cohen_kappa | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__spearman) -> _WhichOneofReturnType__spearman | None: ...
+
+Global___JudgeAgreement: _TypeAlias = JudgeAgreement  # noqa: Y015

@@ -72,6 +72,11 @@ class JudgeServiceStub:
                 request_serializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.FromString,
                 _registered_method=True)
+        self.GenerateResponses = channel.unary_unary(
+                '/epochlens.v1.JudgeService/GenerateResponses',
+                request_serializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.FromString,
+                _registered_method=True)
 
 
 class JudgeServiceServicer:
@@ -138,6 +143,17 @@ class JudgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateResponses(self, request, context):
+        """Generates responses to prompts with an OpenAI-compatible endpoint the operator configured
+        here by name (EPOCHLENS_JUDGE_LLM_ENDPOINTS), with the judge's concurrency limit, retries
+        and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
+        A prompt whose generation still failed after the retries has `error` set and no response;
+        an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JudgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +191,11 @@ def add_JudgeServiceServicer_to_server(servicer, server):
                     servicer.ResumeJudging,
                     request_deserializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.SerializeToString,
+            ),
+            'GenerateResponses': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateResponses,
+                    request_deserializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -369,6 +390,33 @@ class JudgeService:
             '/epochlens.v1.JudgeService/ResumeJudging',
             epochlens_dot_v1_dot_judge__pb2.ResumeJudgingRequest.SerializeToString,
             epochlens_dot_v1_dot_judge__pb2.ResumeJudgingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateResponses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.JudgeService/GenerateResponses',
+            epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.SerializeToString,
+            epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,13 @@ class JudgeServiceStub:
     unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
     is NOT_FOUND.
     """
+    GenerateResponses: _grpc.UnaryUnaryMultiCallable[_judge_pb2.GenerateResponsesRequest, _judge_pb2.GenerateResponsesResponse]
+    """Generates responses to prompts with an OpenAI-compatible endpoint the operator configured
+    here by name (EPOCHLENS_JUDGE_LLM_ENDPOINTS), with the judge's concurrency limit, retries
+    and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
+    A prompt whose generation still failed after the retries has `error` set and no response;
+    an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class JudgeServiceAsyncStub(JudgeServiceStub):
@@ -98,6 +105,13 @@ class JudgeServiceAsyncStub(JudgeServiceStub):
     """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
     unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
     is NOT_FOUND.
+    """
+    GenerateResponses: _aio.UnaryUnaryMultiCallable[_judge_pb2.GenerateResponsesRequest, _judge_pb2.GenerateResponsesResponse]  # type: ignore[assignment]
+    """Generates responses to prompts with an OpenAI-compatible endpoint the operator configured
+    here by name (EPOCHLENS_JUDGE_LLM_ENDPOINTS), with the judge's concurrency limit, retries
+    and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
+    A prompt whose generation still failed after the retries has `error` set and no response;
+    an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
     """
 
 class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +187,19 @@ class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resumes a run's judging: clears its paused LLM judging, and on request judges again its
         unscored LLM judgments and its failed predictions. Another user's run (or an unknown one)
         is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateResponses(
+        self,
+        request: _judge_pb2.GenerateResponsesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_judge_pb2.GenerateResponsesResponse, _abc.Awaitable[_judge_pb2.GenerateResponsesResponse]]:
+        """Generates responses to prompts with an OpenAI-compatible endpoint the operator configured
+        here by name (EPOCHLENS_JUDGE_LLM_ENDPOINTS), with the judge's concurrency limit, retries
+        and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
+        A prompt whose generation still failed after the retries has `error` set and no response;
+        an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
         """
 
 def add_JudgeServiceServicer_to_server(servicer: JudgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EpochChoice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EpochChoiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EpochChoice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EPOCH_CHOICE_UNSPECIFIED: _EpochChoice.ValueType  # 0
+    """Not set: the request's documented default applies."""
+    EPOCH_CHOICE_LAST: _EpochChoice.ValueType  # 1
+    """The run's highest epoch."""
+    EPOCH_CHOICE_FIRST: _EpochChoice.ValueType  # 2
+    """The run's lowest epoch."""
+    EPOCH_CHOICE_BEST: _EpochChoice.ValueType  # 3
+    """The epoch with the highest mean score on best_criterion (the earliest of equals)."""
+
+class EpochChoice(_EpochChoice, metaclass=_EpochChoiceEnumTypeWrapper):
+    """Which epoch of a run a comparison takes when none is named."""
+
+EPOCH_CHOICE_UNSPECIFIED: EpochChoice.ValueType  # 0
+"""Not set: the request's documented default applies."""
+EPOCH_CHOICE_LAST: EpochChoice.ValueType  # 1
+"""The run's highest epoch."""
+EPOCH_CHOICE_FIRST: EpochChoice.ValueType  # 2
+"""The run's lowest epoch."""
+EPOCH_CHOICE_BEST: EpochChoice.ValueType  # 3
+"""The epoch with the highest mean score on best_criterion (the earliest of equals)."""
+Global___EpochChoice: _TypeAlias = EpochChoice  # noqa: Y015
 
 @_typing.final
 class ListRunsRequest(_message.Message):
@@ -32,6 +61,7 @@ class ListRunsRequest(_message.Message):
     NAME_CONTAINS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     MODEL_CONTAINS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of runs to return."""
     page_token: _builtins.str
@@ -42,6 +72,8 @@ class ListRunsRequest(_message.Message):
     """Only runs in this state; UNSPECIFIED means every state."""
     model_contains: _builtins.str
     """Only runs whose model name contains this text (case-insensitive), when non-empty."""
+    kind: _common_pb2.RunKind.ValueType
+    """Only runs of this kind; UNSPECIFIED means every kind."""
     def __init__(
         self,
         *,
@@ -50,10 +82,11 @@ class ListRunsRequest(_message.Message):
         name_contains: _builtins.str = ...,
         state: _common_pb2.RunState.ValueType = ...,
         model_contains: _builtins.str = ...,
+        kind: _common_pb2.RunKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_contains", b"model_contains", "name_contains", b"name_contains", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_contains", b"model_contains", "name_contains", b"name_contains", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -603,6 +636,8 @@ class RunSummary(_message.Message):
     HANDOFF_WAITING_FIELD_NUMBER: _builtins.int
     HANDOFF_ERROR_FIELD_NUMBER: _builtins.int
     HANDOFF_RETRY_TIME_FIELD_NUMBER: _builtins.int
+    PAIRWISE_FIELD_NUMBER: _builtins.int
+    AGREEMENTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
     total_cost_usd: _builtins.float
@@ -643,6 +678,18 @@ class RunSummary(_message.Message):
     def handoff_retry_time(self) -> _timestamp_pb2.Timestamp:
         """When the writer next tries to hand off the predictions that failed (unset when none did)."""
 
+    @_builtins.property
+    def pairwise(self) -> _containers.RepeatedCompositeFieldContainer[_judge_pb2.PairwiseSummary]:
+        """Pairwise judging of each epoch against its baseline (judge.pairwise in the run's config),
+        ordered by epoch, criterion, judge model.
+        """
+
+    @_builtins.property
+    def agreements(self) -> _containers.RepeatedCompositeFieldContainer[_judge_pb2.JudgeAgreement]:
+        """Agreement of each rule and LLM judge with people, per criterion with human judgments
+        (ordered by criterion, judge type, judge model); empty when no person judged the run.
+        """
+
     def __init__(
         self,
         *,
@@ -658,10 +705,12 @@ class RunSummary(_message.Message):
         handoff_waiting: _builtins.int = ...,
         handoff_error: _builtins.str = ...,
         handoff_retry_time: _timestamp_pb2.Timestamp | None = ...,
+        pairwise: _abc.Iterable[_judge_pb2.PairwiseSummary] | None = ...,
+        agreements: _abc.Iterable[_judge_pb2.JudgeAgreement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handoff_retry_time", b"handoff_retry_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_usd", b"budget_usd", "failed_predictions", b"failed_predictions", "failures", b"failures", "handoff_error", b"handoff_error", "handoff_retry_time", b"handoff_retry_time", "handoff_waiting", b"handoff_waiting", "llm_paused_reason", b"llm_paused_reason", "pending_predictions", b"pending_predictions", "rows", b"rows", "run_id", b"run_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreements", b"agreements", "budget_exhausted", b"budget_exhausted", "budget_usd", b"budget_usd", "failed_predictions", b"failed_predictions", "failures", b"failures", "handoff_error", b"handoff_error", "handoff_retry_time", b"handoff_retry_time", "handoff_waiting", b"handoff_waiting", "llm_paused_reason", b"llm_paused_reason", "pairwise", b"pairwise", "pending_predictions", b"pending_predictions", "rows", b"rows", "run_id", b"run_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1094,3 +1143,270 @@ class WatchRunEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
 Global___WatchRunEvent: _TypeAlias = WatchRunEvent  # noqa: Y015
+
+@_typing.final
+class CompareRunsRequest(_message.Message):
+    """Request for CompareRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_EPOCH_FIELD_NUMBER: _builtins.int
+    BASELINE_CHOICE_FIELD_NUMBER: _builtins.int
+    BEST_CRITERION_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run compared (the candidate)."""
+    epoch: _builtins.int
+    """Epoch of the candidate; unset: its last epoch."""
+    baseline_run_id: _builtins.str
+    """Id of the baseline run; empty: the candidate's own run."""
+    baseline_epoch: _builtins.int
+    """Epoch of the baseline; unset: baseline_choice picks it."""
+    baseline_choice: Global___EpochChoice.ValueType
+    """Which baseline epoch when baseline_epoch is unset; UNSPECIFIED means FIRST for the same
+    run and LAST for another run.
+    """
+    best_criterion: _builtins.str
+    """The criterion whose mean score picks the BEST epoch (required with BEST; any judge type,
+    the highest mean among its judges).
+    """
+    max_changes: _builtins.int
+    """Most entries in `changes`: 0 means the service default, above its maximum is clamped,
+    negative is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        epoch: _builtins.int | None = ...,
+        baseline_run_id: _builtins.str = ...,
+        baseline_epoch: _builtins.int | None = ...,
+        baseline_choice: Global___EpochChoice.ValueType = ...,
+        best_criterion: _builtins.str = ...,
+        max_changes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_epoch", b"_baseline_epoch", "_epoch", b"_epoch", "baseline_epoch", b"baseline_epoch", "epoch", b"epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_epoch", b"_baseline_epoch", "_epoch", b"_epoch", "baseline_choice", b"baseline_choice", "baseline_epoch", b"baseline_epoch", "baseline_run_id", b"baseline_run_id", "best_criterion", b"best_criterion", "epoch", b"epoch", "max_changes", b"max_changes", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__baseline_epoch: _TypeAlias = _typing.Literal["baseline_epoch"]  # noqa: Y015
+    _WhichOneofArgType__baseline_epoch: _TypeAlias = _typing.Literal["_baseline_epoch", b"_baseline_epoch"]  # noqa: Y015
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_epoch) -> _WhichOneofReturnType__baseline_epoch | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___CompareRunsRequest: _TypeAlias = CompareRunsRequest  # noqa: Y015
+
+@_typing.final
+class CriterionDelta(_message.Message):
+    """One criterion and judge compared between the two sides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_TYPE_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    PAIRED_COUNT_FIELD_NUMBER: _builtins.int
+    BASELINE_MEAN_FIELD_NUMBER: _builtins.int
+    CANDIDATE_MEAN_FIELD_NUMBER: _builtins.int
+    MEAN_DELTA_FIELD_NUMBER: _builtins.int
+    MEAN_DELTA_LOW_FIELD_NUMBER: _builtins.int
+    MEAN_DELTA_HIGH_FIELD_NUMBER: _builtins.int
+    BASELINE_PASS_RATE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_PASS_RATE_FIELD_NUMBER: _builtins.int
+    PASS_RATE_DELTA_FIELD_NUMBER: _builtins.int
+    PASS_RATE_DELTA_LOW_FIELD_NUMBER: _builtins.int
+    PASS_RATE_DELTA_HIGH_FIELD_NUMBER: _builtins.int
+    IMPROVED_COUNT_FIELD_NUMBER: _builtins.int
+    REGRESSED_COUNT_FIELD_NUMBER: _builtins.int
+    UNCHANGED_COUNT_FIELD_NUMBER: _builtins.int
+    criterion: _builtins.str
+    """Criterion name."""
+    judge_type: _judge_pb2.JudgeType.ValueType
+    """Who judged."""
+    judge_model: _builtins.str
+    """"rules", "<provider>/<model>", or "human"."""
+    paired_count: _builtins.int
+    """Shared samples scored on both sides (the paired differences below use these only)."""
+    baseline_mean: _builtins.float
+    """Mean score of the baseline over the paired samples."""
+    candidate_mean: _builtins.float
+    """Mean score of the candidate over the paired samples."""
+    mean_delta: _builtins.float
+    """candidate_mean - baseline_mean."""
+    mean_delta_low: _builtins.float
+    """Lower end of the bootstrap confidence interval of mean_delta (paired resampling)."""
+    mean_delta_high: _builtins.float
+    """Upper end of that interval."""
+    baseline_pass_rate: _builtins.float
+    """Pass rate of the baseline over the paired samples, 0..1."""
+    candidate_pass_rate: _builtins.float
+    """Pass rate of the candidate over the paired samples, 0..1."""
+    pass_rate_delta: _builtins.float
+    """candidate_pass_rate - baseline_pass_rate."""
+    pass_rate_delta_low: _builtins.float
+    """Lower end of the bootstrap confidence interval of pass_rate_delta."""
+    pass_rate_delta_high: _builtins.float
+    """Upper end of that interval."""
+    improved_count: _builtins.int
+    """Paired samples whose score went up."""
+    regressed_count: _builtins.int
+    """Paired samples whose score went down."""
+    unchanged_count: _builtins.int
+    """Paired samples whose score stayed the same."""
+    def __init__(
+        self,
+        *,
+        criterion: _builtins.str = ...,
+        judge_type: _judge_pb2.JudgeType.ValueType = ...,
+        judge_model: _builtins.str = ...,
+        paired_count: _builtins.int = ...,
+        baseline_mean: _builtins.float = ...,
+        candidate_mean: _builtins.float = ...,
+        mean_delta: _builtins.float = ...,
+        mean_delta_low: _builtins.float = ...,
+        mean_delta_high: _builtins.float = ...,
+        baseline_pass_rate: _builtins.float = ...,
+        candidate_pass_rate: _builtins.float = ...,
+        pass_rate_delta: _builtins.float = ...,
+        pass_rate_delta_low: _builtins.float = ...,
+        pass_rate_delta_high: _builtins.float = ...,
+        improved_count: _builtins.int = ...,
+        regressed_count: _builtins.int = ...,
+        unchanged_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_mean", b"baseline_mean", "baseline_pass_rate", b"baseline_pass_rate", "candidate_mean", b"candidate_mean", "candidate_pass_rate", b"candidate_pass_rate", "criterion", b"criterion", "improved_count", b"improved_count", "judge_model", b"judge_model", "judge_type", b"judge_type", "mean_delta", b"mean_delta", "mean_delta_high", b"mean_delta_high", "mean_delta_low", b"mean_delta_low", "paired_count", b"paired_count", "pass_rate_delta", b"pass_rate_delta", "pass_rate_delta_high", b"pass_rate_delta_high", "pass_rate_delta_low", b"pass_rate_delta_low", "regressed_count", b"regressed_count", "unchanged_count", b"unchanged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CriterionDelta: _TypeAlias = CriterionDelta  # noqa: Y015
+
+@_typing.final
+class SampleChange(_message.Message):
+    """One sample whose judgment changed between the two sides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    BASELINE_SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    JUDGE_TYPE_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    BASELINE_SCORE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SCORE_FIELD_NUMBER: _builtins.int
+    BASELINE_PASSED_FIELD_NUMBER: _builtins.int
+    CANDIDATE_PASSED_FIELD_NUMBER: _builtins.int
+    sample_index: _builtins.int
+    """Sample index in the candidate run."""
+    baseline_sample_index: _builtins.int
+    """Sample index of the same prompt in the baseline run."""
+    criterion: _builtins.str
+    """Criterion name."""
+    judge_type: _judge_pb2.JudgeType.ValueType
+    """Who judged."""
+    judge_model: _builtins.str
+    """"rules", "<provider>/<model>", or "human"."""
+    baseline_score: _builtins.float
+    """Score on the baseline side."""
+    candidate_score: _builtins.float
+    """Score on the candidate side."""
+    baseline_passed: _builtins.bool
+    """Verdict on the baseline side."""
+    candidate_passed: _builtins.bool
+    """Verdict on the candidate side."""
+    def __init__(
+        self,
+        *,
+        sample_index: _builtins.int = ...,
+        baseline_sample_index: _builtins.int = ...,
+        criterion: _builtins.str = ...,
+        judge_type: _judge_pb2.JudgeType.ValueType = ...,
+        judge_model: _builtins.str = ...,
+        baseline_score: _builtins.float = ...,
+        candidate_score: _builtins.float = ...,
+        baseline_passed: _builtins.bool = ...,
+        candidate_passed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_passed", b"baseline_passed", "baseline_sample_index", b"baseline_sample_index", "baseline_score", b"baseline_score", "candidate_passed", b"candidate_passed", "candidate_score", b"candidate_score", "criterion", b"criterion", "judge_model", b"judge_model", "judge_type", b"judge_type", "sample_index", b"sample_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampleChange: _TypeAlias = SampleChange  # noqa: Y015
+
+@_typing.final
+class CompareRunsResponse(_message.Message):
+    """Response of CompareRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BASELINE_RUN_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_EPOCH_FIELD_NUMBER: _builtins.int
+    SHARED_SAMPLES_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_LEVEL_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_RESAMPLES_FIELD_NUMBER: _builtins.int
+    DELTAS_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    PAIRWISE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the candidate run."""
+    epoch: _builtins.int
+    """The candidate's epoch compared."""
+    baseline_run_id: _builtins.str
+    """Id of the baseline run."""
+    baseline_epoch: _builtins.int
+    """The baseline's epoch compared."""
+    shared_samples: _builtins.int
+    """Samples with a prediction on both sides."""
+    confidence_level: _builtins.float
+    """Confidence level of the intervals (the query service's compare_confidence)."""
+    bootstrap_resamples: _builtins.int
+    """Bootstrap resamples behind the intervals."""
+    @_builtins.property
+    def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___CriterionDelta]:
+        """Per criterion and judge, ordered by criterion, judge type, judge model."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampleChange]:
+        """Samples whose verdict flipped first (regressions, then improvements), then the largest
+        score changes; at most max_changes.
+        """
+
+    @_builtins.property
+    def pairwise(self) -> _containers.RepeatedCompositeFieldContainer[_judge_pb2.PairwiseSummary]:
+        """Stored pairwise judging of the candidate epoch against this baseline (judge.pairwise in
+        the candidate run's config), when there is any.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        baseline_run_id: _builtins.str = ...,
+        baseline_epoch: _builtins.int = ...,
+        shared_samples: _builtins.int = ...,
+        confidence_level: _builtins.float = ...,
+        bootstrap_resamples: _builtins.int = ...,
+        deltas: _abc.Iterable[Global___CriterionDelta] | None = ...,
+        changes: _abc.Iterable[Global___SampleChange] | None = ...,
+        pairwise: _abc.Iterable[_judge_pb2.PairwiseSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_epoch", b"baseline_epoch", "baseline_run_id", b"baseline_run_id", "bootstrap_resamples", b"bootstrap_resamples", "changes", b"changes", "confidence_level", b"confidence_level", "deltas", b"deltas", "epoch", b"epoch", "pairwise", b"pairwise", "run_id", b"run_id", "shared_samples", b"shared_samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareRunsResponse: _TypeAlias = CompareRunsResponse  # noqa: Y015

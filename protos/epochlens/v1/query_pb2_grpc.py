@@ -91,6 +91,11 @@ class QueryServiceStub:
                 request_serializer=epochlens_dot_v1_dot_query__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_query__pb2.WatchRunEvent.FromString,
                 _registered_method=True)
+        self.CompareRuns = channel.unary_unary(
+                '/epochlens.v1.QueryService/CompareRuns',
+                request_serializer=epochlens_dot_v1_dot_query__pb2.CompareRunsRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_query__pb2.CompareRunsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -180,6 +185,18 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareRuns(self, request, context):
+        """Compares a run (one epoch of it) with a baseline (another epoch of it, or an epoch of
+        another of the caller's runs) on the samples both have, matched by prompt and reference:
+        per criterion and judge, the mean score and pass rate of each side, their paired
+        differences with bootstrap confidence intervals, how many samples improved or regressed,
+        the samples that changed most, and the stored pairwise judging of the run against that
+        baseline. Another user's run, on either side, is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +249,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=epochlens_dot_v1_dot_query__pb2.WatchRunRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_query__pb2.WatchRunEvent.SerializeToString,
+            ),
+            'CompareRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRuns,
+                    request_deserializer=epochlens_dot_v1_dot_query__pb2.CompareRunsRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_query__pb2.CompareRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -510,6 +532,33 @@ class QueryService:
             '/epochlens.v1.QueryService/WatchRun',
             epochlens_dot_v1_dot_query__pb2.WatchRunRequest.SerializeToString,
             epochlens_dot_v1_dot_query__pb2.WatchRunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.QueryService/CompareRuns',
+            epochlens_dot_v1_dot_query__pb2.CompareRunsRequest.SerializeToString,
+            epochlens_dot_v1_dot_query__pb2.CompareRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

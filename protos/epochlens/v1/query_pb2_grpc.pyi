@@ -72,6 +72,14 @@ class QueryServiceStub:
     points. The event that shows the run finished comes after everything committed before
     it, and is the stream's last.
     """
+    CompareRuns: _grpc.UnaryUnaryMultiCallable[_query_pb2.CompareRunsRequest, _query_pb2.CompareRunsResponse]
+    """Compares a run (one epoch of it) with a baseline (another epoch of it, or an epoch of
+    another of the caller's runs) on the samples both have, matched by prompt and reference:
+    per criterion and judge, the mean score and pass rate of each side, their paired
+    differences with bootstrap confidence intervals, how many samples improved or regressed,
+    the samples that changed most, and the stored pairwise judging of the run against that
+    baseline. Another user's run, on either side, is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -115,6 +123,14 @@ class QueryServiceAsyncStub(QueryServiceStub):
     changed since that event), then each state change, new or grown epoch and new metric
     points. The event that shows the run finished comes after everything committed before
     it, and is the stream's last.
+    """
+    CompareRuns: _aio.UnaryUnaryMultiCallable[_query_pb2.CompareRunsRequest, _query_pb2.CompareRunsResponse]  # type: ignore[assignment]
+    """Compares a run (one epoch of it) with a baseline (another epoch of it, or an epoch of
+    another of the caller's runs) on the samples both have, matched by prompt and reference:
+    per criterion and judge, the mean score and pass rate of each side, their paired
+    differences with bootstrap confidence intervals, how many samples improved or regressed,
+    the samples that changed most, and the stored pairwise judging of the run against that
+    baseline. Another user's run, on either side, is NOT_FOUND.
     """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -216,6 +232,20 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         changed since that event), then each state change, new or grown epoch and new metric
         points. The event that shows the run finished comes after everything committed before
         it, and is the stream's last.
+        """
+
+    @_abc_1.abstractmethod
+    def CompareRuns(
+        self,
+        request: _query_pb2.CompareRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.CompareRunsResponse, _abc.Awaitable[_query_pb2.CompareRunsResponse]]:
+        """Compares a run (one epoch of it) with a baseline (another epoch of it, or an epoch of
+        another of the caller's runs) on the samples both have, matched by prompt and reference:
+        per criterion and judge, the mean score and pass rate of each side, their paired
+        differences with bootstrap confidence intervals, how many samples improved or regressed,
+        the samples that changed most, and the stored pairwise judging of the run against that
+        baseline. Another user's run, on either side, is NOT_FOUND.
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -137,6 +137,7 @@ class CreateRunRequest(_message.Message):
     DATASET_NAME_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name of the run (required)."""
     model_name: _builtins.str
@@ -146,6 +147,10 @@ class CreateRunRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen idempotency key: a second CreateRun with the same request_id by the same
     user returns the run created by the first instead of creating another one.
+    """
+    kind: _common_pb2.RunKind.ValueType
+    """What the run records: UNSPECIFIED means TRAINING. Evaluation runs are usually created by
+    EvaluationService.Evaluate, which also stores their rows.
     """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
@@ -159,10 +164,11 @@ class CreateRunRequest(_message.Message):
         dataset_name: _builtins.str = ...,
         config: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        kind: _common_pb2.RunKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_name", b"dataset_name", "model_name", b"model_name", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_name", b"dataset_name", "kind", b"kind", "model_name", b"model_name", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
