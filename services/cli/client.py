@@ -125,9 +125,10 @@ class QueryClient(ServiceClient):
         super().__init__(settings, settings.query_address, token)
         self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
 
-    def runs(self, page_size: int = 0) -> Iterator[common_pb2.Run]:
-        """The caller's runs, newest first, every page."""
-        return self._pages(self._stub.ListRuns, query_pb2.ListRunsRequest(page_size=page_size),
+    def runs(self, page_size: int = 0, kind: int = 0) -> Iterator[common_pb2.Run]:
+        """The caller's runs (of one RunKind; 0: every kind), newest first, every page."""
+        return self._pages(self._stub.ListRuns,
+                           query_pb2.ListRunsRequest(page_size=page_size, kind=kind),
                            "runs", "runs")
 
     def watch(self, run_id: str, resume_token: str = "") -> Any:

@@ -75,6 +75,13 @@ def state_name(state: int) -> str:
     return common_pb2.RunState.Name(state).removeprefix("RUN_STATE_").lower()
 
 
+def kind_name(kind: int) -> str:
+    """training or evaluation (a run stored before kinds existed reads as training)."""
+    if kind == common_pb2.RUN_KIND_UNSPECIFIED:
+        kind = common_pb2.RUN_KIND_TRAINING
+    return common_pb2.RunKind.Name(kind).removeprefix("RUN_KIND_").lower()
+
+
 def preview(text: str, limit: int) -> Text:
     """One line of at most `limit` characters (newlines shown as \\n)."""
     flat = text.replace("\r", "").replace("\n", "\\n")
@@ -101,10 +108,11 @@ def runs_table(runs: Iterable[common_pb2.Run]) -> Table:
     --json only, so that the table fits 80 columns."""
     table = new_table(
         Column("id", no_wrap=True), Column("name", overflow="fold", min_width=8),
-        Column("state", no_wrap=True), Column("created (UTC)", no_wrap=True),
+        Column("state", no_wrap=True), Column("kind", no_wrap=True),
+        Column("created (UTC)", no_wrap=True),
         Column("model", overflow="fold"), Column("dataset", overflow="fold"))
     for run in runs:
-        table.add_row(run.id, Text(run.name), state_name(run.state),
+        table.add_row(run.id, Text(run.name), state_name(run.state), kind_name(run.kind),
                       when(run.create_time, "%Y-%m-%d %H:%M"), Text(run.model_name),
                       Text(run.dataset_name))
     return table

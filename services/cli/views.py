@@ -10,6 +10,7 @@ numbers, timestamps as RFC 3339 strings), plus the computed fields named in
 each command's help.
 """
 
+import enum
 import itertools
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from epochlens.v1 import query_pb2
+from epochlens.v1 import common_pb2, query_pb2
 from services.cli import export as exporting
 from services.cli import render
 from services.cli import watch as watching
@@ -47,11 +48,26 @@ EXACT_RULE = ("exact match: the prediction equals the ground truth ignoring case
               "predictions with a ground truth")
 
 
-def runs(ctx: typer.Context, as_json: bool = JSON) -> None:
+class RunKindChoice(enum.StrEnum):
+    """`epochlens runs --kind`: which runs to list."""
+
+    training = "training"
+    evaluation = "evaluation"
+
+
+RUN_KINDS = {RunKindChoice.training: common_pb2.RUN_KIND_TRAINING,
+             RunKindChoice.evaluation: common_pb2.RUN_KIND_EVALUATION}
+
+
+KIND = typer.Option(None, "--kind", help="Only training runs or only evaluations (default: "
+                    "both).")
+
+
+def runs(ctx: typer.Context, as_json: bool = JSON, kind: RunKindChoice | None = KIND) -> None:
     """List your runs, newest first."""
     cli = cli_context(ctx)
     with cli.client() as client:
-        items = list(client.runs(cli.settings.page_size))
+        items = list(client.runs(cli.settings.page_size, RUN_KINDS[kind] if kind else 0))
     if as_json:
         render.print_json([render.message_dict(r) for r in items])
     elif items:

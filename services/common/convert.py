@@ -58,7 +58,7 @@ def run_to_proto(row: Any) -> common_pb2.Run:
     return common_pb2.Run(
         id=str(row.id), user_id=row.user_id, name=row.name, model_name=row.model_name,
         dataset_name=row.dataset_name, config=dict_to_struct(row.config),
-        state=row.state, create_time=timestamp(row.create_time),
+        state=row.state, kind=row.kind, create_time=timestamp(row.create_time),
         finish_time=timestamp(row.finish_time),
     )
 

@@ -26,12 +26,13 @@ _PREDICTION_COLUMNS = (P.c.run_id, P.c.epoch, P.c.step, P.c.sample_index, P.c.pr
 
 @dataclass(frozen=True)
 class RunFilter:
-    """ListRuns filters: substrings of name and model (case-insensitive; empty: any) and a
-    state (0: any)."""
+    """ListRuns filters: substrings of name and model (case-insensitive; empty: any), a
+    state (0: any) and a kind (0: any)."""
 
     name_contains: str = ""
     model_contains: str = ""
     state: int = 0
+    kind: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class QueryRepository:
                                                        autoescape=True))
         if filters.state:
             stmt = stmt.where(R.c.state == filters.state)
+        if filters.kind:
+            stmt = stmt.where(R.c.kind == filters.kind)
         if after is not None:
             stmt = stmt.where(tuple_(R.c.create_time, R.c.id) < tuple_(*after))
         stmt = stmt.order_by(R.c.create_time.desc(), R.c.id.desc()).limit(limit)

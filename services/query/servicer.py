@@ -93,6 +93,14 @@ def _prediction_filter(request: query_pb2.ListPredictionsRequest) -> PredictionF
     return PredictionFilter(epoch, sample, request.criterion, passed)
 
 
+def _run_kind_filter(kind: int) -> int:
+    """ListRuns' kind filter (0: any kind); an enum value this code does not know is
+    INVALID_ARGUMENT."""
+    if kind not in common_pb2.RunKind.values():
+        raise InvalidArgument([FieldViolation("kind", f"unknown run kind {kind}")])
+    return kind
+
+
 def _check_non_negative(name: str, value: int | None) -> None:
     if value is not None and value < 0:
         raise InvalidArgument([FieldViolation(name, f"must be >= 0, got {value}")])
@@ -119,7 +127,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     async def ListRuns(self, request: query_pb2.ListRunsRequest,
                        context: grpc.aio.ServicerContext) -> query_pb2.ListRunsResponse:
-        filters = RunFilter(request.name_contains, request.model_contains, request.state)
+        filters = RunFilter(request.name_contains, request.model_contains, request.state,
+                            _run_kind_filter(request.kind))
         fingerprint = asdict(filters)
         limits, tokens = self._limits(request.page_size), self._tokens["ListRuns"]
         after = tokens.decode(request.page_token, fingerprint)

@@ -49,6 +49,8 @@ class RunRow(WriterBase):
     dataset_name: Mapped[str] = mapped_column(Text)
     config: Mapped[dict[str, Any]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
     state: Mapped[int] = mapped_column(SmallInteger)
+    # epochlens.v1.RunKind; runs stored before kinds existed are training runs (default 1).
+    kind: Mapped[int] = mapped_column(SmallInteger, server_default="1")
     request_id: Mapped[str | None] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finish_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

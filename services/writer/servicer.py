@@ -64,12 +64,12 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
 
     async def CreateRun(self, request: writer_pb2.CreateRunRequest,
                         context: grpc.aio.ServicerContext) -> common_pb2.Run:
-        config = validate_create_run(request, self._settings)
+        config, kind = validate_create_run(request, self._settings)
         if self._judge_check is not None:
             await self._judge_check.check(current_user(), config)
         row = await self._repo.create_run(current_user(), {
             "name": request.name, "model_name": request.model_name,
-            "dataset_name": request.dataset_name, "config": config,
+            "dataset_name": request.dataset_name, "config": config, "kind": kind,
             "request_id": request.request_id or None})
         log.info("run %s created by %s (%s)", row.id, row.user_id, row.name)
         return run_to_proto(row)

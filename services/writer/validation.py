@@ -132,9 +132,10 @@ def _check_metric(metric: writer_pb2.MetricInput, path: str, max_chars: int,
 
 
 def validate_create_run(request: writer_pb2.CreateRunRequest,
-                        settings: WriterSettings) -> dict:
-    """The run config as a dict, or InvalidArgument."""
+                        settings: WriterSettings) -> tuple[dict, int]:
+    """The run config as a dict and the run kind to store, or InvalidArgument."""
     violations = Violations()
+    kind = check_run_kind(request.kind, violations)
     for name, required in (("name", True), ("model_name", True), ("dataset_name", False),
                            ("request_id", False)):
         value = getattr(request, name)
@@ -148,7 +149,16 @@ def validate_create_run(request: writer_pb2.CreateRunRequest,
     if size > settings.max_config_bytes:
         violations.add("config", f"{size} bytes exceed the maximum of {settings.max_config_bytes}")
     violations.raise_if_any()
-    return config
+    return config, kind
+
+
+def check_run_kind(kind: int, violations: Violations, field: str = "kind") -> int:
+    """The kind to store: UNSPECIFIED is a training run; an unknown value is a violation."""
+    if kind == common_pb2.RUN_KIND_UNSPECIFIED:
+        return common_pb2.RUN_KIND_TRAINING
+    if kind not in common_pb2.RunKind.values():
+        violations.add(field, f"unknown run kind {kind}")
+    return kind
 
 
 def check_finish_state(state: int) -> int:

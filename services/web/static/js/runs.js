@@ -30,11 +30,17 @@ function filtersForm(ctx) {
   return form;
 }
 
+// The run's kind as the API spells it (RUN_KIND_*); a run without one is a training run.
+function kindName(kind) {
+  return kind === "RUN_KIND_EVALUATION" ? "evaluation" : "training";
+}
+
 function runRow(run, ctx) {
   const href = "/runs/" + encodeURIComponent(run.id);
   const row = el("tr", {"data-run-id": run.id},
     el("td", {"data-col": "name"}, el("a", {href}, run.name || run.id)),
     el("td", {"data-col": "state"}, stateBadge(run.state)),
+    el("td", {"data-col": "kind"}, kindName(run.kind)),
     el("td", {"data-col": "model", class: "wrap"}, run.modelName || ""),
     el("td", {"data-col": "dataset", class: "wrap"}, run.datasetName || ""),
     el("td", {"data-col": "created"}, when(run.createTime)),
@@ -65,7 +71,7 @@ function runsTable(ctx, runs) {
   navigable(rows, (row) => ctx.navigate(row.dataset.href));
   return el("div", {class: "table-wrap"}, el("table", {id: "runs-table", class: "rows"},
     el("caption", {class: "visually-hidden"}, "Runs, newest first"),
-    el("thead", {}, el("tr", {}, ...["Name", "State", "Model", "Dataset", "Created",
+    el("thead", {}, el("tr", {}, ...["Name", "State", "Kind", "Model", "Dataset", "Created",
       "Duration"].map((h) => el("th", {scope: "col"}, h)))),
     el("tbody", {}, ...rows)));
 }
