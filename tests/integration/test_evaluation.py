@@ -35,7 +35,14 @@ from services.query.server import start as start_query
 from services.writer.config import MigrateSettings, WriterSettings
 from services.writer.migrate import migrate
 from services.writer.server import start as start_writer
-from tests.conftest import JUDGE_ROLE, PAGE_SECRET, READER_ROLE, WRITER_ROLE, pg_url
+from tests.conftest import (
+    JUDGE_ROLE,
+    PAGE_SECRET,
+    READER_ROLE,
+    WRITER_ROLE,
+    migrated_database,
+    pg_url,
+)
 from tests.helpers import create_run, field_violations, rich_status
 from tests.judge.fake_llm import ECHO_PREFIX, EchoLlmServer, unauthorized
 
@@ -85,11 +92,19 @@ async def _start(backend: str, auth: AuthSettings, database: str | None, sqlite_
     return EvalStack(backend, writer, judge, query, auth, echo)
 
 
+@pytest.fixture(scope="module")
+async def evaluation_database() -> AsyncIterator[str]:
+    """A database of this module's own: the session stack's outbox dispatcher and judge
+    workers would otherwise hand off and judge these tests' rows too."""
+    async with migrated_database("evaluation") as name:
+        yield name
+
+
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
-async def estack(request, auth_settings, pg_database, tmp_path_factory,
+async def estack(request, auth_settings, evaluation_database, tmp_path_factory,
                  echo) -> AsyncIterator[EvalStack]:
     if request.param == "postgres":
-        running = await _start("postgres", auth_settings, pg_database, None, echo)
+        running = await _start("postgres", auth_settings, evaluation_database, None, echo)
     else:
         sqlite_dir = tmp_path_factory.mktemp("evaluation-sqlite")
         await migrate(MigrateSettings(sqlite_dir=sqlite_dir, _env_file=None))
