@@ -4,7 +4,8 @@ against them.
 JudgeSettings = the common service settings + the LLM settings (services.judge.llm.settings)
 + the queue, limits, rule defaults and ceilings below. validate_judge_config() turns the
 "judge" section of a run's config (a Struct as a dict) into a JudgeConfig, or raises
-InvalidArgument naming each bad field (`config.llm.concurrency`, ...).
+InvalidArgument naming each bad field (`config.llm.concurrency`,
+`config.llm.criteria[2].scale_max`, `config.llm.panel[1].endpoint`, ...).
 """
 
 import json
@@ -19,7 +20,16 @@ from services.common.errors import Violations
 from services.judge.llm.prompts import rubric_of
 from services.judge.llm.settings import LlmSettings
 from services.judge.rules import RULE_NAMES, RuleDefaults
-from services.judge.schema import JudgeConfig, LlmJudgeConfig, pattern_error
+from services.judge.schema import (
+    CRITERION_NAME_TAG,
+    CRITERION_OBJECT_TAG,
+    STANDARD_LLM_CRITERIA,
+    CustomCriterion,
+    JudgeConfig,
+    LlmJudgeConfig,
+    PanelMember,
+    pattern_error,
+)
 
 DEFAULT_RULE_THRESHOLDS = {
     "exact_match": 1.0, "chrf": 0.5, "edit_similarity": 0.8, "length": 1.0, "structure": 1.0,
@@ -141,10 +151,12 @@ class JudgeSettings(ServiceSettings, LlmSettings):
             citation_pattern=self.rule_citation_pattern)
 
     def llm_judging_on(self, config: JudgeConfig) -> bool:
-        """LLM judging runs only when the config asks for it and its provider has a key
-        (openai_compatible: the endpoint it names) configured here."""
-        return config.llm is not None and self.llm_enabled(config.llm.provider,
-                                                           config.llm.endpoint)
+        """LLM judging runs only when the config asks for it and its provider (for a panel:
+        the provider of at least one member) has a key (openai_compatible: the endpoint it
+        names) configured here."""
+        return config.llm is not None and any(
+            self.llm_enabled(member.provider or "", member.endpoint)
+            for member in config.llm.members())
 
 
 def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
@@ -159,7 +171,7 @@ def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
         config = JudgeConfig.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
+            where = _field_path(error["loc"])
             violations.add(f"{path}.{where}" if where else path, error["msg"])
         violations.raise_if_any()
         raise
@@ -167,6 +179,21 @@ def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
     _check_llm(settings, config, path, violations)
     violations.raise_if_any()
     return config
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a field path: list indexes in brackets
+    (`llm.criteria[2].scale_max`), without the tags of the criteria union."""
+    out = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in (CRITERION_NAME_TAG, CRITERION_OBJECT_TAG) and index and isinstance(
+                loc[index - 1], int):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
 
 
 def _check_rules(settings: JudgeSettings, config: JudgeConfig, path: str,
@@ -216,25 +243,121 @@ def _check_llm(settings: JudgeSettings, config: JudgeConfig, path: str,
     llm, where = config.llm, f"{path}.llm"
     if llm is None:
         return
-    if not llm.model.strip():
-        violations.add(f"{where}.model", "required (empty)")
-    _check_endpoint(settings, llm, where, violations)
-    for index, name in enumerate(llm.criteria):
-        if rubric_of(llm, name) is None:
-            violations.add(f"{where}.criteria[{index}]", f"unknown criterion {name!r}: not a "
-                           "standard one and not in custom_criteria")
+    if llm.panel is None:
+        _check_single(settings, llm, where, violations)
+    else:
+        _check_panel(settings, llm, where, violations)
+    _check_criteria(settings, llm, where, violations)
     for name, rubric in llm.custom_criteria.items():
         if not name.strip() or len(name) > settings.max_name_chars:
             violations.add(f"{where}.custom_criteria", f"criterion name {name[:64]!r} must "
                            f"be 1..{settings.max_name_chars} characters")
         if not rubric.strip():
             violations.add(f"{where}.custom_criteria.{name}", "rubric text required")
-    known = set(llm.criteria) | set(llm.custom_criteria)
-    _check_thresholds(llm.thresholds, known, 1.0, 10.0, f"{where}.thresholds", violations)
+    objects = {c.name: i for i, c in enumerate(llm.criteria) if isinstance(c, CustomCriterion)}
+    known = {c for c in llm.criteria if isinstance(c, str)} | set(llm.custom_criteria)
+    for name in llm.thresholds.keys() & objects.keys():
+        violations.add(f"{where}.thresholds.{name}", "a criterion object carries its own "
+                       f"threshold (criteria[{objects[name]}].threshold)")
+    _check_thresholds({k: v for k, v in llm.thresholds.items() if k not in objects}, known,
+                      1.0, 10.0, f"{where}.thresholds", violations)
     _check_llm_ceilings(settings, config, where, violations)
 
 
-def _check_endpoint(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
+def _check_single(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
+                  violations: Violations) -> None:
+    """One judge: provider and model required, the endpoint one the operator configured."""
+    if llm.provider is None:
+        violations.add(f"{where}.provider", "required (or a panel of judges in llm.panel)")
+    if llm.model is None or not llm.model.strip():
+        violations.add(f"{where}.model", "required (empty)")
+    if llm.combine is not None:
+        violations.add(f"{where}.combine", "only with a panel (llm.panel)")
+    if llm.provider is not None and llm.model is not None:
+        _check_endpoint(settings, llm, where, violations)
+
+
+def _check_panel(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
+                 violations: Violations) -> None:
+    """2..llm_max_panel_members judges, each checked like a single one, no two with the same
+    judge_model (provider/model); provider, model and endpoint belong to the members."""
+    assert llm.panel is not None
+    for name in ("provider", "model", "endpoint"):
+        if getattr(llm, name) is not None:
+            violations.add(f"{where}.{name}", "not with a panel: each member of llm.panel "
+                           "names its own")
+    count, most = len(llm.panel), settings.llm_max_panel_members
+    if not 2 <= count <= most:
+        violations.add(f"{where}.panel", f"a panel has 2..{most} members, got {count}")
+    seen: dict[tuple[str, str], int] = {}
+    for index, member in enumerate(llm.panel):
+        at = f"{where}.panel[{index}]"
+        if not member.model.strip():
+            violations.add(f"{at}.model", "required (empty)")
+        _check_endpoint(settings, member, at, violations)
+        first = seen.setdefault((member.provider, member.model), index)
+        if first != index:
+            violations.add(at, f"same judge as panel[{first}] ({member.provider}/"
+                           f"{member.model}): each member's judgments are stored under it")
+
+
+def _check_criteria(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
+                    violations: Violations) -> None:
+    """Names of standard or custom_criteria criteria, and criterion objects (at most
+    llm_max_custom_criteria, names unique and not a standard or custom_criteria name)."""
+    objects = 0
+    seen: dict[str, tuple[int, bool]] = {}
+    for index, entry in enumerate(llm.criteria):
+        at = f"{where}.criteria[{index}]"
+        is_object = isinstance(entry, CustomCriterion)
+        if isinstance(entry, CustomCriterion):
+            objects += 1
+            name = entry.name
+            _check_criterion_object(settings, entry, at, violations)
+            if name in STANDARD_LLM_CRITERIA or name in llm.custom_criteria:
+                violations.add(f"{at}.name", f"{name!r} is a standard or custom_criteria "
+                               "criterion: a criterion object needs a name of its own")
+        else:
+            name = entry
+            if rubric_of(llm, name) is None:
+                violations.add(at, f"unknown criterion {name!r}: not a standard one and not "
+                               "in custom_criteria")
+        first, first_object = seen.setdefault(name, (index, is_object))
+        if first != index and (is_object or first_object):
+            violations.add(f"{at}.name" if is_object else at,
+                           f"criterion {name[:64]!r} is already criteria[{first}]")
+    if objects > settings.llm_max_custom_criteria:
+        violations.add(f"{where}.criteria", f"{objects} criterion objects exceed the maximum "
+                       f"of {settings.llm_max_custom_criteria}")
+
+
+def _check_criterion_object(settings: JudgeSettings, criterion: CustomCriterion, at: str,
+                            violations: Violations) -> None:
+    """Name and rubric sizes; an integer scale of 2..llm_max_scale_points points; the
+    threshold a finite number inside the scale."""
+    name, rubric = criterion.name, criterion.rubric
+    if not name.strip() or len(name) > settings.max_name_chars:
+        violations.add(f"{at}.name", f"must be 1..{settings.max_name_chars} characters")
+    if not rubric.strip():
+        violations.add(f"{at}.rubric", "rubric text required")
+    elif len(rubric) > settings.llm_max_rubric_chars:
+        violations.add(f"{at}.rubric", f"{len(rubric)} characters exceed the maximum of "
+                       f"{settings.llm_max_rubric_chars}")
+    low, high, threshold = criterion.scale_min, criterion.scale_max, criterion.threshold
+    points, most = high - low + 1, settings.llm_max_scale_points
+    if low >= high:
+        violations.add(f"{at}.scale_max", f"must be above scale_min ({low}), got {high}")
+    elif points > most:
+        violations.add(f"{at}.scale_max", f"the scale {low}..{high} has {points} points, "
+                       f"above the maximum of {most}")
+    if not math.isfinite(threshold):
+        violations.add(f"{at}.threshold", f"must be a finite number, got {threshold}")
+    elif low < high and not low <= threshold <= high:
+        violations.add(f"{at}.threshold", f"must be within the scale {low}..{high}, got "
+                       f"{threshold:g}")
+
+
+def _check_endpoint(settings: JudgeSettings, llm: LlmJudgeConfig | PanelMember, where: str,
                     violations: Violations) -> None:
     """openai_compatible names an endpoint configured here (which may list its models);
     the other providers use their own configured URL and take none."""

@@ -9,10 +9,10 @@ defaults and ceilings (JudgeSettings) are applied by services.judge.config.
 import functools
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import re2
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from epochlens.v1 import judge_pb2
 
@@ -77,19 +77,62 @@ class RulesConfig(BaseModel):
         return value
 
 
-class LlmJudgeConfig(BaseModel):
-    """An LLM judge (opt-in). Needs a key for the provider in the judge's configuration."""
+Provider = Literal["openai", "anthropic", "openai_compatible"]
+# Tags of the two kinds of entries of llm.criteria (dropped from field paths in errors).
+CRITERION_NAME_TAG, CRITERION_OBJECT_TAG = "criterion_name", "criterion_object"
+
+
+class CustomCriterion(BaseModel):
+    """A criterion of the run's own: its rubric, integer scale and pass threshold (checked
+    against the service's limits by services.judge.config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    provider: Literal["openai", "anthropic", "openai_compatible"]
+    name: str
+    rubric: str
+    scale_min: int
+    scale_max: int
+    threshold: float
+
+
+class PanelMember(BaseModel):
+    """One LLM judge of a panel (validated like a single judge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Provider
     model: str
+    endpoint: str | None = None
+
+
+def _criterion_tag(value: Any) -> str:
+    return CRITERION_OBJECT_TAG if isinstance(value, dict | CustomCriterion) \
+        else CRITERION_NAME_TAG
+
+
+CriterionEntry = Annotated[
+    Annotated[str, Tag(CRITERION_NAME_TAG)]
+    | Annotated[CustomCriterion, Tag(CRITERION_OBJECT_TAG)],
+    Discriminator(_criterion_tag)]
+
+
+class LlmJudgeConfig(BaseModel):
+    """An LLM judge (opt-in): one model (provider, model) or a panel of models whose scores
+    are combined by `combine`. Needs a key for each provider in the judge's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Required unless `panel` is given (then absent); services.judge.config checks which.
+    provider: Provider | None = None
+    model: str | None = None
     # Name of an OpenAI-compatible server (vLLM, Ollama, llama.cpp) the operator configured
     # (EPOCHLENS_JUDGE_LLM_ENDPOINTS); required for provider openai_compatible.
     endpoint: str | None = None
     # Refused when set (BASE_URL_REFUSED): kept only to say why.
     base_url: Any = None
-    criteria: list[str] = Field(default_factory=lambda: list(STANDARD_LLM_CRITERIA))
+    # Names of standard (or custom_criteria) criteria, and CustomCriterion objects.
+    criteria: list[CriterionEntry] = Field(
+        default_factory=lambda: list(STANDARD_LLM_CRITERIA))
     # Custom criteria: name -> rubric text (scored 1-10 like the standard ones).
     custom_criteria: dict[str, str] = Field(default_factory=dict)
     # Pass thresholds per criterion, overriding the defaults (7; safety 8).
@@ -101,6 +144,10 @@ class LlmJudgeConfig(BaseModel):
     concurrency: int | None = Field(None, ge=1)
     # Most this run may spend on LLM judging, US dollars; None: the service default.
     budget_usd: float | None = Field(None, ge=0)
+    # Several judges on every criterion, each verdict kept, combined by `combine` (mean when
+    # unset): instead of provider/model/endpoint.
+    panel: list[PanelMember] | None = None
+    combine: Literal["mean", "majority"] | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -108,6 +155,28 @@ class LlmJudgeConfig(BaseModel):
         if value is not None:
             raise ValueError(BASE_URL_REFUSED)
         return None
+
+    @property
+    def combine_rule(self) -> str:
+        """How a panel's scores are combined (mean when the config names no rule)."""
+        return self.combine or "mean"
+
+    @property
+    def judge_model(self) -> str:
+        """judge_model of this config's judgments: "provider/model", or "panel/<rule>" for
+        the combined judgments of a panel."""
+        if self.panel:
+            return f"panel/{self.combine_rule}"
+        return f"{self.provider}/{self.model}"
+
+    def members(self) -> list["LlmJudgeConfig"]:
+        """The single judges this config runs: itself, or one per panel member (each with the
+        member's provider, model and endpoint and everything else of this config)."""
+        if not self.panel:
+            return [self]
+        return [self.model_copy(update={"provider": m.provider, "model": m.model,
+                                        "endpoint": m.endpoint, "panel": None,
+                                        "combine": None}) for m in self.panel]
 
 
 class JudgeConfig(BaseModel):

@@ -25,7 +25,7 @@ from services.common.errors import (
 )
 from services.judge.config import JudgeSettings, validate_judge_config
 from services.judge.generation import Generator, validate_generation
-from services.judge.llm.cost import estimate, price_or_error
+from services.judge.llm.cost import estimate, member_prices
 from services.judge.llm.prompts import STANDARD_RUBRICS
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.rules import RULE_CRITERIA
@@ -175,11 +175,14 @@ def config_warnings(settings: JudgeSettings, config: JudgeConfig) -> list[str]:
     llm = config.llm
     if llm is None:
         return []
-    if not settings.llm_judging_on(config):
+    if not llm.panel and not settings.llm_judging_on(config):
         return [f"config.llm: provider {llm.provider} is not configured on this judge (no API "
                 "key or endpoint): LLM judging is off, rule judges only"]
-    price_or_error(settings, llm)
-    return []
+    member_prices(settings, llm)
+    return [f"config.llm.panel[{index}]: provider {member.provider} is not configured on "
+            "this judge (no API key or endpoint): its judgments will be unscored"
+            for index, member in enumerate(llm.panel or [])
+            if not settings.llm_enabled(member.provider, member.endpoint)]
 
 
 def _or_raise(results: list[list[Verdict] | ItemFailure]) -> list[list[Verdict]]:

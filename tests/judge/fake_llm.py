@@ -3,8 +3,9 @@
 Test double for the paid LLM APIs only: the real SDKs are pointed at it with base_url. Each
 request takes the next scripted Reply (a valid verdict, a malformed one, 429 with Retry-After,
 500, 401, insufficient_quota, a dropped connection, a slow reply); with nothing scripted it
-answers a valid verdict whose score depends on the criterion named in the prompt. Every request
-is recorded (body, arrival and finish times, requests in flight at arrival).
+answers a valid verdict whose score depends on the criterion named in the prompt (and, with
+model_scores, on the model asked: panels of judges). Every request is recorded (body, arrival
+and finish times, requests in flight at arrival).
 
 Run alone (for the bench): python -m tests.judge.fake_llm --latency-s 0.1 (prints its port).
 """
@@ -115,9 +116,12 @@ class FakeLlmServer:
     """ThreadingHTTPServer on 127.0.0.1 speaking both wire formats, with usage figures."""
 
     def __init__(self, latency_s: float = 0.0, scores: dict[str, int] | None = None,
-                 input_tokens: int = 500, output_tokens: int = 100) -> None:
+                 input_tokens: int = 500, output_tokens: int = 100,
+                 model_scores: dict[str, dict[str, Any]] | None = None) -> None:
         self.latency_s = latency_s
         self.scores = dict(DEFAULT_SCORES if scores is None else scores)
+        # model -> criterion -> score (or a Reply) answered to that model; missing: `scores`.
+        self.model_scores = dict(model_scores or {})
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.requests: list[Recorded] = []
@@ -177,8 +181,12 @@ class FakeLlmServer:
             record.status, record.finished = status, time.monotonic()
 
     def default_reply(self, record: Recorded) -> Reply:
-        return ok(score=self.scores.get(record.criterion or "", 8),
-                  reasoning=f"judged {record.criterion}")
+        per_model = self.model_scores.get(record.body.get("model", ""), {})
+        score = per_model.get(record.criterion or "",
+                              self.scores.get(record.criterion or "", 8))
+        if isinstance(score, Reply):
+            return score
+        return ok(score=score, reasoning=f"judged {record.criterion}")
 
 
 class EchoLlmServer(FakeLlmServer):

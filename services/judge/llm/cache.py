@@ -2,7 +2,8 @@
 
 The key is sha256 over the user, the provider and the URL its calls go to, the model, the
 prompt template version, the criterion and its rubric, and the item's prompt, ground truth and
-prediction: everything the verdict depends on (calls run at temperature 0). The user is part
+prediction (and, for a criterion with a scale of its own, the scale and threshold): everything
+the verdict depends on (calls run at temperature 0). The user is part
 of the key and of the row (row-level security on PostgreSQL): one user's verdicts are never
 another's, so a cache hit says nothing about what others judged. Only parsed verdicts are
 cached; a failed or unparseable call is tried again next time.
@@ -54,9 +55,14 @@ class Entry:
 
 
 def cache_key(user_id: str, config: LlmJudgeConfig, endpoint_url: str | None,
-              prompt_version: str, criterion: str, rubric: str, item: Item) -> str:
+              prompt_version: str, criterion: str, rubric: str, item: Item,
+              own_scale: tuple[int, int, float] | None = None) -> str:
+    """own_scale: (scale_min, scale_max, threshold) of a criterion object, appended to the
+    hashed parts (the key of a standard-scale criterion is what it always was)."""
     parts = [user_id, config.provider, endpoint_url, config.model, prompt_version, criterion,
              rubric, item.prompt, item.ground_truth, item.prediction]
+    if own_scale is not None:
+        parts += list(own_scale)
     return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode()).hexdigest()
 
 

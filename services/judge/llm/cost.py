@@ -1,9 +1,10 @@
-"""Cost of LLM judging: per call from the configured prices, and the EstimateCost figures."""
+"""Cost of LLM judging: per call from the configured prices, and the EstimateCost figures (a
+panel's: the sum over its members, each judging every sampled item on every criterion)."""
 
 import math
 
 from services.common.errors import Violations
-from services.judge.llm.prompts import RenderedPrompt, criteria_of, rubric_of, template_chars
+from services.judge.llm.prompts import CriterionSpec, RenderedPrompt, specs_of, template_chars
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.schema import LlmJudgeConfig
 
@@ -32,12 +33,23 @@ def max_call_cost(settings: LlmSettings, price: ModelPrice | None,
 def price_or_error(settings: LlmSettings, config: LlmJudgeConfig) -> ModelPrice | None:
     """The model's price; a paid provider's model without one is a configuration error (its
     spending could not be counted against the budget). Raises InvalidArgument."""
-    price = settings.price_for(config.provider, config.model)
-    if price is None and config.provider in PRICED_PROVIDERS:
-        violations = Violations()
-        violations.add("config.llm.model", missing_price_message(config))
-        violations.raise_if_any()
-    return price
+    return member_prices(settings, config)[0]
+
+
+def member_prices(settings: LlmSettings, config: LlmJudgeConfig) -> list[ModelPrice | None]:
+    """The price of each judge of the config (one, or each panel member, in order); raises
+    InvalidArgument naming every paid model without one (config.llm.model or
+    config.llm.panel[i].model)."""
+    violations = Violations()
+    prices = []
+    for index, member in enumerate(config.members()):
+        price = settings.price_for(member.provider, member.model)
+        if price is None and member.provider in PRICED_PROVIDERS:
+            where = "config.llm.model" if not config.panel else f"config.llm.panel[{index}].model"
+            violations.add(where, missing_price_message(member))
+        prices.append(price)
+    violations.raise_if_any()
+    return prices
 
 
 def missing_price_message(config: LlmJudgeConfig) -> str:
@@ -58,26 +70,27 @@ def estimate(settings: LlmSettings, llm_config: LlmJudgeConfig | None, predictio
         return {"judged_predictions": 0, "llm_calls": 0, "input_tokens": 0,
                 "output_tokens": 0, "cost_usd": 0.0, "judge_model": "",
                 "exceeds_budget": False, "above_warning": False}
-    price = price_or_error(settings, llm_config)
+    prices = member_prices(settings, llm_config)
     judged = expected_judged(prediction_count, llm_config.sample_rate)
     item_tokens = average_item_tokens if average_item_tokens > 0 \
         else settings.llm_average_item_tokens
-    criteria = [name for name in criteria_of(llm_config)
-                if rubric_of(llm_config, name) is not None]
-    input_tokens = judged * sum(item_tokens + _template_tokens(settings, llm_config, name)
-                                for name in criteria)
-    output_tokens = judged * len(criteria) * settings.llm_average_output_tokens
-    cost = call_cost(price, input_tokens, output_tokens)
+    specs = [spec for spec in specs_of(llm_config) if spec.rubric is not None]
+    # What one judge calls; every member of a panel makes the same calls.
+    input_tokens = judged * sum(item_tokens + _template_tokens(settings, spec)
+                                for spec in specs)
+    output_tokens = judged * len(specs) * settings.llm_average_output_tokens
+    cost = math.fsum(call_cost(price, input_tokens, output_tokens) for price in prices)
     budget = llm_config.budget_usd if llm_config.budget_usd is not None \
         else settings.llm_default_budget_usd
-    return {"judged_predictions": judged, "llm_calls": judged * len(criteria),
-            "input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost,
-            "judge_model": f"{llm_config.provider}/{llm_config.model}",
+    judges = len(prices)
+    return {"judged_predictions": judged, "llm_calls": judged * len(specs) * judges,
+            "input_tokens": input_tokens * judges, "output_tokens": output_tokens * judges,
+            "cost_usd": cost, "judge_model": llm_config.judge_model,
             "exceeds_budget": cost > budget,
             "above_warning": cost > settings.llm_cost_warning_usd}
 
 
-def _template_tokens(settings: LlmSettings, config: LlmJudgeConfig, criterion: str) -> int:
-    rubric = rubric_of(config, criterion) or ""
-    chars = template_chars(settings.llm_prompt_version, criterion, rubric, with_reference=True)
+def _template_tokens(settings: LlmSettings, spec: CriterionSpec) -> int:
+    chars = template_chars(settings.prompt_version_for(spec), spec.name, spec.rubric or "",
+                           with_reference=True, scale=spec.scale if spec.own_scale else None)
     return math.ceil(chars / settings.llm_chars_per_token)

@@ -38,7 +38,8 @@ from services.judge.llm.cost import (
 )
 from services.judge.llm.errors import SDK_ERRORS, CallError, ErrorKind, LlmJudgingFailed, classify
 from services.judge.llm.limiter import AimdLimiter
-from services.judge.llm.prompts import RenderedPrompt, criteria_of, render, rubric_of
+from services.judge.llm.panel import combine_panel, threshold_of
+from services.judge.llm.prompts import CriterionSpec, RenderedPrompt, render, specs_of
 from services.judge.llm.providers import ParsedVerdict, ProviderClients, Reply
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.schema import Item, ItemsFailed, LlmJudgeConfig, RetryLater, Verdict
@@ -64,10 +65,17 @@ def is_sampled(item: Item, sample_rate: float) -> bool:
 @dataclass(frozen=True)
 class _Job:
     item: Item
-    criterion: str
-    rubric: str | None
+    spec: CriterionSpec
     key: str
     position: int  # of the item in the judge_items() call
+
+    @property
+    def criterion(self) -> str:
+        return self.spec.name
+
+    @property
+    def rubric(self) -> str | None:
+        return self.spec.rubric
 
 
 @dataclass
@@ -121,20 +129,58 @@ class LlmJudge:
     async def judge(self, user_id: str, items: Sequence[Item],
                     config: LlmJudgeConfig) -> list[Verdict]:
         """Verdicts of the sampled items, item by item (in `items` order), criteria in
-        criteria_of(config) order. Use judge_items() to get each verdict's item."""
+        specs_of(config) order (a panel: each member's, then the combined one, per
+        criterion). Use judge_items() to get each verdict's item."""
         return [verdict for _, verdict in await self.judge_items(user_id, items, config)]
 
     async def judge_items(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig,
                           defer_transient: bool = False) -> list[tuple[Item, Verdict]]:
         """defer_transient: raise RetryLater (once every call settled) when a call still
-        failed with a transient error after its retries, instead of applying on_error."""
+        failed with a transient error after its retries, instead of applying on_error. A
+        panel config runs every member (judge_single) and adds the combined verdicts."""
+        if config.panel:
+            return await self._judge_panel(user_id, items, config, defer_transient)
+        return await self.judge_single(user_id, items, config, defer_transient)
+
+    async def _judge_panel(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig,
+                           defer_transient: bool) -> list[tuple[Item, Verdict]]:
+        """Every member judges every item (concurrently, sharing the run's concurrency limit
+        and budget); raises, once all members settled, the first LlmJudgingFailed, else the
+        first RetryLater, else ItemsFailed for the items any member failed."""
+        members = config.members()
+        results = await asyncio.gather(*(
+            self.judge_single(user_id, items, member, defer_transient) for member in members),
+            return_exceptions=True)
+        judged: list[list[tuple[Item, Verdict]]] = []
+        failures: dict[int, str] = {}
+        for result in results:
+            if isinstance(result, ItemsFailed):
+                failures.update((k, v) for k, v in result.failures.items() if k not in failures)
+                judged.append(result.judged)
+            elif isinstance(result, BaseException):
+                continue
+            else:
+                judged.append(result)
+        for kind in (LlmJudgingFailed, RetryLater, BaseException):
+            raised = [r for r in results
+                      if isinstance(r, kind) and not isinstance(r, ItemsFailed)]
+            if raised:
+                raise raised[0]
+        combined = combine_panel(self._settings, config, items, judged, failures)
+        if failures:
+            raise ItemsFailed(failures, combined)
+        return combined
+
+    async def judge_single(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig,
+                           defer_transient: bool = False) -> list[tuple[Item, Verdict]]:
+        """judge_items() of one judge (provider, model): no panel."""
         jobs = self._jobs(user_id, items, config)
         if not jobs:
             return []
         problem = self._config_problem(config)
         if problem is not None:
             self._count("unscored_config", len(jobs), f"{problem} ({len(jobs)} verdicts)")
-            return [(job.item, self._unscored(config, job.criterion, problem)) for job in jobs]
+            return [(job.item, self._unscored(config, job.spec, problem)) for job in jobs]
         request = _Request(config, self._settings.price_for(config.provider, config.model),
                            self._retries(config), defer_transient=defer_transient)
         cached = await cache.lookup(self._engine, user_id, [j.key for j in jobs if j.rubric])
@@ -167,18 +213,26 @@ class LlmJudge:
                     self.counters["unscored"])
 
     def _jobs(self, user_id: str, items: Sequence[Item], config: LlmJudgeConfig) -> list[_Job]:
-        version = self._settings.llm_prompt_version
         url = self._settings.endpoint_url(config.provider, config.endpoint)
+        specs = specs_of(config)
         jobs = []
         for position, item in enumerate(items):
             if not is_sampled(item, config.sample_rate):
                 continue
-            for criterion in criteria_of(config):
-                rubric = rubric_of(config, criterion)
-                key = "" if rubric is None else cache.cache_key(user_id, config, url, version,
-                                                                  criterion, rubric, item)
-                jobs.append(_Job(item, criterion, rubric, key, position))
+            for spec in specs:
+                jobs.append(_Job(item, spec, self._key(user_id, config, url, spec, item),
+                                 position))
         return jobs
+
+    def _key(self, user_id: str, config: LlmJudgeConfig, url: str | None, spec: CriterionSpec,
+             item: Item) -> str:
+        """The cache key of one (item, criterion); "" for an unknown criterion."""
+        if spec.rubric is None:
+            return ""
+        own = (spec.scale_min, spec.scale_max, spec.threshold) if spec.threshold is not None \
+            else None
+        return cache.cache_key(user_id, config, url, self._settings.prompt_version_for(spec),
+                               spec.name, spec.rubric, item, own)
 
     def _config_problem(self, config: LlmJudgeConfig) -> str | None:
         if not self._settings.llm_enabled(config.provider, config.endpoint):
@@ -243,7 +297,7 @@ class LlmJudge:
             log.error("%s (run %s, prediction %d/%d, criterion %s) [item errors: %d so far]",
                       reason, job.item.run_id, job.item.step, job.item.sample_index,
                       job.criterion, self.counters["item_errors"], exc_info=exc)
-            return self._unscored(request.config, job.criterion, reason)
+            return self._unscored(request.config, job.spec, reason)
 
     async def _judge_job(self, request: _Request, ctx: _RunContext, job: _Job,
                          cached: dict[str, cache.Entry]) -> Verdict:
@@ -252,7 +306,7 @@ class LlmJudge:
             reason = (f"unknown criterion {job.criterion!r}: not a standard criterion and no "
                       "rubric in custom_criteria")
             self._count("unscored_unknown_criterion", 1, reason)
-            return self._unscored(config, job.criterion, reason)
+            return self._unscored(config, job.spec, reason)
         hit = cached.get(job.key)
         if hit is not None:
             self.counters["cache_hits"] += 1
@@ -260,13 +314,14 @@ class LlmJudge:
             # crash, a re-claim) keeps what it billed; a hit for any other costs nothing.
             usage = ((hit.input_tokens, hit.output_tokens, hit.cost_usd)
                      if hit.paid_for(job.item) else (0, 0, 0.0))
-            return self._scored(config, job.criterion, hit.verdict, *usage)
+            return self._scored(config, job.spec, hit.verdict, *usage)
         return await self._paid(request, ctx, job)
 
     async def _paid(self, request: _Request, ctx: _RunContext, job: _Job) -> Verdict:
         """Calls the provider, retrying as the error's class allows."""
-        prompt = render(self._settings.llm_prompt_version, job.criterion, job.rubric or "",
-                        job.item)
+        spec = job.spec
+        prompt = render(self._settings.prompt_version_for(spec), spec.name, spec.rubric or "",
+                        job.item, spec.scale if spec.own_scale else None)
         most = max_call_cost(self._settings, request.price, prompt)
         error: CallError | None = None
         attempt = 0
@@ -314,7 +369,8 @@ class LlmJudge:
         that raised anything else keeps it until it expires (it may have been billed)."""
         try:
             self.counters["calls"] += 1
-            reply = await providers.call(self._clients, self._settings, request.config, prompt)
+            reply = await providers.call(self._clients, self._settings, request.config, prompt,
+                                         job.spec.scale)
         except SDK_ERRORS as exc:
             ctx.budget.release(reserved)
             return classify(request.config.provider, exc)
@@ -351,22 +407,22 @@ class LlmJudge:
         config = request.config
         message = error.message if error is not None else "no attempt made"
         if error is not None and error.kind is ErrorKind.PAUSE:
-            return self._unscored(config, job.criterion, f"llm judging paused: {message}")
+            return self._unscored(config, job.spec, f"llm judging paused: {message}")
         reason = f"gave up: {message}"
         if request.defer_transient and error is not None and error.kind in TRANSIENT_KINDS:
             request.deferred = request.deferred or f"{job.criterion}: {message}"
             self._count("deferred_transient", 1, f"{reason} (run {job.item.run_id}, criterion "
                                                   f"{job.criterion}); tried again later")
-            return self._unscored(config, job.criterion, reason)
+            return self._unscored(config, job.spec, reason)
         fatal = error is not None and error.kind is ErrorKind.FATAL
         if config.on_error == "skip" or (fatal and config.on_error == "retry"):
             self._count("unscored_gave_up", 1, f"{reason} (run {job.item.run_id}, criterion "
                                                   f"{job.criterion}, on_error {config.on_error})")
-            return self._unscored(config, job.criterion, reason)
+            return self._unscored(config, job.spec, reason)
         request.failure = request.failure or f"{job.criterion}: {message}"
         self._count("failed", 1, f"LLM judging failed (run {job.item.run_id}, on_error "
                                  f"{config.on_error}): {message}")
-        return self._unscored(config, job.criterion, reason)
+        return self._unscored(config, job.spec, reason)
 
     def _settle(self, request: _Request, ctx: _RunContext, job: _Job, reply: Reply,
                 reserved: float) -> tuple[Verdict, Awaitable[None]]:
@@ -388,34 +444,33 @@ class LlmJudge:
             reason = f"unparseable reply: {reply.parse_error}"
             self._count("unscored_unparseable", 1,
                         f"{reason} (run {job.item.run_id}, criterion {job.criterion})")
-            return self._unscored(request.config, job.criterion, reason, *usage), stored
-        return self._scored(request.config, job.criterion, reply.verdict, *usage), stored
+            return self._unscored(request.config, job.spec, reason, *usage), stored
+        return self._scored(request.config, job.spec, reply.verdict, *usage), stored
 
     def _blocked(self, config: LlmJudgeConfig, job: _Job, reason: str) -> Verdict:
         self.counters["unscored_blocked"] += 1
-        return self._unscored(config, job.criterion, reason)
+        return self._unscored(config, job.spec, reason)
 
-    def _threshold(self, config: LlmJudgeConfig, criterion: str) -> float:
-        return config.thresholds.get(criterion, self._settings.threshold_for(criterion))
-
-    def _scored(self, config: LlmJudgeConfig, criterion: str, verdict: ParsedVerdict,
+    def _scored(self, config: LlmJudgeConfig, spec: CriterionSpec, verdict: ParsedVerdict,
                 input_tokens: int, output_tokens: int, cost_usd: float) -> Verdict:
-        threshold = self._threshold(config, criterion)
+        threshold = threshold_of(self._settings, config, spec)
         return Verdict(
-            criterion=criterion, judge_type=judge_pb2.JUDGE_TYPE_LLM,
-            judge_model=f"{config.provider}/{config.model}", score=verdict.score,
+            criterion=spec.name, judge_type=judge_pb2.JUDGE_TYPE_LLM,
+            judge_model=config.judge_model, score=verdict.score,
             passed=verdict.score >= threshold, threshold=threshold, reasoning=verdict.reasoning,
             status=judge_pb2.JUDGMENT_STATUS_SCORED,
-            prompt_version=self._settings.llm_prompt_version, confidence=verdict.confidence,
-            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+            prompt_version=self._settings.prompt_version_for(spec),
+            confidence=verdict.confidence, input_tokens=input_tokens,
+            output_tokens=output_tokens, cost_usd=cost_usd)
 
-    def _unscored(self, config: LlmJudgeConfig, criterion: str, reason: str,
+    def _unscored(self, config: LlmJudgeConfig, spec: CriterionSpec, reason: str,
                   input_tokens: int = 0, output_tokens: int = 0,
                   cost_usd: float = 0.0) -> Verdict:
         return Verdict.unscored(
-            criterion, judge_pb2.JUDGE_TYPE_LLM, f"{config.provider}/{config.model}",
-            self._threshold(config, criterion), reason, self._settings.llm_prompt_version,
-            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+            spec.name, judge_pb2.JUDGE_TYPE_LLM, config.judge_model,
+            threshold_of(self._settings, config, spec), reason,
+            self._settings.prompt_version_for(spec), input_tokens=input_tokens,
+            output_tokens=output_tokens, cost_usd=cost_usd)
 
     def _count(self, counter: str, n: int, message: str) -> None:
         self.counters[counter] += n

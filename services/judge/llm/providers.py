@@ -8,10 +8,11 @@
   "score: N" pattern).
 Every call runs at temperature 0 (except for models configured as rejecting a temperature)
 with the SDK's own retries off: retrying is the judge's decision (services.judge.llm.errors).
-A reply without a usable score is a Reply without verdict and with the reason, never a low
-score.
+A reply without a usable score (none, or one outside the criterion's scale) is a Reply without
+verdict and with the reason, never a low or clamped score.
 """
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -20,21 +21,34 @@ from typing import Any
 import anthropic
 import openai
 
-from services.judge.llm.prompts import VERDICT_SCHEMA, RenderedPrompt
+from services.judge.llm.prompts import STANDARD_SCALE, RenderedPrompt, verdict_schema
 from services.judge.llm.settings import LlmSettings
 from services.judge.schema import LlmJudgeConfig
 
 TOOL_NAME = "record_verdict"
 SCHEMA_NAME = "judge_verdict"
-MIN_SCORE, MAX_SCORE = 1.0, 10.0
 # The OpenAI SDK refuses an empty key; servers without authentication ignore this one.
 KEYLESS_SERVER_KEY = "no-key"
 SCORE_PATTERN = re.compile(r"score\"?\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 REPLY_EXCERPT_CHARS = 200
-OPENAI_RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {
-    "name": SCHEMA_NAME, "strict": True, "schema": VERDICT_SCHEMA}}
-ANTHROPIC_TOOLS = [{"name": TOOL_NAME, "description": "Record the score of the response.",
-                    "input_schema": VERDICT_SCHEMA}]
+
+
+@functools.lru_cache(maxsize=256)
+def openai_response_format(scale: tuple[int, int] = STANDARD_SCALE) -> dict[str, Any]:
+    """The strict JSON schema response format of a verdict on `scale` (do not mutate)."""
+    return {"type": "json_schema", "json_schema": {
+        "name": SCHEMA_NAME, "strict": True, "schema": verdict_schema(*scale)}}
+
+
+@functools.lru_cache(maxsize=256)
+def anthropic_tools(scale: tuple[int, int] = STANDARD_SCALE) -> list[dict[str, Any]]:
+    """The forced verdict tool of a verdict on `scale` (do not mutate)."""
+    return [{"name": TOOL_NAME, "description": "Record the score of the response.",
+             "input_schema": verdict_schema(*scale)}]
+
+
+OPENAI_RESPONSE_FORMAT = openai_response_format()
+ANTHROPIC_TOOLS = anthropic_tools()
 
 
 @dataclass(frozen=True)
@@ -94,15 +108,16 @@ class ProviderClients:
 
 
 async def call(clients: ProviderClients, settings: LlmSettings, config: LlmJudgeConfig,
-               prompt: RenderedPrompt) -> Reply:
-    """One judge call; raises the SDK's errors (classified by the caller)."""
+               prompt: RenderedPrompt, scale: tuple[int, int] = STANDARD_SCALE) -> Reply:
+    """One judge call for a score on `scale`; raises the SDK's errors (classified by the
+    caller)."""
     client = clients.get(config.provider, config.endpoint)
     # Temperature 0 (deterministic verdicts), sent as a body field: the Anthropic SDK has no
     # argument for it any more, and reasoning models reject one (settings). The schema-bearing
     # fields go as body fields too: the wire format is the same, and the SDKs' recursive
     # transform of typed arguments cost ~3.5 ms of CPU per call on the schema alone.
     body = {"temperature": 0} if settings.sends_temperature(config.model) else {}
-    limits = (settings.llm_max_output_tokens, body)
+    limits = (settings.llm_max_output_tokens, body, scale)
     if config.provider == "anthropic":
         return await _call_anthropic(client, config.model, prompt, *limits)
     if config.provider == "openai":
@@ -115,44 +130,46 @@ def _messages(prompt: RenderedPrompt) -> list[dict[str, str]]:
 
 
 async def _call_openai(client: openai.AsyncOpenAI, model: str, prompt: RenderedPrompt,
-                       max_tokens: int, body: dict[str, Any]) -> Reply:
+                       max_tokens: int, body: dict[str, Any], scale: tuple[int, int]) -> Reply:
     response = await client.chat.completions.create(
         model=model, messages=_messages(prompt), max_completion_tokens=max_tokens,
-        extra_body={**body, "response_format": OPENAI_RESPONSE_FORMAT},
+        extra_body={**body, "response_format": openai_response_format(scale)},
     )
     usage = _openai_usage(response)
     message = response.choices[0].message if response.choices else None
     if message is None or getattr(message, "refusal", None):
         refusal = getattr(message, "refusal", None) or "no choices in reply"
         return Reply(None, f"no verdict: {refusal}", *usage)
-    verdict, error = parse_strict(message.content or "")
+    verdict, error = parse_strict(message.content or "", scale)
     return Reply(verdict, error, *usage)
 
 
 async def _call_compatible(client: openai.AsyncOpenAI, model: str, prompt: RenderedPrompt,
-                           max_tokens: int, body: dict[str, Any]) -> Reply:
+                           max_tokens: int, body: dict[str, Any],
+                           scale: tuple[int, int]) -> Reply:
     response = await client.chat.completions.create(
         model=model, messages=_messages(prompt), max_tokens=max_tokens,
         extra_body={**body, "response_format": {"type": "json_object"}},
     )
     usage = _openai_usage(response)
     text = response.choices[0].message.content if response.choices else None
-    verdict, error = parse_lenient(text or "")
+    verdict, error = parse_lenient(text or "", scale)
     return Reply(verdict, error, *usage)
 
 
 async def _call_anthropic(client: anthropic.AsyncAnthropic, model: str, prompt: RenderedPrompt,
-                          max_tokens: int, body: dict[str, Any]) -> Reply:
+                          max_tokens: int, body: dict[str, Any],
+                          scale: tuple[int, int]) -> Reply:
     response = await client.messages.create(
         model=model, max_tokens=max_tokens, system=prompt.system,
         messages=[{"role": "user", "content": prompt.user}],
-        extra_body={**body, "tools": ANTHROPIC_TOOLS,
+        extra_body={**body, "tools": anthropic_tools(scale),
                     "tool_choice": {"type": "tool", "name": TOOL_NAME}},
     )
     usage = (response.usage.input_tokens or 0, response.usage.output_tokens or 0)
     for block in response.content:
         if block.type == "tool_use" and block.name == TOOL_NAME:
-            verdict, error = validate(block.input)
+            verdict, error = validate(block.input, scale)
             return Reply(verdict, error, *usage)
     return Reply(None, f"no {TOOL_NAME} tool call in reply", *usage)
 
@@ -164,24 +181,26 @@ def _openai_usage(response: Any) -> tuple[int, int]:
     return usage.prompt_tokens or 0, usage.completion_tokens or 0
 
 
-def parse_strict(text: str) -> tuple[ParsedVerdict | None, str]:
+def parse_strict(text: str, scale: tuple[int, int] = STANDARD_SCALE
+                 ) -> tuple[ParsedVerdict | None, str]:
     """A reply that must be exactly one JSON object (schema-constrained output)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
         return None, f"reply is not JSON ({exc.msg}): {_excerpt(text)}"
-    return validate(data)
+    return validate(data, scale)
 
 
-def parse_lenient(text: str) -> tuple[ParsedVerdict | None, str]:
+def parse_lenient(text: str, scale: tuple[int, int] = STANDARD_SCALE
+                  ) -> tuple[ParsedVerdict | None, str]:
     """The first JSON object with a score anywhere in the text, else a `score: N` pattern."""
     data = _first_json_object(text)
     if data is not None:
-        return validate(data)
+        return validate(data, scale)
     match = SCORE_PATTERN.search(text)
     if match is None:
         return None, f"no JSON object and no 'score: N' in reply: {_excerpt(text)}"
-    return validate({"score": float(match.group(1)), "reasoning": text.strip()})
+    return validate({"score": float(match.group(1)), "reasoning": text.strip()}, scale)
 
 
 def _first_json_object(text: str) -> dict[str, Any] | None:
@@ -198,15 +217,18 @@ def _first_json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
-def validate(data: Any) -> tuple[ParsedVerdict | None, str]:
-    """Checks a decoded verdict: a score in 1..10 is required, the rest is optional."""
+def validate(data: Any, scale: tuple[int, int] = STANDARD_SCALE
+             ) -> tuple[ParsedVerdict | None, str]:
+    """Checks a decoded verdict: a finite score within `scale` (default 1..10) is required,
+    the rest is optional."""
     if not isinstance(data, dict):
         return None, f"verdict is not an object: {_excerpt(repr(data))}"
     score = data.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float):
         return None, f"no numeric score in verdict: {_excerpt(json.dumps(data, default=str))}"
-    if not MIN_SCORE <= score <= MAX_SCORE:
-        return None, f"score {score} is outside 1..10"
+    low, high = scale
+    if not low <= score <= high:  # NaN fails this too
+        return None, f"score {score} is outside {low}..{high}"
     reasoning = data.get("reasoning")
     confidence = data.get("confidence")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \

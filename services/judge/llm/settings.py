@@ -11,7 +11,7 @@ import os
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
-from services.judge.llm.prompts import PROMPT_TEMPLATES
+from services.judge.llm.prompts import PROMPT_TEMPLATES, SCALE_TEMPLATES, CriterionSpec
 
 PROVIDERS = ("openai", "anthropic", "openai_compatible")
 
@@ -153,12 +153,43 @@ class LlmSettings(BaseSettings):
         "calls in flight, it is tried again when one of this judge's calls settles, or "
         "after this many seconds (calls of other judge replicas), seconds.")
 
+    llm_scale_prompt_version: str = Field(
+        "v1-scale", description="Version of the judge prompt template of criteria with a "
+        "scale of their own (criterion objects in llm.criteria; stored with each judgment).")
+    llm_max_scale_points: int = Field(
+        101, ge=2, description="Most points (scale_max - scale_min + 1) of a custom "
+        "criterion's integer scale.")
+    llm_max_custom_criteria: int = Field(
+        20, ge=0, description="Most criterion objects (own rubric, scale and threshold) in "
+        "one run's llm.criteria.")
+    llm_max_rubric_chars: int = Field(
+        4000, ge=1, description="Longest rubric of a criterion object, characters.")
+    llm_max_panel_members: int = Field(
+        5, ge=2, description="Most judges in one run's llm.panel (each judges every sampled "
+        "item on every criterion: the cost grows with the panel).")
+    llm_panel_min_scored_share: float = Field(
+        0.5, gt=0, le=1, description="Share of a panel's members that must score an item "
+        "on a criterion for the combined (panel/<rule>) judgment to be scored; below it the "
+        "combined judgment is unscored.")
+
     @field_validator("llm_prompt_version")
     @classmethod
     def _known_version(cls, value: str) -> str:
         if value not in PROMPT_TEMPLATES:
             raise ValueError(f"unknown prompt version {value!r}; known: {sorted(PROMPT_TEMPLATES)}")
         return value
+
+    @field_validator("llm_scale_prompt_version")
+    @classmethod
+    def _known_scale_version(cls, value: str) -> str:
+        if value not in SCALE_TEMPLATES:
+            raise ValueError(f"unknown scale prompt version {value!r}; known: "
+                             f"{sorted(SCALE_TEMPLATES)}")
+        return value
+
+    def prompt_version_for(self, spec: CriterionSpec) -> str:
+        """The prompt template version that judges `spec` (its own scale or the standard)."""
+        return self.llm_scale_prompt_version if spec.own_scale else self.llm_prompt_version
 
     def llm_enabled(self, provider: str, endpoint: str | None = None) -> bool:
         """Whether LLM judging with `provider` can run: a key for it (for openai_compatible,
