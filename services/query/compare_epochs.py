@@ -1,18 +1,20 @@
 """Which epochs CompareRuns compares: the candidate's (named, else its last) and the
 baseline's (named, else the request's EpochChoice: FIRST for the same run and LAST for another
-run when unspecified; BEST = the epoch with the highest mean score on best_criterion, the
-highest mean among that criterion's judges, the earliest of equals)."""
+run when unspecified; BEST = the epoch with the highest mean score on best_criterion over the
+judgments of each sample's latest prediction in the epoch, the highest mean among that
+criterion's judges, the earliest of equals)."""
 
 import uuid
 from typing import TYPE_CHECKING
 
-from sqlalchemy import case, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from epochlens.v1 import judge_pb2, query_pb2
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.judge.models import judgments_table as J
 from services.writer.models import epochs_table as E
+from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
 
 if TYPE_CHECKING:
@@ -44,12 +46,19 @@ def _named(epochs: list[int], epoch: int, run_id: uuid.UUID, field: str) -> int:
 
 async def best_epoch(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
                      criterion: str) -> int:
-    """The epoch with the highest mean score on `criterion` (scored judgments; people count
-    as one judge, each other judge on its own; the highest mean among them), earliest of
+    """The epoch with the highest mean score on `criterion` (scored judgments of each
+    sample's latest prediction in the epoch, the ones a comparison pairs; people count as
+    one judge, each other judge on its own; the highest mean among them), earliest of
     equals; INVALID_ARGUMENT when the run has no scored judgment on it."""
+    latest = (select(P.c.epoch, P.c.sample_index, func.max(P.c.step).label("step"))
+              .where(P.c.run_id == run_id, P.c.user_id == user_id)
+              .group_by(P.c.epoch, P.c.sample_index).subquery())
     model = case((J.c.judge_type == judge_pb2.JUDGE_TYPE_HUMAN, "human"),
                  else_=J.c.judge_model)
     stmt = (select(J.c.epoch, func.avg(J.c.score).label("mean"))
+            .join(latest, and_(J.c.epoch == latest.c.epoch,
+                               J.c.sample_index == latest.c.sample_index,
+                               J.c.step == latest.c.step))
             .where(J.c.run_id == run_id, J.c.user_id == user_id, J.c.criterion == criterion,
                    J.c.status == judge_pb2.JUDGMENT_STATUS_SCORED)
             .group_by(J.c.epoch, J.c.judge_type, model))
