@@ -203,6 +203,13 @@ class QueryClient(ServiceClient):
         return self.call(self._stub.GetRunSummary, query_pb2.GetRunSummaryRequest(run_id=run_id),
                          f"run {run_id}")
 
+    def compare_runs(self, request: query_pb2.CompareRunsRequest
+                     ) -> query_pb2.CompareRunsResponse:
+        """Two epochs or runs compared (CompareRuns): deltas, intervals, changed samples."""
+        what = (f"run {request.run_id}" if not request.baseline_run_id
+                else f"run {request.run_id} or {request.baseline_run_id}")
+        return self.call(self._stub.CompareRuns, request, what)
+
     def _pages(self, method: Callable, request: Any, field: str, what: str) -> Iterator:
         while True:
             reply = self.call(method, request, what)

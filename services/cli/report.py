@@ -33,7 +33,14 @@ The page receives one JSON object:
   (completion tokens, null when not counted) and judgments (criterion, type,
   model, score and passed (null when unscored), threshold, reasoning,
   unscored_reason);
-* totals and the time the file was generated.
+* totals and the time the file was generated;
+* agreements: per criterion people judged and rule or LLM judge (criterion, type, model),
+  pairs, agreement on pass/fail (0..1), kappa and spearman (null where undefined);
+* comparison (with --compare-to, else null): CompareRuns of the run's last epoch against
+  the baseline: run, epoch, baseline_run, baseline_epoch, shared, level, resamples, deltas
+  (criterion, type, model, pairs, both means, mean_delta with mean_low..mean_high, both
+  pass rates, pass_delta with pass_low..pass_high, improved, regressed, unchanged) and
+  changes (sample, baseline_sample, criterion, type, model, both scores and verdicts).
 """
 
 import json
@@ -229,6 +236,40 @@ class ReportCollector:
                            "epochs": len(epochs)}}
 
 
+def _optional(message, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def agreements_payload(summary: query_pb2.RunSummary) -> list[dict]:
+    """The run's judge-human agreements (kappa and spearman null where undefined)."""
+    return [{"criterion": a.criterion, "type": judge_type_name(a.judge_type),
+             "model": a.judge_model, "pairs": a.pairs, "agreement": a.percent_agreement,
+             "kappa": _optional(a, "cohen_kappa"), "spearman": _optional(a, "spearman")}
+            for a in summary.agreements]
+
+
+def comparison_payload(reply: query_pb2.CompareRunsResponse) -> dict:
+    """A CompareRunsResponse as the page's comparison section shows it."""
+    deltas = [{"criterion": d.criterion, "type": judge_type_name(d.judge_type),
+               "model": d.judge_model, "pairs": d.paired_count,
+               "baseline_mean": d.baseline_mean, "candidate_mean": d.candidate_mean,
+               "mean_delta": d.mean_delta, "mean_low": d.mean_delta_low,
+               "mean_high": d.mean_delta_high, "baseline_pass": d.baseline_pass_rate,
+               "candidate_pass": d.candidate_pass_rate, "pass_delta": d.pass_rate_delta,
+               "pass_low": d.pass_rate_delta_low, "pass_high": d.pass_rate_delta_high,
+               "improved": d.improved_count, "regressed": d.regressed_count,
+               "unchanged": d.unchanged_count} for d in reply.deltas]
+    changes = [{"sample": c.sample_index, "baseline_sample": c.baseline_sample_index,
+                "criterion": c.criterion, "type": judge_type_name(c.judge_type),
+                "model": c.judge_model, "baseline_score": c.baseline_score,
+                "candidate_score": c.candidate_score, "baseline_passed": c.baseline_passed,
+                "candidate_passed": c.candidate_passed} for c in reply.changes]
+    return {"run": reply.run_id, "epoch": reply.epoch, "baseline_run": reply.baseline_run_id,
+            "baseline_epoch": reply.baseline_epoch, "shared": reply.shared_samples,
+            "level": reply.confidence_level, "resamples": reply.bootstrap_resamples,
+            "deltas": deltas, "changes": changes}
+
+
 def fetch_predictions(client: QueryClient, settings: CliSettings, run_id: str, total: int,
                       collector: ReportCollector) -> None:
     """Every prediction of the run with its judgments into collector, page by page, with a
@@ -249,14 +290,19 @@ def fetch_predictions(client: QueryClient, settings: CliSettings, run_id: str, t
         progress.update(task, completed=collector.count, total=max(total, collector.count))
 
 
-def collect(client: QueryClient, run_id: str, settings: CliSettings) -> dict:
-    """The report's data (see the module docstring)."""
+def collect(client: QueryClient, run_id: str, settings: CliSettings,
+            compare_to: str | None = None) -> dict:
+    """The report's data (see the module docstring); with compare_to, the run's last epoch
+    compared with that run (its first epoch when it is the run itself, else its last)."""
     run = client.run(run_id)
     total = sum(e.prediction_count for e in client.epochs(run_id))
     collector = ReportCollector(client.run_summary(run_id))
+    comparison = (comparison_payload(client.compare_runs(query_pb2.CompareRunsRequest(
+        run_id=run_id, baseline_run_id=compare_to))) if compare_to else None)
     fetch_predictions(client, settings, run_id, total, collector)
     return {"format": 1, "generated": format_time(datetime.now(UTC)), "run": run_summary(run),
-            **collector.payload()}
+            **collector.payload(), "agreements": agreements_payload(collector.summary),
+            "comparison": comparison}
 
 
 def embed_json(payload: dict) -> str:
@@ -283,11 +329,16 @@ def write_report(output: Path, payload: dict) -> int:
 def report(ctx: typer.Context,
            run: str = typer.Argument(..., metavar="RUN", help="Id of the run."),
            output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")]
-           = DEFAULT_OUTPUT) -> None:
-    """Write a self-contained HTML report of RUN: chart, epochs and a sample explorer."""
+           = DEFAULT_OUTPUT,
+           compare_to: Annotated[str | None, typer.Option(
+               "--compare-to", metavar="RUN", help="Add a comparison of RUN's last epoch "
+               "with this run (RUN itself: with its first epoch; another run: its last).")]
+           = None) -> None:
+    """Write a self-contained HTML report of RUN: chart, epochs, the judges' agreement with
+    people, a comparison (--compare-to) and a sample explorer."""
     context = cli_context(ctx)
     with context.client() as client:
-        payload = collect(client, run, context.settings)
+        payload = collect(client, run, context.settings, compare_to)
     size = write_report(output, payload)
     totals = payload["totals"]
     typer.echo(f"wrote {output} ({size / 1e6:.1f} MB): {totals['epochs']} epochs, "

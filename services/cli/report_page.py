@@ -114,6 +114,21 @@ BODY = r"""
 <h2>Epochs</h2>
 <div id="epochs-box" class="scroll"></div>
 </section>
+<section id="comparison-section" class="card" hidden>
+<h2>Comparison</h2>
+<p class="hint">This run's epoch against a baseline epoch, on the samples both have (matched
+by prompt and ground truth across runs): per criterion and judge, both means and pass
+rates, the paired deltas with their bootstrap confidence intervals, and how many samples
+went up, down or stayed; then the samples that changed, verdict flips first.</p>
+<div id="comparison-box"></div>
+</section>
+<section id="agreement-section" class="card" hidden>
+<h2>Agreement with people</h2>
+<p class="hint">Per criterion that people judged, each rule and LLM judge against them:
+pairs are (person, prediction) judged by both; agreement and Cohen's kappa on pass/fail,
+Spearman's correlation on scores (&#8211; where undefined).</p>
+<div id="agreement-box"></div>
+</section>
 <section id="explorer" class="card">
 <h2>Sample explorer</h2>
 <p class="hint">Pick a sample to see its prediction at every epoch. Words
@@ -605,6 +620,8 @@ function main() {
   renderHeader(document.getElementById("run-header"));
   renderChart(document.getElementById("chart-box"));
   renderEpochs(document.getElementById("epochs-box"));
+  renderComparison(document.getElementById("comparison-box"));
+  renderAgreements(document.getElementById("agreement-box"));
   const host = document.getElementById("explorer-box");
   if (DATA.samples.length) {
     state.ui = buildPicker(host);
@@ -620,8 +637,74 @@ function main() {
 main();
 """
 
+SCRIPT_COMPARE = r"""
+// The comparison (DATA.comparison, when the report was asked for one) and the judges'
+// agreement with people (DATA.agreements); each section stays hidden without data.
+function simpleTable(id, headers, rows) {
+  const table = el("table", {id: id});
+  const head = table.appendChild(el("thead")).appendChild(el("tr"));
+  for (const label of headers) head.append(el("th", {scope: "col"}, label));
+  const body = table.appendChild(el("tbody"));
+  for (const row of rows) {
+    const tr = body.appendChild(el("tr"));
+    for (const cell of row) tr.append(el("td", null, cell));
+  }
+  return table;
+}
+
+function signed(value, type) {
+  return (value < 0 ? "-" : "+") + fmtScore(Math.abs(value), type);
+}
+
+function points(value) {
+  return (value < 0 ? "" : "+") + (value * 100).toFixed(1) + " pts";
+}
+
+function fixed3(value) {
+  return value === null || value === undefined ? DASH : value.toFixed(3);
+}
+
+function renderAgreements(host) {
+  const rows = DATA.agreements || [];
+  if (!rows.length) return;
+  host.append(simpleTable("agreement-table", ["Criterion", "Type", "Judge", "Pairs",
+    "Agreement", "Kappa", "Spearman"], rows.map((a) => [a.criterion, a.type, a.model,
+    a.pairs, percent(a.agreement), fixed3(a.kappa), fixed3(a.spearman)])));
+  host.closest("section").hidden = false;
+}
+
+function comparisonTitle(c) {
+  const baseline = c.baseline_run === c.run ? "epoch " + c.baseline_epoch :
+    "run " + c.baseline_run + " epoch " + c.baseline_epoch;
+  return "Epoch " + c.epoch + " against " + baseline + ": " + c.shared + " shared samples; " +
+    (c.level * 100) + "% paired bootstrap intervals, " + c.resamples + " resamples.";
+}
+
+function renderComparison(host) {
+  const c = DATA.comparison;
+  if (!c) return;
+  host.append(el("p", {id: "comparison-title"}, comparisonTitle(c)));
+  host.append(simpleTable("comparison-table", ["Criterion", "Judge", "Pairs", "Baseline",
+    "Candidate", "Delta", "Interval", "Pass rate", "Pass delta", "Interval", "Up", "Down",
+    "Same"], c.deltas.map((d) => [d.criterion, d.model, d.pairs,
+    fmtScore(d.baseline_mean, d.type), fmtScore(d.candidate_mean, d.type),
+    signed(d.mean_delta, d.type), "[" + signed(d.mean_low, d.type) + ", " +
+    signed(d.mean_high, d.type) + "]", percent(d.baseline_pass) + " \u2192 " +
+    percent(d.candidate_pass), points(d.pass_delta), "[" + points(d.pass_low) + ", " +
+    points(d.pass_high) + "]", d.improved, d.regressed, d.unchanged])));
+  host.append(el("h3", null, "Changed samples"));
+  const verdict = (passed) => passed ? "pass" : "fail";
+  host.append(c.changes.length ? simpleTable("changes-table", ["Sample", "Baseline sample",
+    "Criterion", "Judge", "Baseline", "Candidate"], c.changes.map((x) => [x.sample,
+    x.baseline_sample, x.criterion, x.model, fmtScore(x.baseline_score, x.type) + " " +
+    verdict(x.baseline_passed), fmtScore(x.candidate_score, x.type) + " " +
+    verdict(x.candidate_passed)])) : el("p", {class: "empty"}, "No sample changed."));
+  host.closest("section").hidden = false;
+}
+"""
+
 SCRIPT = "(() => {" + SCRIPT_DOM + SCRIPT_HEADER + SCRIPT_CHART + SCRIPT_DIFF + \
-    SCRIPT_EXPLORER + SCRIPT_MAIN + "})();\n"
+    SCRIPT_EXPLORER + SCRIPT_COMPARE + SCRIPT_MAIN + "})();\n"
 
 
 def script_hash(script: str) -> str:

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.text import Text
 
 from epochlens.v1 import common_pb2, query_pb2
+from services.cli import compare_view, render
 from services.cli import export as exporting
-from services.cli import render
 from services.cli import watch as watching
 from services.cli.client import CliError
 from services.cli.context import cli_context, one_line_errors
@@ -120,9 +120,36 @@ def predictions(
 
 
 def compare(ctx: typer.Context, run_id: str = RUN,
-            sample: int = typer.Argument(..., metavar="SAMPLE", min=0, help="Sample index."),
+            sample: int | None = typer.Argument(None, metavar="[SAMPLE]", min=0,
+                                                help="Sample index: show this sample across "
+                                                "the run; without it, compare two epochs or "
+                                                "runs."),
+            baseline: str | None = typer.Option(None, "--baseline", metavar="RUN",
+                                                help="Baseline run (default: RUN itself)."),
+            epoch: int | None = typer.Option(None, "--epoch", min=0,
+                                             help="Epoch of RUN (default: its last)."),
+            baseline_epoch: int | None = typer.Option(None, "--baseline-epoch", min=0,
+                                                      help="Epoch of the baseline."),
+            best: str | None = typer.Option(None, "--best", metavar="CRITERION",
+                                            help="Baseline epoch: the best on CRITERION."),
+            first: bool = typer.Option(False, "--first", help="Baseline epoch: its first."),
+            last: bool = typer.Option(False, "--last", help="Baseline epoch: its last."),
+            max_changes: int = typer.Option(0, "--max-changes", min=0, help="Changed samples "
+                                            "to list (0: the service default)."),
             as_json: bool = JSON) -> None:
-    """One sample across the run, epoch by epoch, with word diffs.
+    """One sample across the run (RUN SAMPLE), or two epochs or runs compared (RUN).
+
+    Without SAMPLE (QueryService.CompareRuns): RUN at --epoch (default: its last) against
+    --baseline (default: RUN itself) at --baseline-epoch, or its --best epoch on a
+    criterion, its --first or its --last (default: the first epoch of RUN itself, the last
+    of another run), on the samples both have (matched by prompt and ground truth across
+    runs). A table per criterion and judge: pairs, both means, the mean delta with its
+    paired bootstrap confidence interval, both pass rates, the pass-rate delta with its
+    interval, and how many samples went up, down or stayed the same; then the changed
+    samples, verdict regressions first, then improvements, then the largest score
+    changes. --json prints the CompareRunsResponse.
+
+    With SAMPLE: one sample across the run, epoch by epoch, with word diffs.
 
     The prompt and ground truth once, then each epoch's prediction as a word diff against
     the previous epoch (inserted words green, removed words red and struck through; without
@@ -135,6 +162,13 @@ def compare(ctx: typer.Context, run_id: str = RUN,
     epochlens.v1.Judgment messages.
     """
     cli = cli_context(ctx)
+    request = compare_view.compare_request(run_id, baseline, epoch, baseline_epoch, best,
+                                           first, last, max_changes)
+    if sample is None:
+        _compare_runs(cli, request, as_json)
+        return
+    if request.ListFields() != [(request.DESCRIPTOR.fields_by_name["run_id"], run_id)]:
+        raise CliError("the options of a run comparison need RUN without SAMPLE", 2)
     with cli.client() as client:
         reply = client.compare(run_id, sample)
     truth = reply.ground_truth if reply.HasField("ground_truth") else None
@@ -155,6 +189,15 @@ def compare(ctx: typer.Context, run_id: str = RUN,
                                            cli.settings.preview_chars))
         previous = p.prediction
     console.print(render.compare_footer(reply, truth))
+
+
+def _compare_runs(cli, request: query_pb2.CompareRunsRequest, as_json: bool) -> None:
+    with cli.client() as client:
+        compared = client.compare_runs(request)
+    if as_json:
+        render.print_json(render.message_dict(compared))
+    else:
+        Console().print(compare_view.comparison(compared))
 
 
 def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None:
@@ -180,7 +223,10 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     input_tokens, output_tokens and cost_usd, total_cost_usd, budget_usd,
     budget_exhausted, llm_paused_reason, pending_predictions, failed_predictions, failures
     (epoch, step, sample_index, attempts, reason, update_time), handoff_waiting,
-    handoff_error, handoff_retry_time (null when none)}}.
+    handoff_error, handoff_retry_time (null when none)}, "agreements": the judge-human
+    agreements of the run (epochlens.v1.JudgeAgreement; kappa and spearman absent where
+    undefined)}. The agreement table lists, per criterion people judged, each rule and LLM
+    judge's pairs with people, agreement on pass/fail, Cohen's kappa and Spearman.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
@@ -196,7 +242,8 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     if as_json:
         render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
                            "sparkline": line,
-                           "judges": render.judges_json(judged, series, epochs, costs)})
+                           "judges": render.judges_json(judged, series, epochs, costs),
+                           "agreements": [render.message_dict(a) for a in judged.agreements]})
         return
     console = Console()
     console.print(render.run_header(run))
@@ -217,6 +264,11 @@ def _print_judges(console: Console, judged: query_pb2.RunSummary,
         console.print(render.judge_scores_table(series))
         console.print(render.judge_sparklines(series, epochs))
         console.print(render.judge_cost_table(costs))
+    if judged.agreements:
+        console.print(Text("\nagreement of each judge with people (pairs: (person, "
+                           "prediction) judged by both; kappa on pass/fail, Spearman on "
+                           "scores; - where undefined)", "bold"))
+        console.print(compare_view.agreement_table(list(judged.agreements)))
     status = render.judge_status(judged, limit)
     if status.renderables:
         console.print(status)

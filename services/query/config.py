@@ -71,6 +71,23 @@ class QuerySettings(ServiceSettings):
         1.0, gt=0, description="PostgreSQL: pause before re-opening the LISTEN connection "
         "after it failed, and how often its liveness is checked.")
 
+    confidence_level: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the intervals the query service reports (bootstrap deltas in CompareRuns, Wilson win-rate intervals of pairwise judging).")
+    compare_bootstrap_resamples: int = Field(
+        2000, ge=1, le=100_000, description="CompareRuns: bootstrap resamples behind each "
+        "confidence interval (paired percentile bootstrap; memory and time grow with "
+        "resamples x compare_max_samples).")
+    compare_seed: int = Field(
+        0, ge=0, description="CompareRuns: seed of the bootstrap's random generator, so the "
+        "same comparison always reports the same intervals.")
+    compare_max_changes_default: int = Field(
+        20, ge=0, description="CompareRuns: changed samples listed when the request asks for "
+        "0.")
+    compare_max_changes_max: int = Field(
+        500, ge=0, description="CompareRuns: larger max_changes are clamped to this.")
+    compare_max_samples: int = Field(
+        2000, ge=1, description="CompareRuns: most samples an epoch on either side may have; "
+        "a larger comparison is refused with FAILED_PRECONDITION.")
+
     @model_validator(mode="after")
     def _pages_fit_in_a_message(self) -> "QuerySettings":
         if self.max_response_bytes >= self.max_message_bytes:

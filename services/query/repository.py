@@ -13,6 +13,8 @@ from epochlens.v1 import query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
 from services.query import judgments
+from services.query.agreement import run_agreements
+from services.query.compare import CompareQuery, Sides, read_sides
 from services.query.metrics import MetricsQuery, list_metrics, points_after, run_names
 from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
@@ -162,9 +164,18 @@ class QueryRepository:
             state = await judgments.llm_state(conn, user_id, run_id)
             pending = await judgments.pending_count(conn, user_id, run_id)
             trouble = await judgments.trouble(conn, user_id, run_id, max_failures)
+            agreements = await run_agreements(conn, user_id, run_id)
         summary = judgments.summary_to_proto(run_id, rows, state, pending)
         judgments.add_trouble(summary, trouble)
+        summary.agreements.extend(agreements)
         return summary
+
+    async def compare_sides(self, user_id: str, query: CompareQuery,
+                            max_samples: int) -> Sides:
+        """Both sides of a CompareRuns (services.query.compare), read in one transaction;
+        NOT_FOUND when either run is not the caller's."""
+        async with user_transaction(self._engine, user_id) as conn:
+            return await read_sides(conn, user_id, query, max_samples)
 
     async def judgment_revisions(self, user_id: str, run_id: uuid.UUID, step: int,
                                  sample_index: int, criterion: str) -> Sequence[Row]:

@@ -1,5 +1,6 @@
 """QueryService: the read side, paginated with keyset page tokens."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -9,6 +10,7 @@ from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, run_to_proto, timestamp
 from services.common.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from services.query.compare import Bootstrap, build_response, compare_query
 from services.query.config import QuerySettings
 from services.query.judgments import (
     JudgmentFilter,
@@ -273,3 +275,15 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             async for event in watch_events(read, wake, cursor, cfg, self._idle_s):
                 event.resume_token = self._resume.encode(run_id, cursor)
                 yield event
+
+    async def CompareRuns(self, request: query_pb2.CompareRunsRequest,
+                          context: grpc.aio.ServicerContext) -> query_pb2.CompareRunsResponse:
+        """Reads both sides (services.query.compare), then computes the deltas and bootstrap
+        intervals in a worker thread so the event loop keeps serving."""
+        cfg = self._settings
+        query = compare_query(request, cfg.compare_max_changes_default,
+                              cfg.compare_max_changes_max)
+        sides = await self._repo.compare_sides(current_user(), query, cfg.compare_max_samples)
+        bootstrap = Bootstrap(cfg.compare_bootstrap_resamples, cfg.compare_seed,
+                              cfg.confidence_level)
+        return await asyncio.to_thread(build_response, sides, bootstrap, query.max_changes)

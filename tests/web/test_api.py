@@ -100,6 +100,15 @@ def cases(s: Seeded) -> dict[str, tuple[str, str, list[tuple[str, str]], Message
         "metrics-range": ("ListMetrics", f"{runs}/{run}/metrics",
                           [("startStep", "5"), ("end_step", "9")],
                           q.ListMetricsRequest(run_id=run, start_step=5, end_step=9)),
+        "compare": ("CompareRuns", f"{runs}/{run}:compare",
+                    [("baseline_epoch", "1"), ("maxChanges", "3")],
+                    q.CompareRunsRequest(run_id=run, baseline_epoch=1, max_changes=3)),
+        "compare-best": ("CompareRuns", f"{runs}/{run}:compare",
+                         [("epoch", "3"), ("baselineChoice", "EPOCH_CHOICE_BEST"),
+                          ("best_criterion", "exact_match")],
+                         q.CompareRunsRequest(run_id=run, epoch=3,
+                                              baseline_choice=q.EPOCH_CHOICE_BEST,
+                                              best_criterion="exact_match")),
     }
 
 
