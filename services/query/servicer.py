@@ -10,7 +10,8 @@ from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.common.auth import current_user
 from services.common.convert import parse_run_id, run_to_proto, timestamp
 from services.common.errors import FieldViolation, InvalidArgument, ResourceExhausted
-from services.query.compare import Bootstrap, build_response, compare_query
+from services.query.compare import compare_query
+from services.query.compare_result import Bootstrap, build_response
 from services.query.config import QuerySettings
 from services.query.judgments import (
     JudgmentFilter,
