@@ -18,6 +18,7 @@ from services.common.config import ENV_FILE, ServiceSettings
 from services.common.errors import Violations
 from services.judge.llm.prompts import rubric_of
 from services.judge.llm.settings import LlmSettings
+from services.judge.pairwise.config import check_pairwise
 from services.judge.rules import RULE_NAMES, RuleDefaults
 from services.judge.schema import JudgeConfig, LlmJudgeConfig, pattern_error
 
@@ -100,6 +101,14 @@ class JudgeSettings(ServiceSettings, LlmSettings):
                                    "RecordHumanJudgment accepts (10: the LLM judges' scale).")
     max_human_revisions: int = Field(100, ge=1, description="Most revisions of one person's "
                                      "judgment of one prediction on one criterion.")
+    # Pairwise judging (services.judge.pairwise).
+    pairwise_worker_count: int = Field(1, ge=0, description="Pairwise judging workers "
+                                       "(asyncio tasks) in the server; 0: pairwise tasks are "
+                                       "only queued.")
+    pairwise_claim_batch: int = Field(32, ge=1, description="Most pairwise tasks one worker "
+                                      "claims at once (two LLM calls each).")
+    pairwise_max_rubric_chars: int = Field(4096, ge=1, description="Longest rubric of a "
+                                           "judge.pairwise section, characters.")
 
     @field_validator("rule_citation_pattern")
     @classmethod
@@ -149,6 +158,7 @@ def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
         raise
     _check_rules(settings, config, path, violations)
     _check_llm(settings, config, path, violations)
+    check_pairwise(settings, config.pairwise, f"{path}.pairwise", violations)
     violations.raise_if_any()
     return config
 

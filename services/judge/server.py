@@ -12,6 +12,7 @@ from services.common.server import (
 )
 from services.judge.config import JudgeSettings
 from services.judge.models import SCHEMA
+from services.judge.pairwise.worker import PairwiseWorkers
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.servicer import JudgeServicer
 from services.judge.store import JudgeStore
@@ -29,12 +30,15 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     store = JudgeStore(engine)
     judging = Judging(settings, engine)
     workers = JudgeWorkers(settings, store, judging)
-    servicer = JudgeServicer(settings, store, judging, workers)
+    pairwise = PairwiseWorkers(settings, engine)
+    servicer = JudgeServicer(settings, store, judging, workers, pairwise)
 
     async def on_stop() -> None:
         try:
             await workers.stop(settings.shutdown_grace_s)
+            await pairwise.stop(settings.shutdown_grace_s)
             await judging.close()
+            await pairwise.close()
         finally:
             await engine.dispose()
 
@@ -43,6 +47,7 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
         lambda server: judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], on_failure=on_stop)
     workers.start()
+    pairwise.start()
     running.on_stop = on_stop
     return running
 
