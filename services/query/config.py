@@ -71,6 +71,8 @@ class QuerySettings(ServiceSettings):
         1.0, gt=0, description="PostgreSQL: pause before re-opening the LISTEN connection "
         "after it failed, and how often its liveness is checked.")
 
+    confidence_level: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the intervals the query service reports (bootstrap deltas in CompareRuns, Wilson win-rate intervals of pairwise judging).")
+
     @model_validator(mode="after")
     def _pages_fit_in_a_message(self) -> "QuerySettings":
         if self.max_response_bytes >= self.max_message_bytes:

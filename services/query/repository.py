@@ -9,11 +9,12 @@ from datetime import datetime
 from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from epochlens.v1 import query_pb2
+from epochlens.v1 import judge_pb2, query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
 from services.query import judgments
 from services.query.metrics import MetricsQuery, list_metrics, points_after, run_names
+from services.query.pairwise import pairwise_summaries
 from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
@@ -162,6 +163,13 @@ class QueryRepository:
         summary = judgments.summary_to_proto(run_id, rows, state, pending)
         judgments.add_trouble(summary, trouble)
         return summary
+
+    async def pairwise(self, user_id: str, run_id: uuid.UUID,
+                       confidence_level: float) -> list[judge_pb2.PairwiseSummary]:
+        """The run's pairwise judging summaries (services.query.pairwise); the caller
+        checked that the run is the user's."""
+        async with user_transaction(self._engine, user_id) as conn:
+            return await pairwise_summaries(conn, user_id, run_id, confidence_level)
 
     async def judgment_revisions(self, user_id: str, run_id: uuid.UUID, step: int,
                                  sample_index: int, criterion: str) -> Sequence[Row]:

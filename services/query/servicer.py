@@ -200,8 +200,12 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     async def GetRunSummary(self, request: query_pb2.GetRunSummaryRequest,
                             context: grpc.aio.ServicerContext) -> query_pb2.RunSummary:
-        return await self._repo.run_summary(current_user(), parse_run_id(request.run_id),
-                                            self._settings.summary_max_failures)
+        user, run_id = current_user(), parse_run_id(request.run_id)
+        summary = await self._repo.run_summary(user, run_id,
+                                               self._settings.summary_max_failures)
+        summary.pairwise.extend(await self._repo.pairwise(user, run_id,
+                                                          self._settings.confidence_level))
+        return summary
 
     async def ListJudgmentRevisions(self, request: query_pb2.ListJudgmentRevisionsRequest,
                                     context: grpc.aio.ServicerContext
