@@ -227,10 +227,11 @@ class PairwiseWorkers(JudgeWorkers):
         texts = PairTexts(pair.candidate.prompt, pair.candidate.ground_truth,
                           pair.baseline.prediction, pair.candidate.prediction)
         answers: list[Answer] = []
-        for order in (1, 2):
-            answers.append(await self._ask(ctx, pair, texts, order))
-            if not answers[-1].preferred:
-                break
+        async with ctx.slots:  # one pair at a time per slot: its orders one after the other
+            for order in (1, 2):
+                answers.append(await self._ask(ctx, pair, texts, order))
+                if not answers[-1].preferred:
+                    break
         transient = next((a for a in answers if a.transient), None)
         if transient is not None and task.attempts < self._settings.max_attempts:
             return self._later(task, transient.error, self._settings.llm_transient_retry_base_s)
@@ -307,23 +308,22 @@ class PairwiseWorkers(JudgeWorkers):
 
     async def _call(self, ctx: _RunContext, p: PairwiseConfig, prompt: Any, price: Any,
                     most: float) -> Answer | Any:
-        """One paid call in a concurrency slot, its most cost reserved first: its Answer,
-        or the classified CallError (the reservation given back)."""
+        """One paid call (in the pair's concurrency slot), its most cost reserved first: its
+        Answer, or the classified CallError (the reservation given back)."""
         from services.judge.llm.errors import SDK_ERRORS, classify
-        async with ctx.slots:
-            blocked = await ctx.budget.reserve(most)
-            if blocked is not None:
-                self.counts["unscored_blocked"] += 1
-                return Answer("", "", blocked)
-            try:
-                self.counts["calls"] += 1
-                reply = await self._providers.call(self._clients, self._settings, p.provider,
-                                                   p.endpoint, p.model, prompt)
-            except SDK_ERRORS as exc:
-                ctx.budget.release(most)
-                return classify(p.provider, exc)
-            cost = call_cost(price, reply.input_tokens, reply.output_tokens)
-            await ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, None, most)
+        blocked = await ctx.budget.reserve(most)
+        if blocked is not None:
+            self.counts["unscored_blocked"] += 1
+            return Answer("", "", blocked)
+        try:
+            self.counts["calls"] += 1
+            reply = await self._providers.call(self._clients, self._settings, p.provider,
+                                               p.endpoint, p.model, prompt)
+        except SDK_ERRORS as exc:
+            ctx.budget.release(most)
+            return classify(p.provider, exc)
+        cost = call_cost(price, reply.input_tokens, reply.output_tokens)
+        await ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, None, most)
         if reply.preferred is None:
             self.counts["unparseable"] += 1
             log.warning("pairwise answer unusable (%s) [unparseable: %d so far]", reply.error,
