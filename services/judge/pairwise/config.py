@@ -38,7 +38,7 @@ class PairwiseConfig(BaseModel):
     rubric: str | None = None
     # Same run: the baseline epoch (None: the run's lowest). Baseline run: its epoch (None:
     # its last).
-    baseline_epoch: int | None = Field(None, ge=0)
+    baseline_epoch: int | None = Field(None, ge=0, le=2**63 - 1)
     # Another run of the same user whose responses are the baseline (matched by prompt and
     # reference); None: this run's baseline epoch.
     baseline_run_id: uuid.UUID | None = None
