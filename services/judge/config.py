@@ -19,6 +19,7 @@ from services.common.config import ENV_FILE, ServiceSettings
 from services.common.errors import Violations
 from services.judge.llm.prompts import rubric_of
 from services.judge.llm.settings import LlmSettings
+from services.judge.pairwise.config import check_pairwise
 from services.judge.rules import RULE_NAMES, RuleDefaults
 from services.judge.schema import (
     CRITERION_NAME_TAG,
@@ -126,6 +127,14 @@ class JudgeSettings(ServiceSettings, LlmSettings):
     generation_request_timeout_s: float = Field(
         300.0, gt=0, description="Timeout of one generation call to an endpoint (connect + "
         "reply), seconds.")
+    # Pairwise judging (services.judge.pairwise).
+    pairwise_worker_count: int = Field(1, ge=0, description="Pairwise judging workers "
+                                       "(asyncio tasks) in the server; 0: pairwise tasks are "
+                                       "only queued.")
+    pairwise_claim_batch: int = Field(32, ge=1, description="Most pairwise tasks one worker "
+                                      "claims at once (two LLM calls each).")
+    pairwise_max_rubric_chars: int = Field(4096, ge=1, description="Longest rubric of a "
+                                           "judge.pairwise section, characters.")
 
     @field_validator("rule_citation_pattern")
     @classmethod
@@ -177,6 +186,7 @@ def validate_judge_config(settings: JudgeSettings, data: dict[str, Any],
         raise
     _check_rules(settings, config, path, violations)
     _check_llm(settings, config, path, violations)
+    check_pairwise(settings, config.pairwise, f"{path}.pairwise", violations)
     violations.raise_if_any()
     return config
 

@@ -25,10 +25,15 @@ log = logging.getLogger(__name__)
 JUDGE_GRANTS = {"tasks": "SELECT, INSERT, UPDATE, DELETE",
                 "judgments": "SELECT, INSERT, DELETE",
                 "llm_cache": "SELECT, INSERT", "run_llm_state": "SELECT, INSERT, UPDATE",
-                "judgment_revisions": "SELECT, INSERT"}
+                "judgment_revisions": "SELECT, INSERT",
+                "pairwise_tasks": "SELECT, INSERT, UPDATE, DELETE",
+                "pairwise_results": "SELECT, INSERT"}
 READER_GRANTS = {"judgments": "SELECT", "run_llm_state": "SELECT", "tasks": "SELECT",
-                 "judgment_revisions": "SELECT"}
+                 "judgment_revisions": "SELECT", "pairwise_tasks": "SELECT",
+                 "pairwise_results": "SELECT"}
 WORKER_POLICY = "tasks_worker"
+# The same for the pairwise judging queue (services.judge.pairwise).
+PAIRWISE_WORKER_POLICY = "pairwise_tasks_worker"
 # The judge reads the writer's runs and predictions acting for a user (their row-level
 # security applies): who owns a run, and the stored text it judges.
 JUDGE_WRITER_GRANTS = {"runs": "SELECT", "predictions": "SELECT"}
@@ -51,4 +56,8 @@ async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> Non
     # owner policy still applies to every other role. Recreated so a renamed role is followed.
     await conn.execute(text(f"DROP POLICY IF EXISTS {WORKER_POLICY} ON {SCHEMA}.tasks"))
     await conn.execute(text(f'CREATE POLICY {WORKER_POLICY} ON {SCHEMA}.tasks '
+                            f'TO "{settings.judge_role}" USING (true) WITH CHECK (true)'))
+    await conn.execute(text(f"DROP POLICY IF EXISTS {PAIRWISE_WORKER_POLICY} "
+                            f"ON {SCHEMA}.pairwise_tasks"))
+    await conn.execute(text(f'CREATE POLICY {PAIRWISE_WORKER_POLICY} ON {SCHEMA}.pairwise_tasks '
                             f'TO "{settings.judge_role}" USING (true) WITH CHECK (true)'))

@@ -15,6 +15,7 @@ import re2
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from epochlens.v1 import judge_pb2
+from services.judge.pairwise.config import PairwiseConfig
 
 STANDARD_LLM_CRITERIA = ("helpfulness", "accuracy", "clarity", "safety", "completeness")
 # Why a run config may not name a URL: the judge would send it the operator's key (and POST
@@ -186,6 +187,8 @@ class JudgeConfig(BaseModel):
 
     rules: RulesConfig = Field(default_factory=RulesConfig)
     llm: LlmJudgeConfig | None = None
+    # Pairwise judging against a baseline (services.judge.pairwise).
+    pairwise: PairwiseConfig | None = None
 
 
 class RetryLater(Exception):

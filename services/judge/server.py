@@ -13,6 +13,7 @@ from services.common.server import (
 from services.judge.config import JudgeSettings
 from services.judge.generation import Generator
 from services.judge.models import SCHEMA
+from services.judge.pairwise.worker import PairwiseWorkers
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.servicer import JudgeServicer
 from services.judge.store import JudgeStore
@@ -31,12 +32,15 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     judging = Judging(settings, engine)
     workers = JudgeWorkers(settings, store, judging)
     generator = Generator(settings)
-    servicer = JudgeServicer(settings, store, judging, workers, generator)
+    pairwise = PairwiseWorkers(settings, engine)
+    servicer = JudgeServicer(settings, store, judging, workers, generator, pairwise)
 
     async def on_stop() -> None:
         try:
             await workers.stop(settings.shutdown_grace_s)
+            await pairwise.stop(settings.shutdown_grace_s)
             await judging.close()
+            await pairwise.close()
             await generator.aclose()
         finally:
             await engine.dispose()
@@ -46,6 +50,7 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
         lambda server: judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], on_failure=on_stop)
     workers.start()
+    pairwise.start()
     running.on_stop = on_stop
     return running
 

@@ -27,6 +27,9 @@ from services.judge.config import JudgeSettings, validate_judge_config
 from services.judge.generation import Generator, validate_generation
 from services.judge.llm.cost import estimate, member_prices
 from services.judge.llm.prompts import STANDARD_RUBRICS
+from services.judge.pairwise import cost as pairwise_cost
+from services.judge.pairwise.config import check_baseline_run
+from services.judge.pairwise.store import enqueue as enqueue_pairwise
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.rules import RULE_CRITERIA
 from services.judge.schema import STANDARD_LLM_CRITERIA, Item, ItemFailure, JudgeConfig, Verdict
@@ -206,12 +209,14 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
 
 class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
     def __init__(self, settings: JudgeSettings, store: JudgeStore, judging: Judging,
-                 workers: JudgeWorkers, generator: Generator) -> None:
+                 workers: JudgeWorkers, generator: Generator,
+                 pairwise: JudgeWorkers | None = None) -> None:
         self._settings = settings
         self._generator = generator
         self._store = store
         self._judging = judging
         self._workers = workers
+        self._pairwise = pairwise  # PairwiseWorkers (services.judge.pairwise.worker)
         self._criteria = criteria_catalog(settings)
         self.counts: Counter[str] = Counter()
 
@@ -282,14 +287,31 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         violations.raise_if_any()
         assert run_id is not None and config is not None
         await require_runs(self._store.engine, current_user(), [run_id])
+        await check_baseline_run(self._store.engine, current_user(), config, run_id)
+        stored_config = config.model_dump(mode="json", exclude_defaults=True)
         enqueued, duplicates = await self._store.enqueue(
-            current_user(), run_id, items, config.model_dump(mode="json", exclude_defaults=True))
+            current_user(), run_id, items, stored_config)
+        await self._enqueue_pairwise(run_id, items, config, stored_config)
         self.counts["enqueued"] += enqueued
         self.counts["duplicates"] += duplicates
         if enqueued:
             self._workers.notify()
         return judge_pb2.EnqueueJudgingResponse(enqueued_count=enqueued,
                                                 duplicate_count=duplicates)
+
+    async def _enqueue_pairwise(self, run_id: uuid.UUID, items: list[Item], config: JudgeConfig,
+                                stored_config: dict[str, Any]) -> None:
+        """Queues the pairwise tasks of the items when the config asks for pairwise judging
+        and its provider is configured here (else ValidateJudgeConfig warned at CreateRun)."""
+        pairwise = config.pairwise
+        if pairwise is None or not self._settings.llm_enabled(pairwise.provider,
+                                                               pairwise.endpoint):
+            return
+        queued = await enqueue_pairwise(self._store.engine, current_user(), run_id, items,
+                                        stored_config, pairwise)
+        self.counts["pairwise_enqueued"] += queued
+        if queued and self._pairwise is not None:
+            self._pairwise.notify()
 
     async def ListCriteria(self, request: judge_pb2.ListCriteriaRequest,
                            context: grpc.aio.ServicerContext) -> judge_pb2.ListCriteriaResponse:
@@ -311,8 +333,11 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         config = _config(self._settings, request, violations)
         violations.raise_if_any()
         assert config is not None
-        return judge_pb2.EstimateCostResponse(**estimate(
-            self._settings, config.llm, request.prediction_count, request.average_item_tokens))
+        figures = estimate(self._settings, config.llm, request.prediction_count,
+                           request.average_item_tokens)
+        return judge_pb2.EstimateCostResponse(**pairwise_cost.add_estimate(
+            figures, self._settings, config, request.prediction_count,
+            request.average_item_tokens))
 
     async def RecordHumanJudgment(self, request: judge_pb2.RecordHumanJudgmentRequest,
                                   context: grpc.aio.ServicerContext) -> judge_pb2.Judgment:
@@ -354,7 +379,9 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         """The checks of EnqueueJudging (and a price for a paid model): INVALID_ARGUMENT
         naming each bad field under `config`."""
         config = validate_judge_config(self._settings, struct_to_dict(request.config))
+        await check_baseline_run(self._store.engine, current_user(), config)
         warnings = config_warnings(self._settings, config)
+        warnings += pairwise_cost.pairwise_warnings(self._settings, config)
         return judge_pb2.ValidateJudgeConfigResponse(
             llm_judging=self._settings.llm_judging_on(config), warnings=warnings)
 

@@ -71,7 +71,10 @@ class QuerySettings(ServiceSettings):
         1.0, gt=0, description="PostgreSQL: pause before re-opening the LISTEN connection "
         "after it failed, and how often its liveness is checked.")
 
-    confidence_level: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the intervals the query service reports (bootstrap deltas in CompareRuns, Wilson win-rate intervals of pairwise judging).")
+    confidence_level: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence level of the intervals the query "
+        "service reports (bootstrap deltas in CompareRuns, Wilson win-rate intervals of "
+        "pairwise judging).")
     compare_bootstrap_resamples: int = Field(
         2000, ge=1, le=100_000, description="CompareRuns: bootstrap resamples behind each "
         "confidence interval (paired percentile bootstrap; memory and time grow with "

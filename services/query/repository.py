@@ -5,17 +5,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Row, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from epochlens.v1 import query_pb2
+from epochlens.v1 import judge_pb2, query_pb2
 from services.common.db import user_transaction
 from services.common.errors import NotFound
 from services.query import judgments
 from services.query.agreement import run_agreements
 from services.query.compare import CompareQuery, Sides, read_sides
 from services.query.metrics import MetricsQuery, list_metrics, points_after, run_names
+from services.query.pairwise import pairwise_summaries
 from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
 from services.writer.models import predictions_table as P
@@ -176,6 +178,14 @@ class QueryRepository:
         NOT_FOUND when either run is not the caller's."""
         async with user_transaction(self._engine, user_id) as conn:
             return await read_sides(conn, user_id, query, max_samples)
+
+    async def pairwise(self, user_id: str, run_id: uuid.UUID, confidence_level: float,
+                       **only: Any) -> list[judge_pb2.PairwiseSummary]:
+        """The run's pairwise judging summaries (services.query.pairwise), narrowed by `only`
+        (epoch, baseline_run_id, baseline_epoch); the caller checked that the run is the
+        user's."""
+        async with user_transaction(self._engine, user_id) as conn:
+            return await pairwise_summaries(conn, user_id, run_id, confidence_level, **only)
 
     async def judgment_revisions(self, user_id: str, run_id: uuid.UUID, step: int,
                                  sample_index: int, criterion: str) -> Sequence[Row]:

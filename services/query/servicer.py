@@ -1,6 +1,7 @@
 """QueryService: the read side, paginated with keyset page tokens."""
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -212,8 +213,12 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     async def GetRunSummary(self, request: query_pb2.GetRunSummaryRequest,
                             context: grpc.aio.ServicerContext) -> query_pb2.RunSummary:
-        return await self._repo.run_summary(current_user(), parse_run_id(request.run_id),
-                                            self._settings.summary_max_failures)
+        user, run_id = current_user(), parse_run_id(request.run_id)
+        summary = await self._repo.run_summary(user, run_id,
+                                               self._settings.summary_max_failures)
+        summary.pairwise.extend(await self._repo.pairwise(user, run_id,
+                                                          self._settings.confidence_level))
+        return summary
 
     async def ListJudgmentRevisions(self, request: query_pb2.ListJudgmentRevisionsRequest,
                                     context: grpc.aio.ServicerContext
@@ -287,4 +292,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         sides = await self._repo.compare_sides(current_user(), query, cfg.compare_max_samples)
         bootstrap = Bootstrap(cfg.compare_bootstrap_resamples, cfg.compare_seed,
                               cfg.confidence_level)
-        return await asyncio.to_thread(build_response, sides, bootstrap, query.max_changes)
+        response = await asyncio.to_thread(build_response, sides, bootstrap, query.max_changes)
+        response.pairwise.extend(await self._repo.pairwise(
+            current_user(), uuid.UUID(response.run_id), cfg.confidence_level,
+            epoch=response.epoch, baseline_run_id=uuid.UUID(response.baseline_run_id),
+            baseline_epoch=response.baseline_epoch))
+        return response

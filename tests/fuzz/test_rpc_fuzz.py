@@ -66,6 +66,8 @@ METHODS = [(server, method) for server, service in SERVICES.items()
 CONFIGS = [{"judge": {"rules": {"pattern": "(a+)+$", "format": "json"}}},
            {"judge": {"llm": {"provider": "openai", "sample_rate": 2.0, "budget_usd": 1e300}}},
            {"judge": {"llm": {"endpoint": "nowhere", "base_url": "http://169.254.169.254/"}}},
+           {"judge": {"pairwise": {"provider": "openai", "model": "m", "baseline_epoch": 1e30,
+                                   "baseline_run_id": "00000000-0000-0000-0000-000000000000"}}},
            {"predictions": {"sample_count": 5}}]
 
 
