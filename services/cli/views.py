@@ -27,6 +27,8 @@ from services.cli.context import cli_context, one_line_errors
 from services.cli.diff import word_diff
 from services.cli.fetch import prediction_pages
 from services.cli.metrics_view import metrics
+from services.cli.pairwise_view import TITLE as PAIRWISE_TITLE
+from services.cli.pairwise_view import pairwise_json, pairwise_table
 from services.cli.progress import progress_pages, stderr_is_terminal
 from services.cli.stats import (
     CriterionSeries,
@@ -164,7 +166,11 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     input_tokens, output_tokens and cost_usd, total_cost_usd, budget_usd,
     budget_exhausted, llm_paused_reason, pending_predictions, failed_predictions, failures
     (epoch, step, sample_index, attempts, reason, update_time), handoff_waiting,
-    handoff_error, handoff_retry_time (null when none)}}.
+    handoff_error, handoff_retry_time (null when none), "pairwise": per candidate epoch,
+    baseline, criterion and judge the PairwiseSummary fields}}.
+    Pairwise judging (judge.pairwise in the run's config): per candidate epoch, its baseline,
+    criterion and judge, wins/losses/ties, unscored pairs, the win rate with its confidence
+    interval, the pairs where the judge picked the same position in both orders, and cost.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
@@ -180,7 +186,8 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     if as_json:
         render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
                            "sparkline": line,
-                           "judges": render.judges_json(judged, series, epochs, costs)})
+                           "judges": {**render.judges_json(judged, series, epochs, costs),
+                                      "pairwise": pairwise_json(judged.pairwise)}})
         return
     console = Console()
     console.print(render.run_header(run))
@@ -201,6 +208,9 @@ def _print_judges(console: Console, judged: query_pb2.RunSummary,
         console.print(render.judge_scores_table(series))
         console.print(render.judge_sparklines(series, epochs))
         console.print(render.judge_cost_table(costs))
+    if judged.pairwise:
+        console.print(Text(f"\n{PAIRWISE_TITLE}", "bold"))
+        console.print(pairwise_table(judged.pairwise, judged.run_id))
     status = render.judge_status(judged, limit)
     if status.renderables:
         console.print(status)

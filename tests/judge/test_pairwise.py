@@ -12,11 +12,13 @@ that a repeated enqueue or a worker killed mid-batch never judges a pair twice.
 """
 
 import asyncio
+import json
 import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -47,6 +49,7 @@ from services.query.pairwise import wilson_interval
 from services.query.server import start as start_query
 from services.writer.config import WriterSettings
 from services.writer.server import start as start_writer
+from tests.cli.test_views import cli, ok, rows
 from tests.conftest import PAGE_SECRET, READER_ROLE, WRITER_ROLE, pg_url
 from tests.helpers import field_violations, rich_status
 from tests.judge.conftest import JudgeDb
@@ -220,7 +223,7 @@ EPOCH_QUALITY = {0: [5] * 8, 1: [7, 7, 7, 7, 5, 5, 3, 3], 2: [9] * 6 + [5, 1]}
 EXPECTED = {1: (4, 2, 2), 2: (6, 1, 1)}  # wins, losses, ties (= position-biased pairs)
 
 
-async def test_epochs_against_epoch_0_cancel_position_bias(world):
+async def test_epochs_against_epoch_0_cancel_position_bias(world, tmp_path):
     run_id = await create_run(world, ALICE, {"pairwise": PAIRWISE})
     for epoch, qualities in EPOCH_QUALITY.items():
         await write(world, ALICE, run_id, [prediction(epoch, s, q)
@@ -254,6 +257,30 @@ async def test_epochs_against_epoch_0_cancel_position_bias(world):
     only_first = sum(row.answer_1 == "B" for row in epoch_1) / 8
     only_second = sum(row.answer_2 == "A" for row in epoch_1) / 8
     assert (only_first, only_second, got[0].win_rate) == (0.5, 0.75, 0.625)
+    await check_cli_and_report(world, run_id, got, tmp_path)
+
+
+async def check_cli_and_report(world: World, run_id: str,
+                               got: list[judge_pb2.PairwiseSummary], tmp_path) -> None:
+    """`epochlens summary` (table and --json) and the HTML report show the same figures."""
+    stack = SimpleNamespace(query=world.query, auth=world.auth)
+    want = [{"epoch": s.epoch, "wins": s.wins, "losses": s.losses, "ties": s.ties,
+             "win_rate": s.win_rate, "win_rate_low": s.win_rate_low,
+             "position_bias_pairs": s.position_bias_pairs} for s in got]
+    data = json.loads(ok(await cli(stack, ALICE, "summary", run_id, "--json")))
+    assert [{k: p[k] for k in want[0]} for p in data["judges"]["pairwise"]] == want
+    table = ok(await cli(stack, ALICE, "summary", run_id))
+    first = rows(table, "1")[-1]
+    assert first[:5] == ["1", "epoch 0", "preference", f"openai/{MODEL}", "4/2/2"]
+    low, high = (f"{100 * v:.1f}%" for v in (got[0].win_rate_low, got[0].win_rate_high))
+    assert first[6:8] == [f"62.5% [{low}, {high}]", "2"]
+    output = tmp_path / "report.html"
+    ok(await cli(stack, ALICE, "report", run_id, "-o", str(output)))
+    page = output.read_text()
+    embedded = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert [(p["epoch"], p["wins"], p["losses"], p["ties"]) for p in embedded["pairwise"]] == [
+        (s.epoch, s.wins, s.losses, s.ties) for s in got]
+    assert 'id="pairwise-section"' in page and "renderPairwise" in page
 
 
 async def test_repeated_enqueue_judges_no_pair_twice(world):
