@@ -298,8 +298,14 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         """Queues the pairwise tasks of the items when the config asks for pairwise judging
         and its provider is configured here (else ValidateJudgeConfig warned at CreateRun)."""
         pairwise = config.pairwise
-        if pairwise is None or not self._settings.llm_enabled(pairwise.provider,
-                                                               pairwise.endpoint):
+        if pairwise is None:
+            return
+        if not self._settings.llm_enabled(pairwise.provider, pairwise.endpoint):
+            self.counts["pairwise_off"] += len(items)
+            log.warning("run %s asks for pairwise judging with provider %s, which is not "
+                        "configured on this judge: %d predictions not judged pairwise (so far "
+                        "%d)", run_id, pairwise.provider, len(items),
+                        self.counts["pairwise_off"])
             return
         queued = await enqueue_pairwise(self._store.engine, current_user(), run_id, items,
                                         stored_config, pairwise)
