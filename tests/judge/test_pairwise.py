@@ -118,6 +118,9 @@ def judge_settings(db: JudgeDb, fake: FakeLlmServer, **overrides: Any) -> Any:
               "retry_backoff_base_s": 0.1, "retry_backoff_max_s": 0.3,
               "llm_transient_retry_base_s": 0.1, "max_attempts": 3,
               "openai_api_key": "operator-openai-key", "openai_base_url": fake.openai_url,
+              "anthropic_api_key": "operator-anthropic-key",
+              "anthropic_base_url": fake.anthropic_url,
+              "llm_endpoints": {"local": {"base_url": fake.openai_url}},
               "llm_prices": {MODEL: PRICE}, "llm_backoff_base_s": 0.01,
               "llm_backoff_max_s": 0.05, "llm_request_timeout_s": 5.0,
               "llm_default_budget_usd": 100.0, **overrides}
@@ -362,6 +365,36 @@ async def test_budget_stops_pairwise_calls(world):
     [entry] = (await summary(world, ALICE, run_id)).pairwise
     assert (entry.wins + entry.losses + entry.ties, entry.unscored) == (len(scored),
                                                                         len(unscored))
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai_compatible"])
+async def test_other_providers_and_unusable_answers(world, provider):
+    """Anthropic (forced tool call) and an OpenAI-compatible endpoint; an answer that is not
+    exactly {"preferred", "reason"} leaves its pair unscored, never a loss."""
+    section = {"provider": provider, "model": MODEL,
+               **({"endpoint": "local"} if provider == "openai_compatible" else {})}
+    run_id = await create_run(world, ALICE, {"pairwise": section})
+    await write(world, ALICE, run_id, [prediction(0, s, 5) for s in range(4)])
+    for done, bad in enumerate((Reply(verdict={"preferred": "C", "reason": "neither"}),
+                                Reply(text="A is better, clearly.")), 1):
+        world.fake.script(bad)
+        await write(world, ALICE, run_id, [prediction(1, done - 1, 7)])
+        await pairs_done(world, run_id, done)
+    await write(world, ALICE, run_id, [prediction(1, 2, 7), prediction(1, 3, 3)])
+    await pairs_done(world, run_id, 4)
+    stored = await results(world, run_id)
+    assert [stored[(1, s)].outcome for s in range(4)] == [Outcome.UNSCORED, Outcome.UNSCORED,
+                                                          Outcome.WIN, Outcome.LOSS]
+    assert stored[(1, 0)].unscored_reason.startswith("order 1: unparseable reply: preferred")
+    assert stored[(1, 1)].unscored_reason.startswith("order 1: unparseable reply: ")
+    assert world.fake.pairwise_calls() == 6  # order 2 of an unusable pair is not asked
+    paths = {r.path.rstrip("/").rsplit("/", 1)[-1] for r in world.fake.requests}
+    assert paths == ({"messages"} if provider == "anthropic" else {"completions"})
+    [entry] = (await summary(world, ALICE, run_id)).pairwise
+    assert (entry.wins, entry.losses, entry.ties, entry.unscored) == (1, 1, 0, 2)
+    # llm_prices names the model alone: every provider's calls are priced, 6 of them.
+    assert (entry.judge_model, entry.cost_usd) == (f"{provider}/{MODEL}",
+                                                   pytest.approx(6 * CALL_COST))
 
 
 async def expect_invalid(call: Awaitable) -> dict[str, str]:
