@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from scipy import stats
+from sqlalchemy import text
 
 from epochlens.v1 import (
     common_pb2,
@@ -365,6 +366,24 @@ async def test_budget_stops_pairwise_calls(world):
     [entry] = (await summary(world, ALICE, run_id)).pairwise
     assert (entry.wins + entry.losses + entry.ties, entry.unscored) == (len(scored),
                                                                         len(unscored))
+    # A larger budget, then ResumeJudging: the unscored pairs (only those) are judged again.
+    async with world.db.admin.begin() as conn:
+        await conn.execute(text("UPDATE judge.run_llm_state SET budget_usd = 1.0, "
+                                "budget_exhausted = false WHERE run_id = :r"),
+                           {"r": world.run_key(run_id)})
+    resumed = await world.judge_stub.ResumeJudging(judge_pb2.ResumeJudgingRequest(
+        run_id=run_id, rejudge_unscored=True), metadata=world.md(ALICE))
+    assert (resumed.deleted_unscored, resumed.requeued_predictions) == (len(unscored),
+                                                                        len(unscored))
+    await wait_until(lambda: _all_scored(world, run_id), "every pair scored")
+    assert world.fake.pairwise_calls() == calls + 2 * len(unscored)
+    [entry] = (await summary(world, ALICE, run_id)).pairwise
+    assert (entry.wins, entry.losses, entry.ties, entry.unscored) == (*EXPECTED[1], 0)
+
+
+async def _all_scored(world: World, run_id: str) -> bool:
+    stored = await results(world, run_id)
+    return len(stored) == 8 and all(r.outcome != Outcome.UNSCORED for r in stored.values())
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai_compatible"])
