@@ -166,8 +166,8 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     input_tokens, output_tokens and cost_usd, total_cost_usd, budget_usd,
     budget_exhausted, llm_paused_reason, pending_predictions, failed_predictions, failures
     (epoch, step, sample_index, attempts, reason, update_time), handoff_waiting,
-    handoff_error, handoff_retry_time (null when none), "pairwise": per candidate epoch,
-    baseline, criterion and judge the PairwiseSummary fields}}.
+    handoff_error, handoff_retry_time (null when none)}, "pairwise": per candidate epoch,
+    baseline, criterion and judge the PairwiseSummary fields}.
     Pairwise judging (judge.pairwise in the run's config): per candidate epoch, its baseline,
     criterion and judge, wins/losses/ties, unscored pairs, the win rate with its confidence
     interval, the pairs where the judge picked the same position in both orders, and cost.
@@ -186,8 +186,8 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     if as_json:
         render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
                            "sparkline": line,
-                           "judges": {**render.judges_json(judged, series, epochs, costs),
-                                      "pairwise": pairwise_json(judged.pairwise)}})
+                           "judges": render.judges_json(judged, series, epochs, costs),
+                           "pairwise": pairwise_json(judged.pairwise)})
         return
     console = Console()
     console.print(render.run_header(run))

@@ -272,7 +272,7 @@ async def check_cli_and_report(world: World, run_id: str,
              "win_rate": s.win_rate, "win_rate_low": s.win_rate_low,
              "position_bias_pairs": s.position_bias_pairs} for s in got]
     data = json.loads(ok(await cli(stack, ALICE, "summary", run_id, "--json")))
-    assert [{k: p[k] for k in want[0]} for p in data["judges"]["pairwise"]] == want
+    assert [{k: p[k] for k in want[0]} for p in data["pairwise"]] == want
     table = ok(await cli(stack, ALICE, "summary", run_id))
     first = rows(table, "1")[-1]
     assert first[:5] == ["1", "epoch 0", "preference", f"openai/{MODEL}", "4/2/2"]
