@@ -60,6 +60,7 @@ from services.cli.config import CliSettings
 from services.cli.context import cli_context, one_line_errors
 from services.cli.export import judgment_stream, with_judgments
 from services.cli.fetch import prefetched
+from services.cli.pairwise_view import pairwise_json
 from services.cli.report_page import render_page
 from services.cli.stats import (
     CriterionSeries,
@@ -231,6 +232,7 @@ class ReportCollector:
                   for e in sorted(self.epochs)]
         return {"epochs": epochs, "charts": chart_list(epochs, series),
                 "judges": judges_payload(self.summary, series),
+                "pairwise": pairwise_json(self.summary.pairwise),
                 "samples": [self.samples[i] for i in sorted(self.samples)],
                 "totals": {"predictions": self.count, "samples": len(self.samples),
                            "epochs": len(epochs)}}

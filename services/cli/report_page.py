@@ -129,6 +129,15 @@ pairs are (person, prediction) judged by both; agreement and Cohen's kappa on pa
 Spearman's correlation on scores (&#8211; where undefined).</p>
 <div id="agreement-box"></div>
 </section>
+<section id="pairwise-section" class="card" hidden>
+<h2>Pairwise judging</h2>
+<p class="hint">Each candidate epoch against its baseline response to the same prompt (an
+earlier epoch, or another run), asked in both orders so that position bias cancels: a win
+needs both orders to prefer the candidate, a loss both to prefer the baseline, anything
+else is a tie. Win rate = (wins + ties / 2) / scored pairs, with its confidence interval;
+position-biased pairs are those where the judge picked the same position in both orders.</p>
+<div id="pairwise-box" class="scroll"></div>
+</section>
 <section id="explorer" class="card">
 <h2>Sample explorer</h2>
 <p class="hint">Pick a sample to see its prediction at every epoch. Words
@@ -622,6 +631,7 @@ function main() {
   renderEpochs(document.getElementById("epochs-box"));
   renderComparison(document.getElementById("comparison-box"));
   renderAgreements(document.getElementById("agreement-box"));
+  renderPairwise(document.getElementById("pairwise-box"));
   const host = document.getElementById("explorer-box");
   if (DATA.samples.length) {
     state.ui = buildPicker(host);
@@ -703,8 +713,44 @@ function renderComparison(host) {
 }
 """
 
+SCRIPT_PAIRWISE = r"""
+// The pairwise section (DATA.pairwise, one row per candidate epoch, baseline, criterion and
+// judge): shown only when the run has pairwise results.
+function pairwiseBaseline(p) {
+  const epoch = p.baseline_epoch < 0 ? "?" : String(p.baseline_epoch);
+  return p.baseline_run_id === DATA.run.id ? "epoch " + epoch :
+    "run " + p.baseline_run_id.slice(0, 8) + " epoch " + epoch;
+}
+
+function renderPairwise(host) {
+  const rows = DATA.pairwise || [];
+  if (!rows.length) return;
+  document.getElementById("pairwise-section").hidden = false;
+  const table = el("table", {id: "pairwise-table"});
+  const head = table.appendChild(el("thead")).appendChild(el("tr"));
+  for (const label of ["epoch", "baseline", "criterion", "judge", "W/L/T", "unscored",
+    "win rate [low, high]", "position-biased pairs", "cost"]) {
+    head.append(el("th", {scope: "col"}, label));
+  }
+  const body = table.appendChild(el("tbody"));
+  for (const p of rows) {
+    const scored = p.wins + p.losses + p.ties;
+    const rate = scored ? percent(p.win_rate) + " [" + percent(p.win_rate_low) + ", " +
+      percent(p.win_rate_high) + "]" : DASH;
+    const tr = body.appendChild(el("tr", {"data-epoch": p.epoch}));
+    for (const [text, numeric] of [[String(p.epoch), true], [pairwiseBaseline(p), false],
+      [p.criterion, false], [p.judge_model, false],
+      [p.wins + "/" + p.losses + "/" + p.ties, true], [String(p.unscored), true],
+      [rate, true], [String(p.position_bias_pairs), true], [usd(p.cost_usd), true]]) {
+      tr.append(el("td", {class: numeric ? "num" : ""}, text));
+    }
+  }
+  host.append(table);
+}
+"""
+
 SCRIPT = "(() => {" + SCRIPT_DOM + SCRIPT_HEADER + SCRIPT_CHART + SCRIPT_DIFF + \
-    SCRIPT_EXPLORER + SCRIPT_COMPARE + SCRIPT_MAIN + "})();\n"
+    SCRIPT_EXPLORER + SCRIPT_COMPARE + SCRIPT_PAIRWISE + SCRIPT_MAIN + "})();\n"
 
 
 def script_hash(script: str) -> str:

@@ -28,6 +28,8 @@ from services.cli.context import cli_context, one_line_errors
 from services.cli.diff import word_diff
 from services.cli.fetch import prediction_pages
 from services.cli.metrics_view import metrics
+from services.cli.pairwise_view import TITLE as PAIRWISE_TITLE
+from services.cli.pairwise_view import pairwise_json, pairwise_table
 from services.cli.progress import progress_pages, stderr_is_terminal
 from services.cli.stats import (
     CriterionSeries,
@@ -225,8 +227,12 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
     (epoch, step, sample_index, attempts, reason, update_time), handoff_waiting,
     handoff_error, handoff_retry_time (null when none)}, "agreements": the judge-human
     agreements of the run (epochlens.v1.JudgeAgreement; kappa and spearman absent where
-    undefined)}. The agreement table lists, per criterion people judged, each rule and LLM
-    judge's pairs with people, agreement on pass/fail, Cohen's kappa and Spearman.
+    undefined), "pairwise": per candidate epoch, baseline, criterion and judge the
+    PairwiseSummary fields}. The agreement table lists, per criterion people judged, each rule
+    and LLM judge's pairs with people, agreement on pass/fail, Cohen's kappa and Spearman.
+    Pairwise judging (judge.pairwise in the run's config): per candidate epoch, its baseline,
+    criterion and judge, wins/losses/ties, unscored pairs, the win rate with its confidence
+    interval, the pairs where the judge picked the same position in both orders, and cost.
     """
     cli = cli_context(ctx)
     with cli.client() as client:
@@ -243,7 +249,8 @@ def summary(ctx: typer.Context, run_id: str = RUN, as_json: bool = JSON) -> None
         render.print_json({"run": render.message_dict(run), "epochs": [s.as_dict() for s in stats],
                            "sparkline": line,
                            "judges": render.judges_json(judged, series, epochs, costs),
-                           "agreements": [render.message_dict(a) for a in judged.agreements]})
+                           "agreements": [render.message_dict(a) for a in judged.agreements],
+                           "pairwise": pairwise_json(judged.pairwise)})
         return
     console = Console()
     console.print(render.run_header(run))
@@ -269,6 +276,9 @@ def _print_judges(console: Console, judged: query_pb2.RunSummary,
                            "prediction) judged by both; kappa on pass/fail, Spearman on "
                            "scores; - where undefined)", "bold"))
         console.print(compare_view.agreement_table(list(judged.agreements)))
+    if judged.pairwise:
+        console.print(Text(f"\n{PAIRWISE_TITLE}", "bold"))
+        console.print(pairwise_table(judged.pairwise, judged.run_id))
     status = render.judge_status(judged, limit)
     if status.renderables:
         console.print(status)

@@ -18,7 +18,8 @@ from services.writer.models import SCHEMA as WRITER_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# Table privileges per role. Judgment rows are never updated. DELETE is for a human judgment
+# Table privileges per role. Unscored pairwise results are deleted by ResumeJudging (their
+# tasks queued again). Judgment rows are never updated. DELETE is for a human judgment
 # replaced by its next revision (every revision is kept in judgment_revisions) and for the
 # unscored LLM judgments ResumeJudging judges again; a restrictive policy (revision 0003)
 # keeps every other judgment from being deleted.
@@ -27,7 +28,7 @@ JUDGE_GRANTS = {"tasks": "SELECT, INSERT, UPDATE, DELETE",
                 "llm_cache": "SELECT, INSERT", "run_llm_state": "SELECT, INSERT, UPDATE",
                 "judgment_revisions": "SELECT, INSERT",
                 "pairwise_tasks": "SELECT, INSERT, UPDATE, DELETE",
-                "pairwise_results": "SELECT, INSERT"}
+                "pairwise_results": "SELECT, INSERT, DELETE"}
 READER_GRANTS = {"judgments": "SELECT", "run_llm_state": "SELECT", "tasks": "SELECT",
                  "judgment_revisions": "SELECT", "pairwise_tasks": "SELECT",
                  "pairwise_results": "SELECT"}

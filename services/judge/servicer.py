@@ -30,6 +30,7 @@ from services.judge.llm.prompts import STANDARD_RUBRICS
 from services.judge.pairwise import cost as pairwise_cost
 from services.judge.pairwise.config import check_baseline_run
 from services.judge.pairwise.store import enqueue as enqueue_pairwise
+from services.judge.pairwise.store import resume as resume_pairwise
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.rules import RULE_CRITERIA
 from services.judge.schema import STANDARD_LLM_CRITERIA, Item, ItemFailure, JudgeConfig, Verdict
@@ -304,8 +305,14 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         """Queues the pairwise tasks of the items when the config asks for pairwise judging
         and its provider is configured here (else ValidateJudgeConfig warned at CreateRun)."""
         pairwise = config.pairwise
-        if pairwise is None or not self._settings.llm_enabled(pairwise.provider,
-                                                               pairwise.endpoint):
+        if pairwise is None:
+            return
+        if not self._settings.llm_enabled(pairwise.provider, pairwise.endpoint):
+            self.counts["pairwise_off"] += len(items)
+            log.warning("run %s asks for pairwise judging with provider %s, which is not "
+                        "configured on this judge: %d predictions not judged pairwise (so far "
+                        "%d)", run_id, pairwise.provider, len(items),
+                        self.counts["pairwise_off"])
             return
         queued = await enqueue_pairwise(self._store.engine, current_user(), run_id, items,
                                         stored_config, pairwise)
@@ -397,6 +404,13 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
                                         request.rejudge_failed)
         if done.requeued:
             self._workers.notify()
+        # Pairwise judging too: its unscored results and failed tasks, counted with the rest.
+        pairs_deleted, pairs_requeued = await resume_pairwise(
+            self._store.engine, user, run_id, request.rejudge_unscored, request.rejudge_failed)
+        if pairs_requeued and self._pairwise is not None:
+            self._pairwise.notify()
+        done = dataclasses.replace(done, deleted_unscored=done.deleted_unscored + pairs_deleted,
+                                   requeued=done.requeued + pairs_requeued)
         log.info("judging of run %s resumed by %s: paused reason cleared %r, %d unscored "
                  "judgments deleted, %d predictions queued again", run_id, user,
                  done.cleared_paused_reason, done.deleted_unscored, done.requeued)

@@ -12,16 +12,19 @@ that a repeated enqueue or a worker killed mid-batch never judges a pair twice.
 """
 
 import asyncio
+import json
 import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 from scipy import stats
+from sqlalchemy import text
 
 from epochlens.v1 import (
     common_pb2,
@@ -47,6 +50,7 @@ from services.query.pairwise import wilson_interval
 from services.query.server import start as start_query
 from services.writer.config import WriterSettings
 from services.writer.server import start as start_writer
+from tests.cli.test_views import cli, ok, rows
 from tests.conftest import PAGE_SECRET, READER_ROLE, WRITER_ROLE, pg_url
 from tests.helpers import field_violations, rich_status
 from tests.judge.conftest import JudgeDb
@@ -115,6 +119,9 @@ def judge_settings(db: JudgeDb, fake: FakeLlmServer, **overrides: Any) -> Any:
               "retry_backoff_base_s": 0.1, "retry_backoff_max_s": 0.3,
               "llm_transient_retry_base_s": 0.1, "max_attempts": 3,
               "openai_api_key": "operator-openai-key", "openai_base_url": fake.openai_url,
+              "anthropic_api_key": "operator-anthropic-key",
+              "anthropic_base_url": fake.anthropic_url,
+              "llm_endpoints": {"local": {"base_url": fake.openai_url}},
               "llm_prices": {MODEL: PRICE}, "llm_backoff_base_s": 0.01,
               "llm_backoff_max_s": 0.05, "llm_request_timeout_s": 5.0,
               "llm_default_budget_usd": 100.0, **overrides}
@@ -220,7 +227,7 @@ EPOCH_QUALITY = {0: [5] * 8, 1: [7, 7, 7, 7, 5, 5, 3, 3], 2: [9] * 6 + [5, 1]}
 EXPECTED = {1: (4, 2, 2), 2: (6, 1, 1)}  # wins, losses, ties (= position-biased pairs)
 
 
-async def test_epochs_against_epoch_0_cancel_position_bias(world):
+async def test_epochs_against_epoch_0_cancel_position_bias(world, tmp_path):
     run_id = await create_run(world, ALICE, {"pairwise": PAIRWISE})
     for epoch, qualities in EPOCH_QUALITY.items():
         await write(world, ALICE, run_id, [prediction(epoch, s, q)
@@ -254,6 +261,30 @@ async def test_epochs_against_epoch_0_cancel_position_bias(world):
     only_first = sum(row.answer_1 == "B" for row in epoch_1) / 8
     only_second = sum(row.answer_2 == "A" for row in epoch_1) / 8
     assert (only_first, only_second, got[0].win_rate) == (0.5, 0.75, 0.625)
+    await check_cli_and_report(world, run_id, got, tmp_path)
+
+
+async def check_cli_and_report(world: World, run_id: str,
+                               got: list[judge_pb2.PairwiseSummary], tmp_path) -> None:
+    """`epochlens summary` (table and --json) and the HTML report show the same figures."""
+    stack = SimpleNamespace(query=world.query, auth=world.auth)
+    want = [{"epoch": s.epoch, "wins": s.wins, "losses": s.losses, "ties": s.ties,
+             "win_rate": s.win_rate, "win_rate_low": s.win_rate_low,
+             "position_bias_pairs": s.position_bias_pairs} for s in got]
+    data = json.loads(ok(await cli(stack, ALICE, "summary", run_id, "--json")))
+    assert [{k: p[k] for k in want[0]} for p in data["pairwise"]] == want
+    table = ok(await cli(stack, ALICE, "summary", run_id))
+    first = rows(table, "1")[-1]
+    assert first[:5] == ["1", "epoch 0", "preference", f"openai/{MODEL}", "4/2/2"]
+    low, high = (f"{100 * v:.1f}%" for v in (got[0].win_rate_low, got[0].win_rate_high))
+    assert first[6:8] == [f"62.5% [{low}, {high}]", "2"]
+    output = tmp_path / "report.html"
+    ok(await cli(stack, ALICE, "report", run_id, "-o", str(output)))
+    page = output.read_text()
+    embedded = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert [(p["epoch"], p["wins"], p["losses"], p["ties"]) for p in embedded["pairwise"]] == [
+        (s.epoch, s.wins, s.losses, s.ties) for s in got]
+    assert 'id="pairwise-section"' in page and "renderPairwise" in page
 
 
 async def test_repeated_enqueue_judges_no_pair_twice(world):
@@ -335,6 +366,54 @@ async def test_budget_stops_pairwise_calls(world):
     [entry] = (await summary(world, ALICE, run_id)).pairwise
     assert (entry.wins + entry.losses + entry.ties, entry.unscored) == (len(scored),
                                                                         len(unscored))
+    # A larger budget, then ResumeJudging: the unscored pairs (only those) are judged again.
+    async with world.db.admin.begin() as conn:
+        await conn.execute(text("UPDATE judge.run_llm_state SET budget_usd = 1.0, "
+                                "budget_exhausted = false WHERE run_id = :r"),
+                           {"r": world.run_key(run_id)})
+    resumed = await world.judge_stub.ResumeJudging(judge_pb2.ResumeJudgingRequest(
+        run_id=run_id, rejudge_unscored=True), metadata=world.md(ALICE))
+    assert (resumed.deleted_unscored, resumed.requeued_predictions) == (len(unscored),
+                                                                        len(unscored))
+    await wait_until(lambda: _all_scored(world, run_id), "every pair scored")
+    assert world.fake.pairwise_calls() == calls + 2 * len(unscored)
+    [entry] = (await summary(world, ALICE, run_id)).pairwise
+    assert (entry.wins, entry.losses, entry.ties, entry.unscored) == (*EXPECTED[1], 0)
+
+
+async def _all_scored(world: World, run_id: str) -> bool:
+    stored = await results(world, run_id)
+    return len(stored) == 8 and all(r.outcome != Outcome.UNSCORED for r in stored.values())
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai_compatible"])
+async def test_other_providers_and_unusable_answers(world, provider):
+    """Anthropic (forced tool call) and an OpenAI-compatible endpoint; an answer that is not
+    exactly {"preferred", "reason"} leaves its pair unscored, never a loss."""
+    section = {"provider": provider, "model": MODEL,
+               **({"endpoint": "local"} if provider == "openai_compatible" else {})}
+    run_id = await create_run(world, ALICE, {"pairwise": section})
+    await write(world, ALICE, run_id, [prediction(0, s, 5) for s in range(4)])
+    for done, bad in enumerate((Reply(verdict={"preferred": "C", "reason": "neither"}),
+                                Reply(text="A is better, clearly.")), 1):
+        world.fake.script(bad)
+        await write(world, ALICE, run_id, [prediction(1, done - 1, 7)])
+        await pairs_done(world, run_id, done)
+    await write(world, ALICE, run_id, [prediction(1, 2, 7), prediction(1, 3, 3)])
+    await pairs_done(world, run_id, 4)
+    stored = await results(world, run_id)
+    assert [stored[(1, s)].outcome for s in range(4)] == [Outcome.UNSCORED, Outcome.UNSCORED,
+                                                          Outcome.WIN, Outcome.LOSS]
+    assert stored[(1, 0)].unscored_reason.startswith("order 1: unparseable reply: preferred")
+    assert stored[(1, 1)].unscored_reason.startswith("order 1: unparseable reply: ")
+    assert world.fake.pairwise_calls() == 6  # order 2 of an unusable pair is not asked
+    paths = {r.path.rstrip("/").rsplit("/", 1)[-1] for r in world.fake.requests}
+    assert paths == ({"messages"} if provider == "anthropic" else {"completions"})
+    [entry] = (await summary(world, ALICE, run_id)).pairwise
+    assert (entry.wins, entry.losses, entry.ties, entry.unscored) == (1, 1, 0, 2)
+    # llm_prices names the model alone: every provider's calls are priced, 6 of them.
+    assert (entry.judge_model, entry.cost_usd) == (f"{provider}/{MODEL}",
+                                                   pytest.approx(6 * CALL_COST))
 
 
 async def expect_invalid(call: Awaitable) -> dict[str, str]:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, select, tuple_, update
+from sqlalchemy import Table, and_, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.db import is_postgres, user_transaction
 from services.judge.pairwise.config import PairwiseConfig
+from services.judge.pairwise.models import Outcome
 from services.judge.pairwise.models import pairwise_results_table as R
 from services.judge.pairwise.models import pairwise_tasks_table as T
 from services.judge.schema import Item
@@ -222,3 +223,34 @@ async def baseline(conn: AsyncConnection, task: PairTask, epoch: int,
 async def last_epoch(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> int | None:
     return await conn.scalar(select(func.max(P.c.epoch)).where(
         P.c.run_id == run_id, P.c.user_id == user_id))
+
+
+async def resume(engine: AsyncEngine, user_id: str, run_id: uuid.UUID, unscored: bool,
+                 failed: bool) -> tuple[int, int]:
+    """ResumeJudging for pairwise judging, in one transaction for `user_id`: queues again
+    (attempts reset) the run's failed tasks (failed) and those whose result is unscored
+    (unscored; the results are deleted). Returns (results deleted, tasks queued again)."""
+    which = []
+    if failed:
+        which.append(T.c.state == TaskState.FAILED)
+    if unscored:
+        which.append(tuple_(T.c.step, T.c.sample_index).in_(
+            select(R.c.step, R.c.sample_index).where(*_unscored(user_id, run_id))))
+    if not which:
+        return 0, 0
+    now = now_utc()
+    async with user_transaction(engine, user_id) as conn:
+        requeued = (await conn.execute(update(T).where(
+            T.c.run_id == run_id, T.c.user_id == user_id,
+            T.c.state.in_([TaskState.DONE, TaskState.FAILED]), or_(*which)).values(
+            state=TaskState.QUEUED, attempts=0, lease_until=None, not_before=now,
+            last_error=None, update_time=now))).rowcount
+        deleted = 0
+        if unscored:
+            deleted = (await conn.execute(delete(R).where(*_unscored(user_id, run_id)))).rowcount
+    return deleted, requeued
+
+
+def _unscored(user_id: str, run_id: uuid.UUID) -> tuple[Any, ...]:
+    return (R.c.run_id == run_id, R.c.user_id == user_id,
+            R.c.outcome == int(Outcome.UNSCORED))
