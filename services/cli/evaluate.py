@@ -109,7 +109,7 @@ class Plan:
     request_id: str
     judge: dict[str, Any]
     chunk_size: int
-    generation: evaluation_pb2.GenerationConfig | None = None
+    generation: judge_pb2.GenerationConfig | None = None
     local: Any = None  # eval_local.LocalGenerator for --model
     thresholds: list[eval_options.Threshold] = field(default_factory=list)
 
@@ -332,7 +332,7 @@ def make_plan(dataset: Path, name: str | None, limit: int | None, source: Source
     digest = eval_data.content_hash(dataset, settings.eval_hash_chunk_bytes)
     generation = None
     if kind == "endpoint":
-        generation = evaluation_pb2.GenerationConfig(
+        generation = judge_pb2.GenerationConfig(
             endpoint=source.endpoint, model=source.endpoint_model,
             max_new_tokens=source.max_new_tokens)
     return Plan(dataset, rows, run_name, kind, model_name,
