@@ -100,6 +100,22 @@ class JudgeSettings(ServiceSettings, LlmSettings):
                                    "RecordHumanJudgment accepts (10: the LLM judges' scale).")
     max_human_revisions: int = Field(100, ge=1, description="Most revisions of one person's "
                                      "judgment of one prediction on one criterion.")
+    generation_max_prompts: int = Field(
+        256, ge=1, description="Most prompts in one GenerateResponses call.")
+    generation_max_tokens_default: int = Field(
+        512, ge=1, description="max_tokens of a generated response when the request's "
+        "max_new_tokens is 0.")
+    generation_max_tokens_ceiling: int = Field(
+        8192, ge=1, description="Highest max_new_tokens GenerateResponses accepts.")
+    generation_concurrency: int = Field(
+        8, ge=1, description="Generation calls in flight at once in this judge process "
+        "(all GenerateResponses calls together).")
+    generation_max_retries: int = Field(
+        3, ge=0, description="Retries of one generation call after 429 (Retry-After "
+        "honoured), 5xx or network errors; authentication and quota errors never retry.")
+    generation_request_timeout_s: float = Field(
+        300.0, gt=0, description="Timeout of one generation call to an endpoint (connect + "
+        "reply), seconds.")
 
     @field_validator("rule_citation_pattern")
     @classmethod

@@ -11,6 +11,7 @@ from services.common.server import (
     run_service,
 )
 from services.judge.config import JudgeSettings
+from services.judge.generation import Generator
 from services.judge.models import SCHEMA
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.servicer import JudgeServicer
@@ -29,12 +30,14 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     store = JudgeStore(engine)
     judging = Judging(settings, engine)
     workers = JudgeWorkers(settings, store, judging)
-    servicer = JudgeServicer(settings, store, judging, workers)
+    generator = Generator(settings)
+    servicer = JudgeServicer(settings, store, judging, workers, generator)
 
     async def on_stop() -> None:
         try:
             await workers.stop(settings.shutdown_grace_s)
             await judging.close()
+            await generator.aclose()
         finally:
             await engine.dispose()
 

@@ -24,6 +24,7 @@ from services.common.errors import (
     Violations,
 )
 from services.judge.config import JudgeSettings, validate_judge_config
+from services.judge.generation import Generator, validate_generation
 from services.judge.llm.cost import estimate, price_or_error
 from services.judge.llm.prompts import STANDARD_RUBRICS
 from services.judge.queue import JudgeWorkers, Judging
@@ -202,8 +203,9 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
 
 class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
     def __init__(self, settings: JudgeSettings, store: JudgeStore, judging: Judging,
-                 workers: JudgeWorkers) -> None:
+                 workers: JudgeWorkers, generator: Generator) -> None:
         self._settings = settings
+        self._generator = generator
         self._store = store
         self._judging = judging
         self._workers = workers
@@ -371,3 +373,11 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         return judge_pb2.ResumeJudgingResponse(
             cleared_paused_reason=done.cleared_paused_reason,
             deleted_unscored=done.deleted_unscored, requeued_predictions=done.requeued)
+
+    async def GenerateResponses(self, request: judge_pb2.GenerateResponsesRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> judge_pb2.GenerateResponsesResponse:
+        """One response per prompt from the configured endpoint the request names (see
+        services.judge.generation); a prompt that failed has `error` set."""
+        plan = validate_generation(self._settings, request)
+        return await self._generator.generate(current_user(), plan, request.prompts)

@@ -181,6 +181,20 @@ class FakeLlmServer:
                   reasoning=f"judged {record.criterion}")
 
 
+class EchoLlmServer(FakeLlmServer):
+    """The fake as a model being evaluated: with nothing scripted, a plain chat completion
+    whose text is ECHO_PREFIX + the last user message (so a test knows what was generated
+    for which prompt)."""
+
+    def default_reply(self, record: Recorded) -> Reply:
+        users = [m.get("content") for m in record.body.get("messages", [])
+                 if m.get("role") == "user"]
+        return Reply(text=ECHO_PREFIX + str(users[-1] if users else ""))
+
+
+ECHO_PREFIX = "echo: "
+
+
 def _handler_for(server: FakeLlmServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
