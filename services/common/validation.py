@@ -41,6 +41,10 @@ NUL_REPLACED_FIELDS = frozenset({
     "epochlens.v1.PredictionInput.prompt",
     "epochlens.v1.PredictionInput.ground_truth",
     "epochlens.v1.PredictionInput.prediction",
+    # The same texts of an evaluation row (EvaluationService.Evaluate stores them so).
+    "epochlens.v1.EvaluationRow.prompt",
+    "epochlens.v1.EvaluationRow.reference",
+    "epochlens.v1.EvaluationRow.response",
 })
 NUL = "\x00"
 REPLACEMENT_CHAR = "\ufffd"

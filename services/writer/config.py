@@ -64,6 +64,15 @@ class WriterSettings(ServiceSettings):
         10.0, gt=0, description="Deadline of the judge's check of a run's judge section in "
         "CreateRun (ValidateJudgeConfig), seconds; a judge that does not answer makes "
         "CreateRun UNAVAILABLE.")
+    evaluation_generate_chunk: int = Field(
+        32, ge=1, description="Rows of an Evaluate call sent to JudgeService.GenerateResponses "
+        "at once; each chunk's responses are stored before the next chunk is asked for, so "
+        "an interrupted call loses at most one chunk. At most the judge's "
+        "generation_max_prompts.")
+    evaluation_generate_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of one GenerateResponses call (one chunk of an "
+        "Evaluate call), seconds; a judge that does not answer in time makes Evaluate "
+        "UNAVAILABLE (what was stored stays; the same call continues it).")
 
     api_token_ttl_s: int = Field(
         900, ge=1, le=86400, description="Lifetime of the tokens ExchangeApiKey gives, seconds "

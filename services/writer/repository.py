@@ -291,6 +291,20 @@ class WriterRepository:
             raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
         return row
 
+    async def stored_samples(self, user_id: str, run_id: uuid.UUID, step: int,
+                             indices: Sequence[int]) -> set[int]:
+        """The sample indices among `indices` that the user's run has a prediction for at
+        `step` (EvaluationService.Evaluate skips generating those)."""
+        P = predictions_table.c
+        found: set[int] = set()
+        async with user_transaction(self._engine, user_id) as conn:
+            for start in range(0, len(indices), METRIC_LOOKUP_CHUNK):
+                chunk = list(indices[start:start + METRIC_LOOKUP_CHUNK])
+                found.update((await conn.execute(select(P.sample_index).where(
+                    P.run_id == run_id, P.user_id == user_id, P.step == step,
+                    P.sample_index.in_(chunk)))).scalars())
+        return found
+
     async def commit(self, user_id: str, batches: Sequence[Batch]) -> tuple[CommitResult,
                                                                             set[uuid.UUID]]:
         """Stores every batch whose run the user owns, in one transaction.

@@ -1,7 +1,13 @@
 """Entry point of the writer service: `epochlens-writer`."""
 
 
-from epochlens.v1 import auth_pb2_grpc, writer_pb2, writer_pb2_grpc
+from epochlens.v1 import (
+    auth_pb2_grpc,
+    evaluation_pb2,
+    evaluation_pb2_grpc,
+    writer_pb2,
+    writer_pb2_grpc,
+)
 from services.common.config import AuthSettings
 from services.common.schema_check import open_engine
 from services.common.server import (
@@ -13,6 +19,7 @@ from services.writer.api_keys import ApiKeyRepository
 from services.writer.auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
 from services.writer.auth_servicer import AuthServicer
 from services.writer.config import WriterSettings
+from services.writer.evaluation import EvaluationServicer
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.models import SCHEMA
 from services.writer.outbox import OutboxDispatcher
@@ -20,6 +27,8 @@ from services.writer.repository import WriterRepository
 from services.writer.servicer import WriterServicer
 
 SERVICE_NAME = writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"].full_name
+EVALUATION_SERVICE_NAME = evaluation_pb2.DESCRIPTOR.services_by_name[
+    "EvaluationService"].full_name
 
 
 async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
@@ -33,6 +42,8 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
                   if judging else None)
     check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
     servicer = WriterServicer(repository, settings, check)
+    evaluation = EvaluationServicer(repository, settings, auth,
+                                    dispatcher.stub if dispatcher else None, check)
     keys = AuthServicer(ApiKeyRepository(engine, settings.api_key_max_per_user), settings, auth)
 
     async def on_stop() -> None:
@@ -43,8 +54,10 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     def register(server) -> None:
         writer_pb2_grpc.add_PredictionWriterServiceServicer_to_server(servicer, server)
         auth_pb2_grpc.add_AuthServiceServicer_to_server(keys, server)
+        evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server(evaluation, server)
 
-    running = await create_server(settings, auth, register, [SERVICE_NAME, AUTH_SERVICE_NAME],
+    running = await create_server(settings, auth, register,
+                                  [SERVICE_NAME, AUTH_SERVICE_NAME, EVALUATION_SERVICE_NAME],
                                   on_failure=on_stop)
     if dispatcher is not None:
         dispatcher.start()
