@@ -316,3 +316,35 @@ async def test_local_model_with_adapter(eval_stack, tmp_path):
                                   result["run_id"])
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0][1] == tiny.reversal_rows(6)[0]["prompt"]
+
+
+def answer_in_terminal(command: list[str], env: dict[str, str], answer: str
+                       ) -> tuple[int, str, str]:
+    """The CLI with a terminal on stdin (a pty) that types `answer`."""
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=terminal,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.write(controller, answer.encode())
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    return proc.returncode, out, err
+
+
+async def test_cost_confirmation_in_a_terminal(eval_stack, dataset):
+    stack, name = eval_stack, "qa-confirm"
+    command = eval_command(dataset, "--name", name, "--limit", "10",
+                           "--llm", "anthropic/claude-3-5-haiku-latest", "--criteria", "clarity")
+    before = calls(stack.fake, ANTHROPIC_PATH)
+    code, _, err = await asyncio.to_thread(answer_in_terminal, command, stack.cli_env, "n\n")
+    assert code == 1 and "stopped before any paid call" in err
+    assert "LLM judging of 10 of 10 new rows" in err
+    assert await stored(stack, name) == 0 and calls(stack.fake, ANTHROPIC_PATH) == before
+    code, out, err = await asyncio.to_thread(answer_in_terminal, command, stack.cli_env, "y\n")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["inserted"] == 10
+    assert result["criteria"]["clarity"]["scored"] == 10
+    assert calls(stack.fake, ANTHROPIC_PATH) == before + 10
