@@ -119,6 +119,20 @@ async def test_runs_lists_own_runs_newest_first(stack, writer_stub):
     assert "not-mine" not in table and table.index(ids[2]) < table.index(ids[0])
 
 
+async def test_runs_kind_column_and_filter(stack, writer_stub):
+    user = f"kinds-{uuid.uuid4().hex[:6]}"
+    training = await create_run(writer_stub, stack.metadata(user), name="t-run")
+    evaluation = await create_run(writer_stub, stack.metadata(user), name="e-run",
+                                  kind=common_pb2.RUN_KIND_EVALUATION)
+    table = ok(await cli(stack, user, "runs"))
+    assert [r[3] for r in rows(table, training.id)] == ["training"]
+    assert [r[3] for r in rows(table, evaluation.id)] == ["evaluation"]
+    only = json.loads(ok(await cli(stack, user, "runs", "--kind", "evaluation", "--json")))
+    assert [(r["id"], r["kind"]) for r in only] == [(evaluation.id, "RUN_KIND_EVALUATION")]
+    only = json.loads(ok(await cli(stack, user, "runs", "--kind", "training", "--json")))
+    assert [r["id"] for r in only] == [training.id]
+
+
 async def test_epochs_table_and_json(stack, writer_stub):
     run_id = await seeded(stack, writer_stub)
     listed = json.loads(ok(await cli(stack, "viewer", "epochs", run_id, "--json")))

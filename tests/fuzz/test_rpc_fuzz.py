@@ -1,9 +1,10 @@
 """Property-based fuzzing of every RPC of every service (issue 8, "Proving it").
 
-For each method of PredictionWriterService, QueryService, JudgeService and AuthService
-(found from the descriptors, so a new RPC is fuzzed without touching this file), Hypothesis
-builds arbitrary requests (tests/fuzz/strategies.py) and near-valid corrupt bytes, sends them to
-the real servers on PostgreSQL as user "fuzzer", and asserts:
+For each method of PredictionWriterService, QueryService, JudgeService, AuthService and
+EvaluationService (found from the descriptors, so a new RPC of these services is fuzzed without
+touching this file), Hypothesis builds arbitrary requests (tests/fuzz/strategies.py) and
+near-valid corrupt bytes, sends them to the real servers on PostgreSQL as user "fuzzer", and
+asserts:
 
 * no INTERNAL, UNKNOWN, UNAVAILABLE or DEADLINE_EXCEEDED: every bad input gets a precise
   status, and nothing hangs;
@@ -25,7 +26,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epochlens.v1 import auth_pb2, auth_pb2_grpc, judge_pb2, query_pb2, writer_pb2, writer_pb2_grpc
+from epochlens.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    evaluation_pb2,
+    judge_pb2,
+    query_pb2,
+    writer_pb2,
+    writer_pb2_grpc,
+)
 from services.common.auth import mint_token
 from services.judge.store import TaskState
 from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT
@@ -47,9 +56,11 @@ PROFILE = os.environ.get("EPOCHLENS_FUZZ_PROFILE", "ci")
 SERVICES = {"writer": writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"],
             "query": query_pb2.DESCRIPTOR.services_by_name["QueryService"],
             "judge": judge_pb2.DESCRIPTOR.services_by_name["JudgeService"],
-            "auth": auth_pb2.DESCRIPTOR.services_by_name["AuthService"]}
-# Services hosted by another service's server: AuthService is on the writer.
-HOSTS = {"auth": "writer"}
+            "auth": auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+            "evaluation": evaluation_pb2.DESCRIPTOR.services_by_name["EvaluationService"]}
+# Services hosted by another service's server: AuthService and EvaluationService are on the
+# writer.
+HOSTS = {"auth": "writer", "evaluation": "writer"}
 METHODS = [(server, method) for server, service in SERVICES.items()
            for method in service.methods]
 CONFIGS = [{"judge": {"rules": {"pattern": "(a+)+$", "format": "json"}}},

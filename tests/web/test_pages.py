@@ -244,6 +244,7 @@ def check_login_and_runs_list(driver, base: str, seeded: Seeded, token: str) -> 
     assert [n.split("-")[0] for n in names] == ["beta", "alpha"]  # newest first
     assert texts(driver, '#runs-table td[data-col="model"]') == ["other-model", "tiny-model"]
     assert texts(driver, '#runs-table td[data-col="state"]') == ["finished", "finished"]
+    assert texts(driver, '#runs-table td[data-col="kind"]') == ["training", "training"]
     first = driver.find_element(By.CSS_SELECTOR, "#runs-table tbody tr")
     first.send_keys(Keys.ARROW_DOWN)
     focused = driver.switch_to.active_element
