@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from bench import _stack
-from tests.judge.fake_llm import DEFAULT_SCORES, FakeLlmServer
+from tests.judge.fake_llm import DEFAULT_SCORES, ECHO_PREFIX, EchoLlmServer, FakeLlmServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 200
@@ -50,6 +50,7 @@ class EvalStack:
     judge_env: dict[str, str]
     fake: FakeLlmServer
     cli_env: dict[str, str]
+    echo: EchoLlmServer
 
     async def fetch(self, query: str, *params) -> list:
         conn = await asyncpg.connect(_stack.dsn(self.args, self.args.pg_admin_user, self.dbname))
@@ -77,8 +78,10 @@ def stack_args(tmp: Path) -> argparse.Namespace:
     return args
 
 
-def judge_env(fake: FakeLlmServer) -> dict[str, str]:
-    return {"EPOCHLENS_JUDGE_OPENAI_API_KEY": "sk-test", "EPOCHLENS_JUDGE_ANTHROPIC_API_KEY":
+def judge_env(fake: FakeLlmServer, echo: EchoLlmServer) -> dict[str, str]:
+    endpoints = {"echo": {"base_url": echo.openai_url, "api_key": "echo-key"}}
+    return {"EPOCHLENS_JUDGE_LLM_ENDPOINTS": json.dumps(endpoints),
+            "EPOCHLENS_JUDGE_OPENAI_API_KEY": "sk-test", "EPOCHLENS_JUDGE_ANTHROPIC_API_KEY":
             "sk-ant-test", "EPOCHLENS_JUDGE_OPENAI_BASE_URL": fake.openai_url,
             "EPOCHLENS_JUDGE_ANTHROPIC_BASE_URL": fake.anthropic_url,
             "EPOCHLENS_JUDGE_IDLE_POLL_S": "0.05", "EPOCHLENS_JUDGE_LEASE_S": "3",
@@ -91,9 +94,10 @@ async def eval_stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     args = stack_args(tmp)
     fake = FakeLlmServer(latency_s=0.02).start()
+    echo = EchoLlmServer(latency_s=0.01).start()
     dbname = await _stack.create_database(args)
     services: dict[str, _stack.Service] = {}
-    env = judge_env(fake)
+    env = judge_env(fake, echo)
     try:
         await _stack.migrate_database(args, dbname)
         services["judge"] = _stack.start_service(args, "judge", dbname, env)
@@ -113,11 +117,12 @@ async def eval_stack(tmp_path_factory):
                    "EPOCHLENS_CLI_JUDGE_ADDRESS": services["judge"].address,
                    "EPOCHLENS_CLI_EVAL_POLL_S": "0.1", "EPOCHLENS_CLI_EVAL_WAIT_S": "120"}
         cli_env.pop("EPOCHLENS_CLI_TOKEN", None)
-        yield EvalStack(args, dbname, services, env, fake, cli_env)
+        yield EvalStack(args, dbname, services, env, fake, cli_env, echo)
     finally:
         for service in services.values():
             _stack.stop_service(args, service)
         fake.stop()
+        echo.stop()
         await _stack.drop_database(args, dbname)
 
 
@@ -348,3 +353,26 @@ async def test_cost_confirmation_in_a_terminal(eval_stack, dataset):
     assert result["inserted"] == 10
     assert result["criteria"]["clarity"]["scored"] == 10
     assert calls(stack.fake, ANTHROPIC_PATH) == before + 10
+
+
+async def test_endpoint_generates_missing_responses_once(eval_stack, tmp_path):
+    stack = eval_stack
+    data = tmp_path / "reverse.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": f"echo: say {i}"})
+                            + "\n" for i in range(30)))
+    command = eval_command(data, "--endpoint", "echo", "--endpoint-model", "m", "--limit", "20",
+                           "--criteria", "exact_match", "--chunk-size", "8")
+    code, result, err = await run_cli(stack, command)
+    assert code == 0, err
+    assert (result["source"], result["generated"], result["inserted"]) == ("endpoint", 20, 20)
+    assert result["model_name"] == "echo/m"
+    assert result["criteria"]["exact_match"]["pass_rate"] == 1.0
+    rows = await stack.fetch("SELECT prediction FROM writer.predictions WHERE run_id = $1::uuid "
+                             "ORDER BY sample_index", result["run_id"])
+    assert [r[0] for r in rows] == [f"{ECHO_PREFIX}say {i}" for i in range(20)]
+    asked = len(stack.echo.requests)
+    assert asked == 20
+    code, result, err = await run_cli(stack, command)
+    assert code == 0, err
+    assert (result["already_stored"], result["generated"], result["inserted"]) == (20, 0, 0)
+    assert len(stack.echo.requests) == asked
