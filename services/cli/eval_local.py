@@ -33,10 +33,14 @@ class LocalGenerator:
 
         from trainer_client.generator import Generator
 
-        self._torch = torch
+        self.device = _device(torch, device)
+        self.autocast = _autocast_dtype(torch, precision, self.device)
+        # On a GPU the weights are loaded in the autocast precision (half the memory of fp32);
+        # on the CPU in fp32.
+        weights = self.autocast if self.device.type == "cuda" and self.autocast else torch.float32
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-            model = AutoModelForCausalLM.from_pretrained(str(model_path))
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=weights)
             if adapter_path is not None:
                 from peft import PeftModel
 
@@ -45,9 +49,7 @@ class LocalGenerator:
             raise LocalModelError(f"cannot load {model_path}"
                                   f"{f' with adapter {adapter_path}' if adapter_path else ''}: "
                                   f"{exc}") from None
-        self.device = _device(torch, device)
         self.model = model.to(self.device)
-        self.autocast = _autocast_dtype(torch, precision, self.device)
         config = PredictionsConfig(generation_batch_size=batch_size,
                                    max_new_tokens=max_new_tokens)
         self._generator = Generator(config, self.tokenizer)

@@ -158,11 +158,11 @@ def describe_source(dataset: Path, model: Path | None, adapter: Path | None,
     return "rows", f"responses of {dataset.name}"
 
 
-def start(clients: EvalClients, plan: Plan) -> tuple[Any, set[int]]:
+def start(clients: EvalClients, plan: Plan, page_size: int) -> tuple[Any, set[int]]:
     """The evaluation run (created, or the one of a previous attempt) and the indices of the
     plan's rows it already holds."""
     reply = clients.evaluate(base_request(plan))
-    stored = clients.stored_indices(reply.run.id, clients._settings.export_page_size)
+    stored = clients.stored_indices(reply.run.id, page_size)
     return reply.run, stored & {row.index for row in plan.rows}
 
 
@@ -449,7 +449,7 @@ def run_plan(plan: Plan, source: Source, yes: bool, settings: CliSettings) -> di
     """Start or resume the run, store what is missing, wait for judging, summarize."""
     show = stderr_is_terminal()
     with EvalClients(settings) as clients:
-        run, stored = start(clients, plan)
+        run, stored = start(clients, plan, settings.export_page_size)
         todo = [row for row in plan.rows if row.index not in stored]
         confirm_cost(clients, plan, len(todo), yes)
         if plan.source == "model" and todo:
