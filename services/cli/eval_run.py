@@ -247,13 +247,15 @@ def outcome(plan: Plan, run: Any, stored_before: int, tally: Tally,
     criterion."""
     results = eval_options.criterion_results(summary)
     thresholds = eval_options.check_thresholds(plan.thresholds, results)
+    pending = summary.pending_predictions + summary.handoff_waiting
+    complete = pending == 0 and not summary.llm_paused_reason
     return {
         "run_id": run.id, "run_name": plan.run_name, "request_id": plan.request_id,
         "dataset": str(plan.dataset), "source": plan.source, "model_name": plan.model_name,
         "rows": len(plan.rows), "already_stored": stored_before, "inserted": tally.inserted,
         "duplicates": tally.duplicates + stored_before, "generated": tally.generated,
         "failures": tally.failures, "nul_replaced_fields": tally.nul_replaced,
-        "judging": {"pending": summary.pending_predictions + summary.handoff_waiting,
+        "judging": {"complete": complete, "pending": pending,
                     "failed": summary.failed_predictions,
                     "llm_paused_reason": summary.llm_paused_reason,
                     "cost_usd": summary.total_cost_usd, "budget_usd": summary.budget_usd,
@@ -262,7 +264,8 @@ def outcome(plan: Plan, run: Any, stored_before: int, tally: Tally,
                             "scored": r.scored, "unscored": r.unscored,
                             "judges": list(r.judges)} for name, r in results.items()},
         "thresholds": thresholds,
-        "passed": not tally.failures and all(t["passed"] for t in thresholds),
+        # an evaluation with rows not stored or not judged yet passes nothing
+        "passed": not tally.failures and complete and all(t["passed"] for t in thresholds),
     }
 
 
@@ -273,7 +276,7 @@ def print_text(result: dict[str, Any]) -> None:
     for failure in result["failures"]:
         typer.echo(f"  row {failure['index']} failed: {failure['reason']}")
     judging = result["judging"]
-    if judging["pending"] or judging["failed"] or judging["llm_paused_reason"]:
+    if not judging["complete"] or judging["failed"]:
         typer.echo(f"judging: {judging['pending']} rows pending, {judging['failed']} failed"
                    + (f", LLM judging paused: {judging['llm_paused_reason']}"
                       if judging["llm_paused_reason"] else ""))

@@ -9,9 +9,11 @@ estimate (JudgeService.EstimateCost) is printed and confirmed (or --yes). Then i
 judging (GetRunSummary until nothing is pending), prints the per-criterion summary (or --json)
 and checks --fail-under.
 
-Exit status: 0 done; 1 a --fail-under threshold not met, or rows whose generation failed (the
-run stays open: run the command again); 2 a usage error (bad option, unreadable dataset,
-unknown criterion in --fail-under, no confirmation possible without a terminal).
+Exit status: 0 done; 1 a --fail-under threshold not met, rows whose generation failed (the
+run stays open: run the command again), or judging not finished (LLM judging paused, or still
+pending after EPOCHLENS_CLI_EVAL_WAIT_S; run the command again to wait more); 2 a usage
+error (bad option, unreadable dataset, unknown criterion in --fail-under, no confirmation
+possible without a terminal).
 """
 
 from pathlib import Path

@@ -139,9 +139,11 @@ def eval_command(dataset: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "services.cli.main", "eval", str(dataset), "--json", *extra]
 
 
-async def run_cli(stack: EvalStack, command: list[str]) -> tuple[int, dict | None, str]:
+async def run_cli(stack: EvalStack, command: list[str], env: dict[str, str] | None = None
+                  ) -> tuple[int, dict | None, str]:
     proc = await asyncio.create_subprocess_exec(
-        *command, cwd=ROOT, env=stack.cli_env, stdin=asyncio.subprocess.DEVNULL,
+        *command, cwd=ROOT, env={**stack.cli_env, **(env or {})},
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
     text = out.decode()
@@ -376,3 +378,22 @@ async def test_endpoint_generates_missing_responses_once(eval_stack, tmp_path):
     assert code == 0, err
     assert (result["already_stored"], result["generated"], result["inserted"]) == (20, 0, 0)
     assert len(stack.echo.requests) == asked
+
+
+async def test_unfinished_judging_does_not_pass(eval_stack, dataset):
+    stack, name = eval_stack, "qa-unfinished"
+    command = eval_command(dataset, "--name", name, "--limit", "30", "--yes",
+                           "--llm", "anthropic/claude-3-5-haiku-latest", "--criteria", "safety")
+    stack.fake.latency_s = 0.5
+    try:
+        code, result, err = await run_cli(stack, command,
+                                          {"EPOCHLENS_CLI_EVAL_WAIT_S": "0"})
+    finally:
+        stack.fake.latency_s = 0.02
+    assert code == 1, err
+    assert result["judging"]["complete"] is False and result["judging"]["pending"] > 0
+    assert result["inserted"] == 30 and result["passed"] is False
+    code, result, err = await run_cli(stack, command)
+    assert code == 0, err
+    assert result["judging"]["complete"] is True and result["already_stored"] == 30
+    assert result["criteria"]["safety"]["scored"] == 30
