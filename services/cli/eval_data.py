@@ -1,7 +1,7 @@
 """Reading the dataset of `epochlens eval`: rows, their identity, and the request id.
 
-DATASET is a .jsonl / .json file, a .csv file, or a directory written by
-`datasets.Dataset.save_to_disk`. Every row is converted by the trainer client's
+DATASET is a .jsonl / .json file, a .csv file (an empty cell is a missing value), or a
+directory written by `datasets.Dataset.save_to_disk`. Every row is converted by the trainer client's
 PromptExtractor (messages, prompt/completion, instruction/input/output,
 question/answer, text; see trainer_client.sampler), so the CLI accepts exactly what a
 training run's predictions accept. A row that also has a `response` column already holds
@@ -60,7 +60,9 @@ def read_records(path: Path) -> Sequence[Mapping[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            # CSV has no null: an empty cell is a missing value (no response, no input)
+            return [{k: (None if v == "" else v) for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
     raise DatasetError(f"{path}: unknown dataset type {suffix!r}; give a .jsonl, .json or "
@@ -124,7 +126,7 @@ def _parse_one(extractor: PromptExtractor, index: int, record: Mapping[str, Any]
         response = field_text(record, RESPONSE_COLUMN)
     except SampleFormatError as exc:
         raise SampleFormatError(f"dataset row {index}: {exc}") from None
-    rest = {k: v for k, v in record.items() if k != RESPONSE_COLUMN}
+    rest = {k: v for k, v in record.items() if k != RESPONSE_COLUMN and v is not None}
     if not _known_format(rest):
         return _prompt_reference_row(index, rest, response)
     parsed = extractor.parse(index, rest)

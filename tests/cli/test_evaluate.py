@@ -67,10 +67,13 @@ def test_json_array_csv_and_limit(tmp_path):
             (i, f"p{i}", f"r{i}", f"r{i}") for i in range(3)]
 
 
-def test_csv_empty_reference_is_none(tmp_path):
+def test_csv_empty_cells_are_missing_values(tmp_path):
     table = tmp_path / "d.csv"
-    table.write_text("prompt,response,reference\nhello,hi,\n", encoding="utf-8")
-    assert rows_of(table)[0].reference is None
+    table.write_text("prompt,response,reference,completion\nhello,hi,,\n"
+                     "2+2=,,,4\n", encoding="utf-8")
+    first, second = rows_of(table)
+    assert (first.prompt, first.response, first.reference) == ("hello", "hi", None)
+    assert (second.prompt, second.response, second.reference) == ("2+2=", None, "4")
 
 
 def test_saved_datasets_directory(tmp_path):
