@@ -48,3 +48,24 @@ class CliSettings(BaseSettings):
                                "longer texts are cut with '...' (--json gives them whole).")
     report_page_size: int = Field(500, ge=1, description="page_size of the ListPredictions "
                                   "pages `epochlens report` fetches (capped by page_size_max).")
+    # `epochlens eval` (services.cli.evaluate)
+    eval_chunk_size: int = Field(100, ge=1, description="Rows per EvaluationService.Evaluate "
+                                 "call of `epochlens eval` (default of --chunk-size; the "
+                                 "writer caps a call at its max_batch).")
+    eval_rpc_timeout_s: float = Field(600.0, gt=0, description="Deadline of one Evaluate call "
+                                      "(it may wait for an endpoint to generate a chunk).")
+    eval_batch_size: int = Field(8, ge=1, description="Prompts generated together by a local "
+                                 "model (default of --batch-size).")
+    eval_max_new_tokens: int = Field(256, ge=1, description="Most new tokens per response of "
+                                     "a local model or endpoint (default of --max-new-tokens).")
+    eval_precision: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$", description="Autocast "
+                                "precision of a local model: auto (bf16 on a GPU that has it, "
+                                "else fp32), bf16, fp16 or fp32.")
+    eval_device: str = Field("auto", description="Device of a local model: auto (cuda when "
+                             "available, else cpu), or a torch device such as cuda:1.")
+    eval_poll_s: float = Field(1.0, gt=0, description="How often `epochlens eval` asks the "
+                               "query service whether judging is done (GetRunSummary).")
+    eval_wait_s: float = Field(3600.0, ge=0, description="Longest wait for judging to finish "
+                               "before the summary is printed with what is judged so far.")
+    eval_hash_chunk_bytes: int = Field(1024 * 1024, ge=4096, description="Read size when "
+                                       "hashing a dataset for the evaluation's request id.")

@@ -37,3 +37,31 @@ def progress_pages(pages: Iterable[list[T]], total: int, description: str,
 
 def stderr_is_terminal() -> bool:
     return Console(stderr=True).is_terminal
+
+
+class CountBar:
+    """A bar on stderr set to absolute counts (judged of total), or nothing without `show`.
+
+    Use as a context manager; update(completed) moves it."""
+
+    def __init__(self, total: int, description: str, settings: CliSettings, show: bool) -> None:
+        self._progress = None
+        if show:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TaskProgressColumn(), TimeElapsedColumn())
+            self._progress = Progress(*columns, console=Console(stderr=True),
+                                      refresh_per_second=settings.progress_refresh_per_s)
+            self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self) -> "CountBar":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, completed: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed)
