@@ -213,8 +213,11 @@ def check_run_page_pairwise(driver, base: str, runs: Runs) -> None:
              what="pairwise table")
     assert table_rows(driver, "#pairwise-table", ("epoch", "baseline", "criterion", "judge",
                                                   "wlt", "unscored", "win-rate")) == [
-        ("2", f"{runs.baseline} epoch 1", "preference", "openai/gpt-test", "3/1/1", "0",
-         win_rate_text())]
+        ("2", f"{short(runs.baseline)} epoch 1", "preference", "openai/gpt-test", "3/1/1",
+         "0", win_rate_text())]
+    details = driver.find_element(By.CSS_SELECTOR, '#pairwise-table td[data-col="details"] a')
+    assert details.get_attribute("href") == (
+        f"{base}/runs/{runs.candidate}/vs?epoch=2&baseline={runs.baseline}&baseline_epoch=1")
     assert count(driver, "#agreement-table") == 0  # no person judged the run yet
 
 
@@ -228,6 +231,12 @@ def check_run_page_agreement(driver, base: str, runs: Runs) -> None:
         ("accuracy", "llm", "openai/gpt-test", "2", "100.0%", "1.000", "1.000")]
     assert count(driver, "#pairwise-table tbody tr") == 1
     assert no_horizontal_scroll(driver)
+    driver.find_element(By.CSS_SELECTOR, '#pairwise-table td[data-col="details"] a').click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#vs-pairwise-table tbody tr"),
+             what="the pairwise row's comparison")
+    assert table_rows(driver, "#vs-pairwise-table", ("wlt", "win-rate")) == [
+        ("3/1/1", win_rate_text())]
+    assert driver.find_element(By.ID, "vs-baseline-epoch").get_attribute("value") == "1"
 
 
 async def record_people(stack, runs: Runs) -> None:

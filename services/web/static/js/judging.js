@@ -45,7 +45,15 @@ function baselineText(p, runId) {
   const epoch = `epoch ${num(p.baselineEpoch)}`;
   if (p.baselineRunId === runId) return epoch;
   return el("span", {}, el("a", {href: "/runs/" + encodeURIComponent(p.baselineRunId)},
-    p.baselineRunId), " " + epoch);
+    p.baselineRunId.slice(0, 8)), " " + epoch);
+}
+
+// The comparison page of the same candidate epoch and baseline (js/runcompare.js URL).
+function compareLink(p, runId) {
+  const query = new URLSearchParams({epoch: String(num(p.epoch))});
+  if (p.baselineRunId !== runId) query.set("baseline", p.baselineRunId);
+  query.set("baseline_epoch", String(num(p.baselineEpoch)));
+  return el("a", {href: `/runs/${encodeURIComponent(runId)}/vs?${query}`}, "compare");
 }
 
 function pairwiseRow(p, runId) {
@@ -56,7 +64,8 @@ function pairwiseRow(p, runId) {
     el("td", {"data-col": "judge"}, p.judgeModel),
     el("td", {"data-col": "wlt", class: "num"}, wltText(p)),
     el("td", {"data-col": "unscored", class: "num"}, String(num(p.unscored))),
-    el("td", {"data-col": "win-rate", class: "num"}, winRateText(p)));
+    el("td", {"data-col": "win-rate", class: "num"}, winRateText(p)),
+    el("td", {"data-col": "details"}, compareLink(p, runId)));
 }
 
 // The run page's pairwise table (RunSummary.pairwise); null when there is none.
@@ -65,7 +74,8 @@ export function pairwiseTable(summary, runId) {
   if (!rows.length) return null;
   return el("div", {class: "table-wrap"}, el("table", {id: "pairwise-table", class: "rows fit"},
     el("caption", {}, "Pairwise judging against a baseline (W/L/T: wins, losses, ties)"),
-    headRow(["Epoch", "Baseline", "Criterion", "Judge", "W/L/T", "Unscored", "Win rate"]),
+    headRow(["Epoch", "Baseline", "Criterion", "Judge", "W/L/T", "Unscored", "Win rate",
+      "Details"]),
     el("tbody", {}, ...rows.map((p) => pairwiseRow(p, runId)))));
 }
 
