@@ -60,6 +60,8 @@ class Runs:
     baseline: str
     candidate: str
     candidate_name: str
+    other_user: str
+    other: str  # the other user's run
 
 
 def prompt(sample: int) -> str:
@@ -101,7 +103,8 @@ async def runs(stack) -> Runs:
         stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
         baseline = await write(stack, stub, user, HOSTILE_NAME, [(1, 10)])
         candidate = await write(stack, stub, user, f"cand-{tag}", [(1, 10), (2, 20)])
-    made = Runs(user, baseline, candidate, f"cand-{tag}")
+        other = await write(stack, stub, f"{user}-b", f"theirs-{tag}", [(1, 10)])
+    made = Runs(user, baseline, candidate, f"cand-{tag}", f"{user}-b", other)
     rows = scores(baseline, user, 1, 10, FIRST) + scores(candidate, user, 2, 20, SECOND)
     # accuracy (LLM) on the candidate's epoch 1, for the agreement with people
     rows += scores(candidate, user, 1, 10, [8.0, 3.0], "accuracy", LLM, 7.0)
@@ -256,3 +259,24 @@ async def test_run_page_pairwise_and_agreement_tables(stack, runs, web,
     await in_browser(check_run_page_pairwise, browser, web.url, runs)
     await record_people(stack, runs)
     await in_browser(check_run_page_agreement, browser, web.url, runs)
+
+
+def check_other_users_runs(driver, base: str, runs: Runs) -> None:
+    driver.get(f"{base}/runs/{runs.candidate}/vs")
+    message = wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, ".error-message"),
+                       what="not found message")
+    assert message.text.startswith("Not found (HTTP 404): ")
+    assert count(driver, "#vs-form, #deltas-table") == 0
+    driver.get(f"{base}/runs/{runs.other}/vs?baseline={runs.baseline}")
+    error = wait_for(driver, lambda d: d.find_element(By.ID, "vs-error"), what="refusal")
+    assert "HTTP 404" in error.text
+    assert count(driver, "#deltas-table, #vs-header") == 0
+    options = texts(driver, "#vs-baseline option", "value")
+    assert runs.baseline in options  # the URL's choice kept, under its id only
+    assert "__pwned = 11" not in driver.find_element(By.TAG_NAME, "main").text  # its name
+
+
+async def test_another_users_run_on_either_side_is_not_found(stack, runs, web,
+                                                            browser):  # noqa: F811
+    await in_browser(log_in, browser, web.url, mint_token(stack.auth, runs.other_user))
+    await in_browser(check_other_users_runs, browser, web.url, runs)
