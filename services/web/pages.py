@@ -22,7 +22,8 @@ from services.web.state import web_state
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PAGE_PATHS = ("/", "/login", "/compare", "/runs/{run_id}", "/runs/{run_id}/samples/{sample_index}")
+PAGE_PATHS = ("/", "/login", "/compare", "/runs/{run_id}", "/runs/{run_id}/samples/{sample_index}",
+              "/runs/{run_id}/vs")  # the last: one epoch against a baseline (CompareRuns)
 QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 
 SECURITY_HEADERS = {

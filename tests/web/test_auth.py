@@ -161,7 +161,7 @@ async def test_epochlens_ui_without_a_web_service_says_so(stack):
     assert "cannot reach the web service at http://127.0.0.1:9" in result.output
 
 
-@pytest.mark.parametrize("path", ["/", "/login", "/compare", "/runs/abc",
+@pytest.mark.parametrize("path", ["/", "/login", "/compare", "/runs/abc", "/runs/abc/vs",
                                   "/runs/abc/samples/3"])
 async def test_page_paths_serve_index_html_with_csp(path, http):
     answer = await http.get(path)

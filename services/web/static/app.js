@@ -7,12 +7,14 @@ import {clear, el} from "./js/dom.js";
 import {compareView} from "./js/compare.js";
 import {loginView} from "./js/login.js";
 import {runView} from "./js/run.js";
+import {runCompareView} from "./js/runcompare.js";
 import {runsView} from "./js/runs.js";
 import {sampleView} from "./js/sample.js";
 
 const ROUTES = [
   [/^\/$/, (m, ctx) => runsView(ctx)],
   [/^\/runs\/([^/]+)$/, (m, ctx) => runView(ctx, decodeURIComponent(m[1]))],
+  [/^\/runs\/([^/]+)\/vs$/, (m, ctx) => runCompareView(ctx, decodeURIComponent(m[1]))],
   [/^\/runs\/([^/]+)\/samples\/(\d+)$/,
     (m, ctx) => sampleView(ctx, decodeURIComponent(m[1]), Number(m[2]))],
   [/^\/compare$/, (m, ctx) => compareView(ctx)],

@@ -7,6 +7,7 @@ import {SERIES_POINTS} from "./charts.js";
 import {clear, DASH, duration, el, field, num, section, select, STATE_LABELS, stateBadge, usd,
   when} from "./dom.js";
 import {epochsTable} from "./epochs.js";
+import {agreementTable, pairwiseTable} from "./judging.js";
 import {predictionsTable} from "./predictions.js";
 import {EXACT_METRIC, exactChart, isLossName, judgeCharts, lossChart, metricChart} from
   "./runcharts.js";
@@ -71,7 +72,9 @@ function renderHeader(model, ui) {
       ...fact("Judging", judgingText(model.summary))),
     ui.live,
     el("p", {class: "links"}, el("a", {href: "/compare?a=" + encodeURIComponent(run.id)},
-      "Compare with another run")));
+      "Compare with another run"), " | ",
+    el("a", {href: "/runs/" + encodeURIComponent(run.id) + "/vs", id: "vs-link"},
+      "Compare an epoch with a baseline")));
 }
 
 function otherMetricPicker(ctx, model, ui) {
@@ -106,6 +109,17 @@ function renderEpochs(model, ui) {
   if (row) ui.epochs.querySelector(`tr[data-epoch="${Number(row.dataset.epoch)}"]`)?.focus();
 }
 
+// The pairwise and judge-human agreement tables, each only when the summary has rows of it.
+function renderJudging(model, ui) {
+  const pairwise = pairwiseTable(model.summary, model.run.id);
+  const agreement = agreementTable(model.summary);
+  ui.judgingBox.hidden = !pairwise && !agreement;
+  clear(ui.judgingBox).append(
+    ...[pairwise && section("Pairwise judging", "pairwise-section", pairwise),
+      agreement && section("Judge agreement with people", "agreement-section", agreement)]
+      .filter(Boolean));
+}
+
 function criteriaOf(summary) {
   return [...new Set((summary.rows || []).map((r) => r.criterion))].sort();
 }
@@ -113,12 +127,13 @@ function criteriaOf(summary) {
 function buildPage(ctx, model) {
   const ui = {header: el("header", {class: "card run-header", id: "run-header"}),
     live: el("p", {class: "live", id: "live-status", role: "status"}),
-    charts: el("div", {class: "charts", id: "charts"}), epochs: el("div", {id: "epochs-box"})};
+    charts: el("div", {class: "charts", id: "charts"}), epochs: el("div", {id: "epochs-box"}),
+    judgingBox: el("div", {id: "judging-box"})};
   ui.predictions = predictionsTable(ctx, model.run.id, model.epochs.map((e) => num(e.epoch)),
     criteriaOf(model.summary));
   ui.metricPicker = otherMetricPicker(ctx, model, ui);
   ctx.main.append(ui.header, section("Charts", "charts-section", ui.charts),
-    section("Epochs", "epochs-section", ui.epochs),
+    section("Epochs", "epochs-section", ui.epochs), ui.judgingBox,
     section("Predictions", "predictions-section", ui.predictions.node));
   return ui;
 }
@@ -133,7 +148,8 @@ function summaryRefresher(ctx, model, redraw, renderHeaderOnly) {
     timer = null;
     const summary = await api.get(api.runPath(model.run.id, "/summary"));
     if (!ctx.alive()) return;
-    const rowsChanged = JSON.stringify(summary.rows) !== JSON.stringify(model.summary.rows);
+    const judged = (s) => JSON.stringify([s.rows, s.pairwise, s.agreements]);
+    const rowsChanged = judged(summary) !== judged(model.summary);
     model.summary = summary;
     if (rowsChanged) redraw();
     else renderHeaderOnly();
@@ -156,6 +172,7 @@ export async function runView(ctx, runId) {
     renderHeader(model, ui);
     renderCharts(model, ui);
     renderEpochs(model, ui);
+    renderJudging(model, ui);
   };
   redraw();
   const refreshSummary = summaryRefresher(ctx, model, redraw, () => renderHeader(model, ui));
