@@ -34,6 +34,7 @@ the position in the draw and stays the same at every pass.
 """
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,12 @@ def field_text(row: Mapping[str, Any], field: str) -> str:
     value = row.get(field)
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    what = "missing (None)" if value is None else f"a {type(value).__name__}, not text"
+    if isinstance(value, float) and math.isfinite(value):
+        return str(value)
+    what = ("missing (None)" if value is None else f"{value}, not text"
+            if isinstance(value, float) else f"a {type(value).__name__}, not text")
     raise SampleFormatError(f"field {field!r} is {what}")
 
 

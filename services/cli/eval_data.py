@@ -73,20 +73,19 @@ def _read_json(path: Path) -> list[Mapping[str, Any]]:
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: not valid JSON: {exc}") from None
-        return list(data)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}, line {number}: not valid JSON: {exc}") from None
-    return rows
+        return list(_json_value(text, str(path)))
+    return [_json_value(line, f"{path}, line {number}")
+            for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _json_value(text: str, where: str) -> Any:
+    """One JSON document; invalid or too deeply nested JSON is a DatasetError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: JSON nested too deeply to read") from None
 
 
 def _read_hf_dir(path: Path) -> Sequence[Mapping[str, Any]]:

@@ -275,6 +275,9 @@ def print_text(result: dict[str, Any]) -> None:
                f"{result['generated']} generated, {len(result['failures'])} failed")
     for failure in result["failures"]:
         typer.echo(f"  row {failure['index']} failed: {failure['reason']}")
+    if result["nul_replaced_fields"]:
+        typer.echo(f"NUL (U+0000) replaced by U+FFFD in: "
+                   f"{', '.join(result['nul_replaced_fields'])}")
     judging = result["judging"]
     if not judging["complete"] or judging["failed"]:
         typer.echo(f"judging: {judging['pending']} rows pending, {judging['failed']} failed"

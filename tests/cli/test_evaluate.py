@@ -97,6 +97,11 @@ def test_saved_datasets_directory(tmp_path):
     ('{"prompt": "p", "response": ["x"]}\n', "row 0: field 'response' is a list"),
     ('{"prompt": "p", "completion": "c"}\nnot json\n', "line 2: not valid JSON"),
     ('', "the dataset is empty"),
+    ('{"prompt": NaN, "response": "r"}\n', "row 0: field 'prompt' is nan, not text"),
+    ('{"question": "q", "answer": Infinity}\n', "row 0: field 'answer' is inf, not text"),
+    ('{"prompt": "p", "response": "r", "meta": ' + "[" * 5000 + "]" * 5000 + "}\n",
+     "line 1: JSON nested too deeply to read"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply to read"),
 ])
 def test_bad_rows_are_named(tmp_path, text, message):
     path = tmp_path / "d.jsonl"
