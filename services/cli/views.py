@@ -171,6 +171,11 @@ def compare(ctx: typer.Context, run_id: str = RUN,
         return
     if request.ListFields() != [(request.DESCRIPTOR.fields_by_name["run_id"], run_id)]:
         raise CliError("the options of a run comparison need RUN without SAMPLE", 2)
+    _compare_sample(cli, run_id, sample, as_json)
+
+
+def _compare_sample(cli, run_id: str, sample: int, as_json: bool) -> None:
+    """One sample across the run, epoch by epoch, with word diffs (or --json)."""
     with cli.client() as client:
         reply = client.compare(run_id, sample)
     truth = reply.ground_truth if reply.HasField("ground_truth") else None
