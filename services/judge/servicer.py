@@ -25,6 +25,7 @@ from services.common.errors import (
 )
 from services.judge.config import JudgeSettings, validate_judge_config
 from services.judge.generation import Generator, validate_generation
+from services.judge.human import human_range, service_range
 from services.judge.llm.cost import estimate, member_prices
 from services.judge.llm.prompts import STANDARD_RUBRICS
 from services.judge.pairwise import cost as pairwise_cost
@@ -161,12 +162,14 @@ def _page_token(name: str) -> str:
 
 
 def _check_range(name: str, value: float, low: float, high: float,
-                 violations: Violations) -> None:
-    """A violation unless `value` is a finite number within low..high."""
+                 violations: Violations, why: str = "") -> None:
+    """A violation unless `value` is a finite number within low..high (`why`: appended to
+    the range in the description, saying where it comes from)."""
     if not math.isfinite(value):
         violations.add(name, f"must be a finite number, got {value}")
     elif not low <= value <= high:
-        violations.add(name, f"must be within {_num(low)}..{_num(high)}, got {_num(value)}")
+        violations.add(name, f"must be within {_num(low)}..{_num(high)}{why}, "
+                             f"got {_num(value)}")
 
 
 def _num(value: float) -> str:
@@ -349,9 +352,11 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
     async def RecordHumanJudgment(self, request: judge_pb2.RecordHumanJudgmentRequest,
                                   context: grpc.aio.ServicerContext) -> judge_pb2.Judgment:
         """Stores the caller's judgment of a prediction handed to the judge for the caller;
-        any other prediction (unknown, or another user's) is NOT_FOUND."""
+        any other prediction (unknown, or another user's) is NOT_FOUND. Score and threshold
+        lie on the criterion's scale when the run's judge config defines it as a criterion
+        object, else within the service's human score range (services.judge.human)."""
         user = current_user()
-        run_id = self._check_human(request)
+        run_id = await self._check_human(user, request)
         ref = request.prediction
         row = await self._store.record_human(user, run_id, ref.step, ref.sample_index,
                                              human_verdict(user, request.criterion, request.score,
@@ -361,7 +366,8 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
                  ref.step, ref.sample_index, request.criterion, row.revision)
         return row_to_proto(row)
 
-    def _check_human(self, request: judge_pb2.RecordHumanJudgmentRequest) -> uuid.UUID:
+    async def _check_human(self, user: str,
+                           request: judge_pb2.RecordHumanJudgmentRequest) -> uuid.UUID:
         violations = Violations()
         if not request.HasField("prediction"):
             violations.add("prediction", "required")
@@ -369,11 +375,16 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         for name in ("step", "sample_index"):
             if getattr(request.prediction, name) < 0:
                 violations.add(f"prediction.{name}", "must be >= 0")
-        if not request.criterion.strip() or len(request.criterion) > self._settings.max_name_chars:
+        criterion_ok = bool(request.criterion.strip()) and \
+            len(request.criterion) <= self._settings.max_name_chars
+        if not criterion_ok:
             violations.add("criterion", f"must be 1..{self._settings.max_name_chars} characters")
+        scale = (await human_range(self._settings, self._store.engine, user, run_id,
+                                   request.criterion)
+                 if run_id is not None and criterion_ok else service_range(self._settings))
         for name in ("score", "threshold"):
-            _check_range(name, getattr(request, name), self._settings.human_score_min,
-                         self._settings.human_score_max, violations)
+            _check_range(name, getattr(request, name), scale.low, scale.high, violations,
+                         scale.source)
         if len(request.reasoning) > self._settings.max_text_chars:
             violations.add("reasoning", f"exceeds {self._settings.max_text_chars} characters")
         violations.raise_if_any()

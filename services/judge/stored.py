@@ -11,6 +11,7 @@ the task is judged), never what a caller sent.
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -76,3 +77,13 @@ async def texts_by_run(engine: AsyncEngine, user_id: str,
     async with user_transaction(engine, user_id) as conn:
         return {run_id: await stored_texts(conn, user_id, run_id, run_keys)
                 for run_id, run_keys in keys.items()}
+
+
+async def run_judge_section(engine: AsyncEngine, user_id: str, run_id: uuid.UUID) -> Any:
+    """The "judge" section of the user's run's stored config as stored (any JSON value; None
+    when the run has none, or is not the user's: the caller's later check says NOT_FOUND)."""
+    r = runs_table
+    async with user_transaction(engine, user_id) as conn:
+        config = await conn.scalar(select(r.c.config).where(r.c.id == run_id,
+                                                            r.c.user_id == user_id))
+    return config.get("judge") if isinstance(config, dict) else None
