@@ -5,8 +5,11 @@ threshold 60 and refuses 101 (INVALID_ARGUMENT naming `score`) and a threshold o
 scale (naming `threshold`); a standard criterion of the same run keeps the service range
 0..10; another user gets the same answers as for an unknown run; and GetRunSummary's
 agreement of the LLM judge's 0..100 scores with the person's is checked against
-scipy.stats.spearmanr and Cohen's kappa written out."""
+scipy.stats.spearmanr and Cohen's kappa written out. Also services.judge.human on its own:
+which stored entries count as a criterion object, and a stored object the judge would refuse
+falls back to the service range with a WARNING."""
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from scipy import stats as scipy_stats
+from sqlalchemy import update
 
 from epochlens.v1 import (
     judge_pb2,
@@ -28,11 +33,14 @@ from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
 from services.common.server import RunningServer
 from services.judge.config import JudgeSettings
+from services.judge.human import custom_scale, human_range
+from services.judge.schema import CustomCriterion
 from services.judge.server import start as start_judge
 from services.query.config import QuerySettings
 from services.query.server import start as start_query
 from services.writer.config import MigrateSettings, WriterSettings
 from services.writer.migrate import migrate
+from services.writer.models import runs_table
 from services.writer.server import start as start_writer
 from tests.conftest import (
     JUDGE_ROLE,
@@ -239,3 +247,50 @@ async def test_agreement_on_a_custom_scale_matches_scipy(services):
     ours, theirs = [s >= 60 for s in LLM_QUALITY], [s >= 60 for s in HUMAN_QUALITY]
     assert row.percent_agreement == pytest.approx(np.mean(np.equal(ours, theirs)))
     assert row.HasField("cohen_kappa") and row.cohen_kappa == pytest.approx(kappa(ours, theirs))
+
+
+def test_custom_scale_reads_only_a_criterion_object_of_the_stored_section():
+    """What custom_scale finds in a stored judge section: the object of that name; nothing
+    for a name, a section without llm.criteria or of another shape; ValidationError for an
+    object that is not a valid criterion (human_range then logs and uses the service
+    range)."""
+    assert custom_scale(JUDGE_SECTION, "quality") == CustomCriterion.model_validate(QUALITY)
+    for section in (JUDGE_SECTION, None, [], {"llm": None}, {"llm": {"criteria": "quality"}},
+                    {"llm": {"custom_criteria": {"quality": "rubric"}}}):
+        assert custom_scale(section, "accuracy") is None
+        assert custom_scale(section, "tone") is None
+    with pytest.raises(ValidationError):
+        custom_scale({"llm": {"criteria": [{"name": "quality", "scale_max": "x"}]}}, "quality")
+
+
+async def test_an_unreadable_stored_criterion_object_falls_back_to_the_service_range(
+        judge_db, caplog):
+    """A run stored with a criterion object the judge would refuse (scale_min above
+    scale_max, or not an object it can read: a run stored through a writer that did not
+    check its judge config) is judged on the service range, with a WARNING naming the run
+    and the criterion; nothing of another user's run is read."""
+    settings = judge_db.settings()
+    user = f"odd-{uuid.uuid4().hex[:6]}"
+    engine = judge_db.engine()
+    try:
+        for entry in ({**QUALITY, "scale_min": 100, "scale_max": 0},
+                      {**QUALITY, "scale_max": "x"}):
+            run_id = await judge_db.create_run(user)
+            async with judge_db.admin.begin() as conn:
+                await conn.execute(update(runs_table).where(runs_table.c.id == run_id).values(
+                    config={"judge": {"llm": {"criteria": [entry]}}}))
+            with caplog.at_level(logging.WARNING, logger="services.judge.human"):
+                scale = await human_range(settings, engine, user, run_id, "quality")
+            assert (scale.low, scale.high, scale.source) == (0.0, 10.0, "")
+            assert f"run {run_id}: criterion object 'quality'" in caplog.text
+            caplog.clear()
+        good = await judge_db.create_run(user)
+        async with judge_db.admin.begin() as conn:
+            await conn.execute(update(runs_table).where(runs_table.c.id == good).values(
+                config={"judge": JUDGE_SECTION}))
+        mine = await human_range(settings, engine, user, good, "quality")
+        theirs = await human_range(settings, engine, f"{user}-other", good, "quality")
+    finally:
+        await engine.dispose()
+    assert (mine.low, mine.high, mine.source) == (0.0, 100.0, OUT_OF_SCALE)
+    assert (theirs.low, theirs.high, theirs.source) == (0.0, 10.0, "")
