@@ -106,9 +106,12 @@ class JudgeSettings(ServiceSettings, LlmSettings):
     estimate_max_item_tokens: int = Field(100_000, ge=1, description="Largest "
                                           "average_item_tokens EstimateCost accepts.")
     human_score_min: float = Field(0.0, description="Lowest score (and threshold) "
-                                   "RecordHumanJudgment accepts.")
+                                   "RecordHumanJudgment accepts (a criterion object of the "
+                                   "run's judge config: its own scale_min instead).")
     human_score_max: float = Field(10.0, description="Highest score (and threshold) "
-                                   "RecordHumanJudgment accepts (10: the LLM judges' scale).")
+                                   "RecordHumanJudgment accepts (10: the LLM judges' scale; a "
+                                   "criterion object of the run's judge config: its own "
+                                   "scale_max instead).")
     max_human_revisions: int = Field(100, ge=1, description="Most revisions of one person's "
                                      "judgment of one prediction on one criterion.")
     generation_max_prompts: int = Field(
