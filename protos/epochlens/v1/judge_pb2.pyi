@@ -559,8 +559,9 @@ class RecordHumanJudgmentRequest(_message.Message):
     criterion: _builtins.str
     """Criterion name."""
     score: _builtins.float
-    """The score given: finite, within the service's human_score_min..human_score_max
-    (0..10 by default, the LLM scale).
+    """The score given: finite, within the criterion's scale_min..scale_max when the run's judge
+    config defines the criterion as a criterion object (llm.criteria), else within the
+    service's human_score_min..human_score_max (0..10 by default, the LLM scale).
     """
     threshold: _builtins.float
     """Pass threshold, in the same range; passed = score >= threshold."""

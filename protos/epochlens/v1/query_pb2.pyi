@@ -1370,7 +1370,7 @@ class CompareRunsResponse(_message.Message):
     shared_samples: _builtins.int
     """Samples with a prediction on both sides."""
     confidence_level: _builtins.float
-    """Confidence level of the intervals (the query service's compare_confidence)."""
+    """Confidence level of the intervals (the query service's confidence_level)."""
     bootstrap_resamples: _builtins.int
     """Bootstrap resamples behind the intervals."""
     @_builtins.property
