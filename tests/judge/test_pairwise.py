@@ -526,6 +526,59 @@ async def test_a_worker_killed_mid_batch_judges_each_pair_once(judge_db, auth_se
         fake.stop()
 
 
+async def _direct(judge_db: JudgeDb, fake: FakeLlmServer, qualities: dict[int, list[int]],
+                  config: dict[str, Any], **overrides: Any) -> tuple[Any, Any, uuid.UUID]:
+    """(settings, engine, run_id): a run of ALICE with predictions of `qualities` per epoch,
+    its pairwise tasks queued under `config`, for workers driven by hand (none started)."""
+    settings = judge_settings(judge_db, fake, pairwise_worker_count=0, **overrides)
+    async with judge_db.admin.begin() as conn:
+        for table in ("pairwise_results", "pairwise_tasks"):
+            await conn.exec_driver_sql(f"DELETE FROM judge.{table}")
+    run_id = uuid.uuid4()
+    items = [Item(run_id=run_id, step=e * 10, sample_index=s, epoch=e, prompt=f"question {s}",
+                  ground_truth=None, prediction=f"r{e} [q={q}]")
+             for e, per_sample in qualities.items() for s, q in enumerate(per_sample)]
+    await judge_db.create_run(ALICE, run_id, items)
+    engine = judge_db.engine()
+    parsed = JudgeConfig.model_validate(config).pairwise
+    queued = await pairwise_store.enqueue(engine, ALICE, run_id, items, config, parsed)
+    assert queued == sum(len(q) for e, q in qualities.items() if e != min(qualities))
+    return settings, engine, run_id
+
+
+async def test_budget_end_never_pays_half_a_pair(judge_db, auth_settings):
+    """A budget that holds exactly 3 calls (input free, output priced, so a call's most cost
+    is what the fake bills): one pair gets both its calls, the next pairs none (no third
+    call at the server), unscored with the budget reason; the budget is not overspent."""
+    fake = BiasedJudge().start()
+    call_cost = 100 * 10.0 / 1e6  # the fake's 100 output tokens at $10/Mtok
+    config = {"llm": {"provider": "openai", "model": MODEL, "criteria": [], "concurrency": 1,
+                      "budget_usd": 3 * call_cost}, "pairwise": PAIRWISE}
+    settings, engine, run_id = await _direct(
+        judge_db, fake, {0: [5, 5, 5], 1: [7, 7, 7]}, config,
+        llm_prices={MODEL: ModelPrice(input_per_mtok=0.0, output_per_mtok=10.0)},
+        llm_max_output_tokens=100)
+    workers = PairwiseWorkers(settings, engine)
+    try:
+        assert await workers.run_once() == 3
+        assert fake.pairwise_calls() == 2
+        stored = await judge_db.rows("SELECT outcome, answer_2, unscored_reason, cost_usd "
+                                     "FROM judge.pairwise_results ORDER BY outcome")
+        assert [r.outcome for r in stored] == [Outcome.WIN] + [Outcome.UNSCORED] * 2
+        assert all(r.unscored_reason.startswith("order 1: budget exhausted")
+                   for r in stored[1:]), [r.unscored_reason for r in stored]
+        assert [r.cost_usd for r in stored] == pytest.approx([2 * call_cost, 0.0, 0.0])
+        state = (await judge_db.rows(
+            "SELECT spent_usd, reserved_usd, budget_exhausted FROM judge.run_llm_state "
+            "WHERE run_id = :r", r=run_id if judge_db.backend == "postgres" else run_id.hex))
+        assert [tuple(r) for r in state] == [(pytest.approx(2 * call_cost),
+                                              pytest.approx(0.0), True)]
+    finally:
+        await workers.close()
+        await engine.dispose()
+        fake.stop()
+
+
 @pytest.mark.parametrize(("first", "second", "outcome", "bias"), [
     ("B", "A", Outcome.WIN, False), ("A", "B", Outcome.LOSS, False),
     ("A", "A", Outcome.TIE, True), ("B", "B", Outcome.TIE, True),
