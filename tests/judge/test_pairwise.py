@@ -17,12 +17,14 @@ import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from scipy import stats
 from sqlalchemy import text
 
@@ -39,6 +41,7 @@ from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
 from services.common.server import RunningServer
 from services.judge.llm.settings import ModelPrice
+from services.judge.models import JudgeBase
 from services.judge.pairwise import store as pairwise_store
 from services.judge.pairwise.models import Outcome
 from services.judge.pairwise.worker import PairwiseWorkers, pair_outcome
@@ -490,7 +493,8 @@ async def test_missing_baseline_waits_then_is_unscored(world):
 
 async def test_a_worker_killed_mid_batch_judges_each_pair_once(judge_db, auth_settings):
     """A worker that claimed and died (its calls made, nothing stored): after the lease the
-    pairs are claimed again and stored once; a second settle of the same pair adds nothing."""
+    pairs are claimed again (order 1's kept answer reused) and stored once; a second settle
+    of the same pair adds nothing."""
     fake = BiasedJudge().start()
     settings = judge_settings(judge_db, fake, pairwise_worker_count=0, lease_s=0.5)
     user, run_id = ALICE, uuid.uuid4()
@@ -518,7 +522,9 @@ async def test_a_worker_killed_mid_batch_judges_each_pair_once(judge_db, auth_se
         rows = await judge_db.rows("SELECT outcome FROM judge.pairwise_results")
         assert sorted(o for (o,) in rows) == [Outcome.WIN, Outcome.WIN, Outcome.TIE,
                                               Outcome.TIE]
-        assert fake.pairwise_calls() == 16  # 8 by the dead worker (in flight), 8 after
+        # 8 by the dead worker; after it only order 2 of each pair: order 1's answer, charged,
+        # was kept on its task.
+        assert fake.pairwise_calls() == 12
     finally:
         await dead.close()
         await alive.close()
@@ -577,6 +583,90 @@ async def test_budget_end_never_pays_half_a_pair(judge_db, auth_settings):
         await workers.close()
         await engine.dispose()
         fake.stop()
+
+
+STALL_S = 2.0
+
+
+class StallingJudge(BiasedJudge):
+    """BiasedJudge whose first order-2 call stalls STALL_S, then is dropped unanswered (a
+    worker is killed in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = False
+
+    def default_reply(self, record: Recorded) -> Reply:
+        reply = super().default_reply(record)
+        if _order(record) == 2 and not self.stalled:
+            self.stalled = True
+            return replace(reply, latency_s=STALL_S, drop=True)
+        return reply
+
+
+def _order(record: Recorded) -> int:
+    """Which order a pairwise call asks: order 1 shows the baseline (epoch 0) as A."""
+    return 1 if dict(SECTION.findall(record.text))["a"].startswith("r0 ") else 2
+
+
+async def test_a_worker_killed_after_order_1_pays_it_once(judge_db, auth_settings):
+    """A worker cancelled while order 2 is in flight: order 1's answer was kept on the task,
+    so the claim after the lease asks only order 2, and the stored result is complete (both
+    answers, both orders' tokens and cost); the kept answer is dropped once it is stored."""
+    fake = StallingJudge().start()
+    settings, engine, run_id = await _direct(judge_db, fake, {0: [5], 1: [7]},
+                                             {"pairwise": PAIRWISE}, lease_s=0.5)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    dead, alive = PairwiseWorkers(settings, engine), PairwiseWorkers(settings, engine)
+    try:
+        claimed = await dead.claim()
+        job = asyncio.create_task(dead.judge(claimed))
+
+        async def order_2_asked() -> bool:
+            return any(r for r in fake.requests if "<response_a>" in r.text and _order(r) == 2)
+        await wait_until(order_2_asked, "order 2 asked")
+        kept = await judge_db.rows("SELECT order1_answer, order1_cost_usd, attempts "
+                                   "FROM judge.pairwise_tasks WHERE run_id = :r", r=key)
+        assert [tuple(r) for r in kept] == [("B", pytest.approx(CALL_COST), 1)]
+        job.cancel()  # the worker dies in order 2's call
+        assert (await asyncio.gather(job, return_exceptions=True))[0].__class__ is (
+            asyncio.CancelledError)
+        await asyncio.sleep(0.6)
+        assert await alive.run_once() == 1
+        asked = sorted(_order(r) for r in fake.requests if "<response_a>" in r.text)
+        assert asked == [1, 2, 2]  # order 1 once; order 2 by the dead worker and again
+        [row] = await judge_db.rows("SELECT * FROM judge.pairwise_results WHERE run_id = :r",
+                                    r=key)
+        assert (row.outcome, row.answer_1, row.answer_2, row.reason_1, row.reason_2,
+                row.unscored_reason) == (Outcome.WIN, "B", "A", "5 vs 7", "7 vs 5", "")
+        assert (row.input_tokens, row.output_tokens, row.cost_usd) == (
+            1000, 200, pytest.approx(2 * CALL_COST))
+        [task] = await judge_db.rows("SELECT state, attempts, order1_answer, order1_reason, "
+                                     "order1_cost_usd FROM judge.pairwise_tasks "
+                                     "WHERE run_id = :r", r=key)
+        assert tuple(task) == (TaskState.DONE, 2, None, None, None)
+
+        async def all_finished() -> bool:  # the stalled call's server thread is done
+            return all(r.finished for r in fake.requests)
+        await wait_until(all_finished, "the stalled call to end")
+    finally:
+        await dead.close()
+        await alive.close()
+        await engine.dispose()
+        fake.stop()
+
+
+async def test_migration_0005_matches_the_model(judge_db):
+    """The pairwise tables as migrated (0004, 0005) are the models' (PostgreSQL)."""
+    if judge_db.backend != "postgres":
+        pytest.skip("compared on PostgreSQL")
+
+    def differences(sync_conn: Any) -> list[Any]:
+        context = MigrationContext.configure(sync_conn, opts={"include_schemas": True})
+        return [diff for diff in compare_metadata(context, JudgeBase.metadata)
+                if "pairwise" in repr(diff)]
+    async with judge_db.admin.connect() as conn:
+        assert await conn.run_sync(differences) == []
 
 
 @pytest.mark.parametrize(("first", "second", "outcome", "bias"), [

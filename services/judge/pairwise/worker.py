@@ -276,16 +276,61 @@ class PairwiseWorkers(JudgeWorkers):
         """Order 1's answer, then order 2's when order 1 is usable. Both orders' most cost is
         reserved together before order 1, so a pair gets both calls or none (never order 1
         paid and the pair unscored because order 2 no longer fits the budget); order 2's part
-        goes back when order 1 fails or is unusable."""
+        goes back when order 1 fails or is unusable. Order 1's usable answer is kept on the
+        task once charged: a task claimed again after its worker died reuses it and asks (and
+        reserves) only order 2."""
         p = pair.pairwise
         price = self._settings.price_for(p.provider, p.model)
         prompts = [render(p.criterion, p.rubric or DEFAULT_RUBRIC, texts, order)
                    for order in (1, 2)]
         most = [max_call_cost(self._settings, price, prompt) for prompt in prompts]
+        first = self._kept_first(pair)
+        if first is not None:  # paid by an earlier attempt: only order 2 is asked
+            return [first, await self._ask(ctx, pair, prompts[1], 2, most[1], 0.0, held=False)]
         first = await self._ask(ctx, pair, prompts[0], 1, most[0], most[1], held=False)
         if not first.preferred:
             return [first]
+        await self._keep_first(pair, first)
         return [first, await self._ask(ctx, pair, prompts[1], 2, most[1], 0.0, held=True)]
+
+    def _kept_first(self, pair: _Pair) -> Answer | None:
+        """Order 1's answer kept on the task by an earlier attempt, when it was asked against
+        the baseline this pair has now."""
+        kept = pair.task.first
+        if kept is None:
+            return None
+        if (kept.baseline_step, kept.baseline_sample_index) != (pair.baseline.step,
+                                                                pair.baseline.sample_index):
+            self.counts["order1_stale"] += 1
+            log.warning("pairwise task %s: order 1's kept answer was asked against baseline "
+                        "%d/%d, the baseline is now %d/%d: both orders are asked [stale: %d]",
+                        pair.task.where, kept.baseline_step, kept.baseline_sample_index,
+                        pair.baseline.step, pair.baseline.sample_index,
+                        self.counts["order1_stale"])
+            return None
+        self.counts["order1_reused"] += 1
+        return Answer(kept.preferred, kept.reason, "", False, kept.input_tokens,
+                      kept.output_tokens, kept.cost_usd)
+
+    async def _keep_first(self, pair: _Pair, first: Answer) -> None:
+        """Writes order 1's charged answer on the task, so a claim after this worker dies
+        asks only order 2; a failed write costs only that (logged and counted)."""
+        kept = store.FirstAnswer(first.preferred, first.reason, first.input_tokens,
+                                 first.output_tokens, first.cost_usd, pair.baseline.step,
+                                 pair.baseline.sample_index)
+        try:
+            written = await store.keep_first(self._engine, pair.task, kept)
+        except Exception as exc:  # noqa: BLE001 - order 2 is still asked; only a retry re-pays
+            self.counts["order1_keep_errors"] += 1
+            log.error("pairwise task %s: order 1's answer not kept (a retry would ask it "
+                      "again): %r [keep errors: %d]", pair.task.where, exc,
+                      self.counts["order1_keep_errors"])
+            return
+        if not written:
+            self.counts["order1_claim_lost"] += 1
+            log.warning("pairwise task %s: order 1's answer not kept, the claim (attempt %d) "
+                        "passed to another worker [claims lost: %d]", pair.task.where,
+                        pair.task.attempts, self.counts["order1_claim_lost"])
 
     async def _ask(self, ctx: _RunContext, pair: _Pair, prompt: Any, order: int, most: float,
                    ahead: float, held: bool) -> Answer:
