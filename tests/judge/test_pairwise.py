@@ -57,7 +57,7 @@ from tests.cli.test_views import cli, ok, rows
 from tests.conftest import PAGE_SECRET, READER_ROLE, WRITER_ROLE, pg_url
 from tests.helpers import field_violations, rich_status
 from tests.judge.conftest import JudgeDb
-from tests.judge.fake_llm import FakeLlmServer, Recorded, Reply
+from tests.judge.fake_llm import FakeLlmServer, Recorded, Reply, server_error
 
 ALICE, BOB = "alice", "bob"
 MODEL = "judge-model"
@@ -652,6 +652,37 @@ async def test_a_worker_killed_after_order_1_pays_it_once(judge_db, auth_setting
     finally:
         await dead.close()
         await alive.close()
+        await engine.dispose()
+        fake.stop()
+
+
+async def test_order_2_retried_later_reuses_order_1(judge_db, auth_settings):
+    """Order 2 failing with server errors past its retries sends the task back to the queue;
+    the next claim asks only order 2 (order 1 was kept), and the result counts both."""
+    fake = BiasedJudge().start()
+    settings, engine, run_id = await _direct(judge_db, fake, {0: [5], 1: [3]},
+                                             {"pairwise": PAIRWISE}, llm_max_retries=1)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    workers = PairwiseWorkers(settings, engine)
+    try:
+        fake.script(Reply(verdict={"preferred": "A", "reason": "5 vs 3"}), server_error(),
+                    server_error())
+        assert await workers.run_once() == 1
+        [task] = await judge_db.rows("SELECT state, order1_answer, order1_reason "
+                                     "FROM judge.pairwise_tasks WHERE run_id = :r", r=key)
+        assert tuple(task) == (TaskState.QUEUED, "A", "5 vs 3")
+        await asyncio.sleep(0.4)  # the transient backoff (llm_transient_retry_base_s)
+        assert await workers.run_once() == 1
+        assert fake.pairwise_calls() == 4  # order 1 once, order 2 twice failed, once more
+        [row] = await judge_db.rows("SELECT * FROM judge.pairwise_results WHERE run_id = :r",
+                                    r=key)
+        assert (row.outcome, row.answer_1, row.answer_2, row.cost_usd) == (
+            Outcome.LOSS, "A", "B", pytest.approx(2 * CALL_COST))
+        spent = await judge_db.scalar("SELECT spent_usd FROM judge.run_llm_state "
+                                      "WHERE run_id = :r", r=key)
+        assert spent == pytest.approx(2 * CALL_COST)
+    finally:
+        await workers.close()
         await engine.dispose()
         fake.stop()
 
