@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,6 +41,7 @@ from epochlens.v1 import (
 from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
 from services.common.server import RunningServer
+from services.judge.llm.budget import RunBudget
 from services.judge.llm.settings import ModelPrice
 from services.judge.models import JudgeBase
 from services.judge.pairwise import store as pairwise_store
@@ -685,6 +687,38 @@ async def test_order_2_retried_later_reuses_order_1(judge_db, auth_settings):
         await workers.close()
         await engine.dispose()
         fake.stop()
+
+
+async def test_held_reservation_is_renewed_once_the_lease_is_stale(judge_db):
+    """renew_held (before order 2, on budget reserved with order 1): nothing while the lease
+    is fresh; after, the run's reserved_until moves to hold_s from now."""
+    run_id = await judge_db.create_run(ALICE)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    engine = judge_db.engine()
+    budget = RunBudget(engine, ALICE, run_id, 1.0, hold_s=5.0, poll_s=0.05, lease_calls=1,
+                       lease_fresh_s=0.3)
+
+    async def reserved_until() -> datetime:
+        value = await judge_db.scalar("SELECT reserved_until FROM judge.run_llm_state "
+                                      "WHERE run_id = :r", r=key)
+        value = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        await budget.load()
+        assert await budget.reserve(0.25) is None
+        first = await reserved_until()
+        await budget.renew_held()  # fresh: no write
+        assert await reserved_until() == first
+        await asyncio.sleep(0.5)
+        await budget.renew_held()
+        assert await reserved_until() >= first + timedelta(seconds=0.4)
+        budget.charge(0.1, 1, 1, None, 0.25)
+        await budget.drain()
+        reserved = await judge_db.scalar("SELECT reserved_usd FROM judge.run_llm_state "
+                                         "WHERE run_id = :r", r=key)
+        assert reserved == pytest.approx(0.0)
+    finally:
+        await engine.dispose()
 
 
 async def test_migration_0005_matches_the_model(judge_db):

@@ -373,6 +373,8 @@ class PairwiseWorkers(JudgeWorkers):
         order's) reserved first unless held: its Answer, or the classified CallError (the
         reservation given back). An unusable answer gives ahead back."""
         from services.judge.llm.errors import SDK_ERRORS, classify
+        if held:
+            await self._renew_held(ctx)
         blocked = None if held else await ctx.budget.reserve(most + ahead)
         if blocked is not None:
             self.counts["unscored_blocked"] += 1
@@ -395,6 +397,17 @@ class PairwiseWorkers(JudgeWorkers):
         return Answer(reply.preferred or "", reply.reason,
                       "" if reply.preferred else f"unparseable reply: {reply.error}",
                       False, reply.input_tokens, reply.output_tokens, cost)
+
+    async def _renew_held(self, ctx: _RunContext) -> None:
+        """Keeps order 2's reservation (taken with order 1's) from expiring during its call; a
+        failed write is logged and counted (the reservation may then be counted as spent
+        once it expires: the run's spend is overstated, never exceeded)."""
+        try:
+            await ctx.budget.renew_held()
+        except Exception as exc:  # noqa: BLE001 - the call is still made on its reservation
+            self.counts["renew_errors"] += 1
+            log.error("pairwise: renewing the budget reservation of run %s failed: %r "
+                      "[renew errors: %d]", ctx.budget.run_id, exc, self.counts["renew_errors"])
 
     def _result(self, pair: _Pair, answers: list[Answer]) -> dict[str, Any]:
         first = answers[0]
