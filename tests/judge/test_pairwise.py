@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from scipy import stats
@@ -40,6 +41,7 @@ from epochlens.v1 import (
 )
 from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
+from services.common.migrations import alembic_config
 from services.common.server import RunningServer
 from services.judge.llm.budget import RunBudget
 from services.judge.llm.settings import ModelPrice
@@ -722,7 +724,8 @@ async def test_held_reservation_is_renewed_once_the_lease_is_stale(judge_db):
 
 
 async def test_migration_0005_matches_the_model(judge_db):
-    """The pairwise tables as migrated (0004, 0005) are the models' (PostgreSQL)."""
+    """The pairwise tables as migrated (0004, 0005) are the models'; 0005 goes down and up
+    again (PostgreSQL, in a transaction rolled back)."""
     if judge_db.backend != "postgres":
         pytest.skip("compared on PostgreSQL")
 
@@ -730,8 +733,24 @@ async def test_migration_0005_matches_the_model(judge_db):
         context = MigrationContext.configure(sync_conn, opts={"include_schemas": True})
         return [diff for diff in compare_metadata(context, JudgeBase.metadata)
                 if "pairwise" in repr(diff)]
+
+    def alembic(sync_conn: Any, action: str, revision: str) -> None:
+        cfg = alembic_config("services.judge:migrations")
+        cfg.attributes["connection"] = sync_conn
+        getattr(command, action)(cfg, revision)
+    columns = ("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'judge' "
+               "AND table_name = 'pairwise_tasks' AND column_name LIKE 'order1_%'")
     async with judge_db.admin.connect() as conn:
         assert await conn.run_sync(differences) == []
+        assert await conn.scalar(text(columns)) == 7
+        try:  # one transaction (begun by the reads above), rolled back whatever happens
+            await conn.run_sync(alembic, "downgrade", "0004")
+            assert await conn.scalar(text(columns)) == 0
+            await conn.run_sync(alembic, "upgrade", "head")
+            assert await conn.run_sync(differences) == []
+        finally:
+            await conn.rollback()
+    assert await judge_db.scalar(columns) == 7
 
 
 @pytest.mark.parametrize(("first", "second", "outcome", "bias"), [
