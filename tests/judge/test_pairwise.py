@@ -17,12 +17,16 @@ import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from scipy import stats
 from sqlalchemy import text
 
@@ -37,8 +41,11 @@ from epochlens.v1 import (
 )
 from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
+from services.common.migrations import alembic_config
 from services.common.server import RunningServer
+from services.judge.llm.budget import RunBudget
 from services.judge.llm.settings import ModelPrice
+from services.judge.models import JudgeBase
 from services.judge.pairwise import store as pairwise_store
 from services.judge.pairwise.models import Outcome
 from services.judge.pairwise.worker import PairwiseWorkers, pair_outcome
@@ -54,7 +61,7 @@ from tests.cli.test_views import cli, ok, rows
 from tests.conftest import PAGE_SECRET, READER_ROLE, WRITER_ROLE, pg_url
 from tests.helpers import field_violations, rich_status
 from tests.judge.conftest import JudgeDb
-from tests.judge.fake_llm import FakeLlmServer, Recorded, Reply
+from tests.judge.fake_llm import FakeLlmServer, Recorded, Reply, server_error
 
 ALICE, BOB = "alice", "bob"
 MODEL = "judge-model"
@@ -490,7 +497,8 @@ async def test_missing_baseline_waits_then_is_unscored(world):
 
 async def test_a_worker_killed_mid_batch_judges_each_pair_once(judge_db, auth_settings):
     """A worker that claimed and died (its calls made, nothing stored): after the lease the
-    pairs are claimed again and stored once; a second settle of the same pair adds nothing."""
+    pairs are claimed again (order 1's kept answer reused) and stored once; a second settle
+    of the same pair adds nothing."""
     fake = BiasedJudge().start()
     settings = judge_settings(judge_db, fake, pairwise_worker_count=0, lease_s=0.5)
     user, run_id = ALICE, uuid.uuid4()
@@ -518,12 +526,231 @@ async def test_a_worker_killed_mid_batch_judges_each_pair_once(judge_db, auth_se
         rows = await judge_db.rows("SELECT outcome FROM judge.pairwise_results")
         assert sorted(o for (o,) in rows) == [Outcome.WIN, Outcome.WIN, Outcome.TIE,
                                               Outcome.TIE]
-        assert fake.pairwise_calls() == 16  # 8 by the dead worker (in flight), 8 after
+        # 8 by the dead worker; after it only order 2 of each pair: order 1's answer, charged,
+        # was kept on its task.
+        assert fake.pairwise_calls() == 12
     finally:
         await dead.close()
         await alive.close()
         await engine.dispose()
         fake.stop()
+
+
+async def _direct(judge_db: JudgeDb, fake: FakeLlmServer, qualities: dict[int, list[int]],
+                  config: dict[str, Any], **overrides: Any) -> tuple[Any, Any, uuid.UUID]:
+    """(settings, engine, run_id): a run of ALICE with predictions of `qualities` per epoch,
+    its pairwise tasks queued under `config`, for workers driven by hand (none started)."""
+    settings = judge_settings(judge_db, fake, pairwise_worker_count=0, **overrides)
+    async with judge_db.admin.begin() as conn:
+        for table in ("pairwise_results", "pairwise_tasks"):
+            await conn.exec_driver_sql(f"DELETE FROM judge.{table}")
+    run_id = uuid.uuid4()
+    items = [Item(run_id=run_id, step=e * 10, sample_index=s, epoch=e, prompt=f"question {s}",
+                  ground_truth=None, prediction=f"r{e} [q={q}]")
+             for e, per_sample in qualities.items() for s, q in enumerate(per_sample)]
+    await judge_db.create_run(ALICE, run_id, items)
+    engine = judge_db.engine()
+    parsed = JudgeConfig.model_validate(config).pairwise
+    queued = await pairwise_store.enqueue(engine, ALICE, run_id, items, config, parsed)
+    assert queued == sum(len(q) for e, q in qualities.items() if e != min(qualities))
+    return settings, engine, run_id
+
+
+async def test_budget_end_never_pays_half_a_pair(judge_db, auth_settings):
+    """A budget that holds exactly 3 calls (input free, output priced, so a call's most cost
+    is what the fake bills): one pair gets both its calls, the next pairs none (no third
+    call at the server), unscored with the budget reason; the budget is not overspent."""
+    fake = BiasedJudge().start()
+    call_cost = 100 * 10.0 / 1e6  # the fake's 100 output tokens at $10/Mtok
+    config = {"llm": {"provider": "openai", "model": MODEL, "criteria": [], "concurrency": 1,
+                      "budget_usd": 3 * call_cost}, "pairwise": PAIRWISE}
+    settings, engine, run_id = await _direct(
+        judge_db, fake, {0: [5, 5, 5], 1: [7, 7, 7]}, config,
+        llm_prices={MODEL: ModelPrice(input_per_mtok=0.0, output_per_mtok=10.0)},
+        llm_max_output_tokens=100)
+    workers = PairwiseWorkers(settings, engine)
+    try:
+        assert await workers.run_once() == 3
+        assert fake.pairwise_calls() == 2
+        stored = await judge_db.rows("SELECT outcome, answer_2, unscored_reason, cost_usd "
+                                     "FROM judge.pairwise_results ORDER BY outcome")
+        assert [r.outcome for r in stored] == [Outcome.WIN] + [Outcome.UNSCORED] * 2
+        assert all(r.unscored_reason.startswith("order 1: budget exhausted")
+                   for r in stored[1:]), [r.unscored_reason for r in stored]
+        assert [r.cost_usd for r in stored] == pytest.approx([2 * call_cost, 0.0, 0.0])
+        state = (await judge_db.rows(
+            "SELECT spent_usd, reserved_usd, budget_exhausted FROM judge.run_llm_state "
+            "WHERE run_id = :r", r=run_id if judge_db.backend == "postgres" else run_id.hex))
+        assert [tuple(r) for r in state] == [(pytest.approx(2 * call_cost),
+                                              pytest.approx(0.0), True)]
+    finally:
+        await workers.close()
+        await engine.dispose()
+        fake.stop()
+
+
+STALL_S = 2.0
+
+
+class StallingJudge(BiasedJudge):
+    """BiasedJudge whose first order-2 call stalls STALL_S, then is dropped unanswered (a
+    worker is killed in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = False
+
+    def default_reply(self, record: Recorded) -> Reply:
+        reply = super().default_reply(record)
+        if _order(record) == 2 and not self.stalled:
+            self.stalled = True
+            return replace(reply, latency_s=STALL_S, drop=True)
+        return reply
+
+
+def _order(record: Recorded) -> int:
+    """Which order a pairwise call asks: order 1 shows the baseline (epoch 0) as A."""
+    return 1 if dict(SECTION.findall(record.text))["a"].startswith("r0 ") else 2
+
+
+async def test_a_worker_killed_after_order_1_pays_it_once(judge_db, auth_settings):
+    """A worker cancelled while order 2 is in flight: order 1's answer was kept on the task,
+    so the claim after the lease asks only order 2, and the stored result is complete (both
+    answers, both orders' tokens and cost); the kept answer is dropped once it is stored."""
+    fake = StallingJudge().start()
+    settings, engine, run_id = await _direct(judge_db, fake, {0: [5], 1: [7]},
+                                             {"pairwise": PAIRWISE}, lease_s=0.5)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    dead, alive = PairwiseWorkers(settings, engine), PairwiseWorkers(settings, engine)
+    try:
+        claimed = await dead.claim()
+        job = asyncio.create_task(dead.judge(claimed))
+
+        async def order_2_asked() -> bool:
+            return any(r for r in fake.requests if "<response_a>" in r.text and _order(r) == 2)
+        await wait_until(order_2_asked, "order 2 asked")
+        kept = await judge_db.rows("SELECT order1_answer, order1_cost_usd, attempts "
+                                   "FROM judge.pairwise_tasks WHERE run_id = :r", r=key)
+        assert [tuple(r) for r in kept] == [("B", pytest.approx(CALL_COST), 1)]
+        job.cancel()  # the worker dies in order 2's call
+        assert (await asyncio.gather(job, return_exceptions=True))[0].__class__ is (
+            asyncio.CancelledError)
+        await asyncio.sleep(0.6)
+        assert await alive.run_once() == 1
+        asked = sorted(_order(r) for r in fake.requests if "<response_a>" in r.text)
+        assert asked == [1, 2, 2]  # order 1 once; order 2 by the dead worker and again
+        [row] = await judge_db.rows("SELECT * FROM judge.pairwise_results WHERE run_id = :r",
+                                    r=key)
+        assert (row.outcome, row.answer_1, row.answer_2, row.reason_1, row.reason_2,
+                row.unscored_reason) == (Outcome.WIN, "B", "A", "5 vs 7", "7 vs 5", "")
+        assert (row.input_tokens, row.output_tokens, row.cost_usd) == (
+            1000, 200, pytest.approx(2 * CALL_COST))
+        [task] = await judge_db.rows("SELECT state, attempts, order1_answer, order1_reason, "
+                                     "order1_cost_usd FROM judge.pairwise_tasks "
+                                     "WHERE run_id = :r", r=key)
+        assert tuple(task) == (TaskState.DONE, 2, None, None, None)
+
+        async def all_finished() -> bool:  # the stalled call's server thread is done
+            return all(r.finished for r in fake.requests)
+        await wait_until(all_finished, "the stalled call to end")
+    finally:
+        await dead.close()
+        await alive.close()
+        await engine.dispose()
+        fake.stop()
+
+
+async def test_order_2_retried_later_reuses_order_1(judge_db, auth_settings):
+    """Order 2 failing with server errors past its retries sends the task back to the queue;
+    the next claim asks only order 2 (order 1 was kept), and the result counts both."""
+    fake = BiasedJudge().start()
+    settings, engine, run_id = await _direct(judge_db, fake, {0: [5], 1: [3]},
+                                             {"pairwise": PAIRWISE}, llm_max_retries=1)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    workers = PairwiseWorkers(settings, engine)
+    try:
+        fake.script(Reply(verdict={"preferred": "A", "reason": "5 vs 3"}), server_error(),
+                    server_error())
+        assert await workers.run_once() == 1
+        [task] = await judge_db.rows("SELECT state, order1_answer, order1_reason "
+                                     "FROM judge.pairwise_tasks WHERE run_id = :r", r=key)
+        assert tuple(task) == (TaskState.QUEUED, "A", "5 vs 3")
+        await asyncio.sleep(0.4)  # the transient backoff (llm_transient_retry_base_s)
+        assert await workers.run_once() == 1
+        assert fake.pairwise_calls() == 4  # order 1 once, order 2 twice failed, once more
+        [row] = await judge_db.rows("SELECT * FROM judge.pairwise_results WHERE run_id = :r",
+                                    r=key)
+        assert (row.outcome, row.answer_1, row.answer_2, row.cost_usd) == (
+            Outcome.LOSS, "A", "B", pytest.approx(2 * CALL_COST))
+        spent = await judge_db.scalar("SELECT spent_usd FROM judge.run_llm_state "
+                                      "WHERE run_id = :r", r=key)
+        assert spent == pytest.approx(2 * CALL_COST)
+    finally:
+        await workers.close()
+        await engine.dispose()
+        fake.stop()
+
+
+async def test_held_reservation_is_renewed_once_the_lease_is_stale(judge_db):
+    """renew_held (before order 2, on budget reserved with order 1): nothing while the lease
+    is fresh; after, the run's reserved_until moves to hold_s from now."""
+    run_id = await judge_db.create_run(ALICE)
+    key = run_id if judge_db.backend == "postgres" else run_id.hex
+    engine = judge_db.engine()
+    budget = RunBudget(engine, ALICE, run_id, 1.0, hold_s=5.0, poll_s=0.05, lease_calls=1,
+                       lease_fresh_s=0.3)
+
+    async def reserved_until() -> datetime:
+        value = await judge_db.scalar("SELECT reserved_until FROM judge.run_llm_state "
+                                      "WHERE run_id = :r", r=key)
+        value = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        await budget.load()
+        assert await budget.reserve(0.25) is None
+        first = await reserved_until()
+        await budget.renew_held()  # fresh: no write
+        assert await reserved_until() == first
+        await asyncio.sleep(0.5)
+        await budget.renew_held()
+        assert await reserved_until() >= first + timedelta(seconds=0.4)
+        budget.charge(0.1, 1, 1, None, 0.25)
+        await budget.drain()
+        reserved = await judge_db.scalar("SELECT reserved_usd FROM judge.run_llm_state "
+                                         "WHERE run_id = :r", r=key)
+        assert reserved == pytest.approx(0.0)
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_0005_matches_the_model(judge_db):
+    """The pairwise tables as migrated (0004, 0005) are the models'; 0005 goes down and up
+    again (PostgreSQL, in a transaction rolled back)."""
+    if judge_db.backend != "postgres":
+        pytest.skip("compared on PostgreSQL")
+
+    def differences(sync_conn: Any) -> list[Any]:
+        context = MigrationContext.configure(sync_conn, opts={"include_schemas": True})
+        return [diff for diff in compare_metadata(context, JudgeBase.metadata)
+                if "pairwise" in repr(diff)]
+
+    def alembic(sync_conn: Any, action: str, revision: str) -> None:
+        cfg = alembic_config("services.judge:migrations")
+        cfg.attributes["connection"] = sync_conn
+        getattr(command, action)(cfg, revision)
+    columns = ("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'judge' "
+               "AND table_name = 'pairwise_tasks' AND column_name LIKE 'order1_%'")
+    async with judge_db.admin.connect() as conn:
+        assert await conn.run_sync(differences) == []
+        assert await conn.scalar(text(columns)) == 7
+        try:  # one transaction (begun by the reads above), rolled back whatever happens
+            await conn.run_sync(alembic, "downgrade", "0004")
+            assert await conn.scalar(text(columns)) == 0
+            await conn.run_sync(alembic, "upgrade", "head")
+            assert await conn.run_sync(differences) == []
+        finally:
+            await conn.rollback()
+    assert await judge_db.scalar(columns) == 7
 
 
 @pytest.mark.parametrize(("first", "second", "outcome", "bias"), [

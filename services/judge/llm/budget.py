@@ -197,6 +197,23 @@ class RunBudget:
                 return True
         return False
 
+    async def renew_held(self) -> None:
+        """Before a call made on budget this judge reserved earlier for it (a pair's order 2,
+        reserved with order 1): once the lease is no longer fresh (that call might settle
+        after the run's reserved_until), pushes reserved_until to hold_s from now, so the
+        reservation is not counted as spent while its call may still be made."""
+        if (self.run_id is None or self._held <= USD_EPSILON
+                or time.monotonic() <= self._lease_fresh_until):
+            return
+        t, now = state_table, datetime.now(UTC)
+        until = now + timedelta(seconds=self._hold_s)
+        async with user_transaction(self._engine, self._user_id) as conn:
+            await conn.execute(update(t).where(t.c.run_id == self.run_id,
+                                               t.c.reserved_usd > 0).values(
+                reserved_until=case((t.c.reserved_until > until, t.c.reserved_until),
+                                    else_=until), update_time=now))
+        self._lease_fresh_until = time.monotonic() + self._lease_fresh_s
+
     def _return_idle_lease(self) -> None:
         """Gives the lease back to the database when none of this judge's calls holds any of
         it (a lease taken by a call that then did not fit, or its unused rest): other judges

@@ -1,5 +1,5 @@
-"""Tables of pairwise judging in schema `judge` (migration 0004): the queue of pairs to judge
-and their results. Both carry the owner's user_id under row-level security on PostgreSQL;
+"""Tables of pairwise judging in schema `judge` (migrations 0004, 0005): the queue of pairs to
+judge and their results. Both carry the owner's user_id under row-level security on PostgreSQL;
 the judge role's workers claim every user's pairwise tasks (policy pairwise_tasks_worker,
 services.judge.migrate)."""
 
@@ -58,6 +58,16 @@ class PairwiseTaskRow(JudgeBase):
     last_error: Mapped[str | None] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Order 1's usable answer once it is charged (migration 0005), and the baseline
+    # prediction it was asked against: a claim after the worker died asks only order 2.
+    # NULL: order 1 not answered yet (or the pair's result is stored).
+    order1_answer: Mapped[str | None] = mapped_column(Text)
+    order1_reason: Mapped[str | None] = mapped_column(Text)
+    order1_input_tokens: Mapped[int | None] = mapped_column(Integer)
+    order1_output_tokens: Mapped[int | None] = mapped_column(Integer)
+    order1_cost_usd: Mapped[float | None] = mapped_column(Float)
+    order1_baseline_step: Mapped[int | None] = mapped_column(BigInteger)
+    order1_baseline_sample_index: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index(None, "state", "not_before"),)
 

@@ -6,12 +6,14 @@ Claiming runs as the judge role across users (SKIP LOCKED and a lease per task, 
 services.judge.store claims judge.tasks); enqueue and settle run in the user's transaction.
 A result is inserted with ON CONFLICT DO NOTHING on its primary key, so a pair is stored once
 whatever happens to its task (a worker killed after the calls, a claim after a lease passed).
+Order 1's charged answer is kept on its task (keep_first) until the result is stored, so a
+later claim of the task pays only order 2.
 """
 
 import hashlib
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +34,22 @@ SAMPLE_SPACE = 2**64
 ERROR_CHARS = 2000
 _COLUMNS = ("run_id", "step", "sample_index", "user_id", "epoch", "baseline_run_id",
             "baseline_epoch", "config", "attempts")
+_FIRST = ("order1_answer", "order1_reason", "order1_input_tokens", "order1_output_tokens",
+          "order1_cost_usd", "order1_baseline_step", "order1_baseline_sample_index")
+
+
+@dataclass(frozen=True)
+class FirstAnswer:
+    """Order 1's usable answer, kept on its task once charged, and the baseline prediction
+    (step, sample index) it was asked against."""
+
+    preferred: str
+    reason: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    baseline_step: int
+    baseline_sample_index: int
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,7 @@ class PairTask:
     baseline_epoch: int | None
     config: dict[str, Any]
     attempts: int
+    first: FirstAnswer | None = None  # order 1's answer kept by an earlier attempt
 
     @property
     def where(self) -> str:
@@ -149,9 +168,27 @@ async def _claim_where(conn: AsyncConnection, where: Any, limit: int, now: datet
     stmt = (update(T).where(key.in_(picked))
             .values(state=TaskState.RUNNING, lease_until=now + timedelta(seconds=lease_s),
                     attempts=T.c.attempts + 1, update_time=now)
-            .returning(*(T.c[name] for name in _COLUMNS)))
-    return [PairTask(**{name: getattr(row, name) for name in _COLUMNS})
-            for row in (await conn.execute(stmt)).all()]
+            .returning(*(T.c[name] for name in _COLUMNS + _FIRST)))
+    return [PairTask(**{name: getattr(row, name) for name in _COLUMNS},
+                     first=_first(row)) for row in (await conn.execute(stmt)).all()]
+
+
+def _first(row: Any) -> FirstAnswer | None:
+    if row.order1_answer is None:
+        return None
+    return FirstAnswer(*(getattr(row, name) for name in _FIRST))
+
+
+async def keep_first(engine: AsyncEngine, task: PairTask, first: FirstAnswer) -> bool:
+    """Keeps order 1's charged answer on the task while this claim holds it (running, same
+    attempt); whether it was written."""
+    async with user_transaction(engine, task.user_id) as conn:
+        result = await conn.execute(update(T).where(
+            T.c.run_id == task.run_id, T.c.step == task.step,
+            T.c.sample_index == task.sample_index, T.c.attempts == task.attempts,
+            T.c.state == TaskState.RUNNING).values(
+            **dict(zip(_FIRST, astuple(first), strict=True)), update_time=now_utc()))
+    return result.rowcount == 1
 
 
 async def extend_leases(engine: AsyncEngine, tasks: Sequence[PairTask], lease_s: float) -> int:
@@ -168,8 +205,8 @@ async def extend_leases(engine: AsyncEngine, tasks: Sequence[PairTask], lease_s:
 
 async def settle(engine: AsyncEngine, user_id: str, settled: Sequence[Settled]) -> int:
     """Stores the results of one user's tasks and moves each task to its new state, in one
-    transaction (only while this claim holds the task: running, same attempt). Returns the
-    results newly stored."""
+    transaction (only while this claim holds the task: running, same attempt); a task done
+    drops order 1's kept answer. Returns the results newly stored."""
     now = now_utc()
     async with user_transaction(engine, user_id) as conn:
         rows = [{**s.result, "create_time": now} for s in settled if s.result is not None]
@@ -187,6 +224,13 @@ async def settle(engine: AsyncEngine, user_id: str, settled: Sequence[Settled]) 
              "a": s.task.attempts, "new_state": int(s.state),
              "retry_at": now + timedelta(seconds=s.delay_s),
              "error": None if s.error is None else s.error[:ERROR_CHARS]} for s in settled])
+        done = [(s.task.run_id, s.task.step, s.task.sample_index, s.task.attempts)
+                for s in settled if s.state == TaskState.DONE]
+        if done:  # the pair's result is stored: order 1's kept answer is of no more use
+            await conn.execute(update(T).where(
+                tuple_(T.c.run_id, T.c.step, T.c.sample_index, T.c.attempts).in_(done),
+                T.c.state == TaskState.DONE, T.c.order1_answer.is_not(None)).values(
+                **dict.fromkeys(_FIRST)))
     return stored
 
 

@@ -5,12 +5,14 @@ A batch is claimed (SKIP LOCKED, a lease per task, renewed while it is judged), 
 two texts are read from the writer's store acting for its user (the candidate; the baseline:
 the same sample at the baseline epoch, or the baseline run's prediction with the same prompt
 and reference), and each pair is asked twice: order 1 shows (baseline, candidate) as A and B,
-order 2 (candidate, baseline). Order 2 is asked only when order 1 gave a usable answer. Every
-paid call reserves its most cost from the run's budget first (services.judge.llm.budget,
-shared with the LLM judges) and is charged after; provider errors are classified and retried
-as the LLM judges' are (services.judge.llm.errors). A baseline not stored yet sends the task
-back with the queue's backoff; on the last attempt the pair is stored unscored with the
-reason, as is a pair whose calls were blocked (budget, pause) or unusable.
+order 2 (candidate, baseline). Order 2 is asked only when order 1 gave a usable answer. Both
+orders' most cost is reserved from the run's budget (services.judge.llm.budget, shared with
+the LLM judges) before order 1, so a pair gets both calls or none; each call is charged
+after, and order 2's part goes back when order 1 fails or is unusable; provider errors are
+classified and retried as the LLM judges' are (services.judge.llm.errors). A baseline not
+stored yet sends the task back with the queue's backoff; on the last attempt the pair is
+stored unscored with the reason, as is a pair whose calls were blocked (budget, pause) or
+unusable.
 """
 
 import asyncio
@@ -226,12 +228,8 @@ class PairwiseWorkers(JudgeWorkers):
         ctx = await self._context(task, pair.config)
         texts = PairTexts(pair.candidate.prompt, pair.candidate.ground_truth,
                           pair.baseline.prediction, pair.candidate.prediction)
-        answers: list[Answer] = []
         async with ctx.slots:  # one pair at a time per slot: its orders one after the other
-            for order in (1, 2):
-                answers.append(await self._ask(ctx, pair, texts, order))
-                if not answers[-1].preferred:
-                    break
+            answers = await self._ask_both(ctx, pair, texts)
         transient = next((a for a in answers if a.transient), None)
         if transient is not None and task.attempts < self._settings.max_attempts:
             return self._later(task, transient.error, self._settings.llm_transient_retry_base_s)
@@ -274,16 +272,79 @@ class PairwiseWorkers(JudgeWorkers):
         wanted = config.llm.max_retries if config.llm is not None else None
         return min(s.llm_max_retries if wanted is None else wanted, s.llm_max_retries_ceiling)
 
-    async def _ask(self, ctx: _RunContext, pair: _Pair, texts: PairTexts, order: int) -> Answer:
-        """One order's answer: the call, retried as its error's class allows."""
+    async def _ask_both(self, ctx: _RunContext, pair: _Pair, texts: PairTexts) -> list[Answer]:
+        """Order 1's answer, then order 2's when order 1 is usable. Both orders' most cost is
+        reserved together before order 1, so a pair gets both calls or none (never order 1
+        paid and the pair unscored because order 2 no longer fits the budget); order 2's part
+        goes back when order 1 fails or is unusable. Order 1's usable answer is kept on the
+        task once charged: a task claimed again after its worker died reuses it and asks (and
+        reserves) only order 2."""
+        p = pair.pairwise
+        price = self._settings.price_for(p.provider, p.model)
+        prompts = [render(p.criterion, p.rubric or DEFAULT_RUBRIC, texts, order)
+                   for order in (1, 2)]
+        most = [max_call_cost(self._settings, price, prompt) for prompt in prompts]
+        first = self._kept_first(pair)
+        if first is not None:  # paid by an earlier attempt: only order 2 is asked
+            return [first, await self._ask(ctx, pair, prompts[1], 2, most[1], 0.0, held=False)]
+        first = await self._ask(ctx, pair, prompts[0], 1, most[0], most[1], held=False)
+        if not first.preferred:
+            return [first]
+        await self._keep_first(pair, first)
+        return [first, await self._ask(ctx, pair, prompts[1], 2, most[1], 0.0, held=True)]
+
+    def _kept_first(self, pair: _Pair) -> Answer | None:
+        """Order 1's answer kept on the task by an earlier attempt, when it was asked against
+        the baseline this pair has now."""
+        kept = pair.task.first
+        if kept is None:
+            return None
+        if (kept.baseline_step, kept.baseline_sample_index) != (pair.baseline.step,
+                                                                pair.baseline.sample_index):
+            self.counts["order1_stale"] += 1
+            log.warning("pairwise task %s: order 1's kept answer was asked against baseline "
+                        "%d/%d, the baseline is now %d/%d: both orders are asked [stale: %d]",
+                        pair.task.where, kept.baseline_step, kept.baseline_sample_index,
+                        pair.baseline.step, pair.baseline.sample_index,
+                        self.counts["order1_stale"])
+            return None
+        self.counts["order1_reused"] += 1
+        return Answer(kept.preferred, kept.reason, "", False, kept.input_tokens,
+                      kept.output_tokens, kept.cost_usd)
+
+    async def _keep_first(self, pair: _Pair, first: Answer) -> None:
+        """Writes order 1's charged answer on the task, so a claim after this worker dies
+        asks only order 2; a failed write costs only that (logged and counted)."""
+        kept = store.FirstAnswer(first.preferred, first.reason, first.input_tokens,
+                                 first.output_tokens, first.cost_usd, pair.baseline.step,
+                                 pair.baseline.sample_index)
+        try:
+            written = await store.keep_first(self._engine, pair.task, kept)
+        except Exception as exc:  # noqa: BLE001 - order 2 is still asked; only a retry re-pays
+            self.counts["order1_keep_errors"] += 1
+            log.error("pairwise task %s: order 1's answer not kept (a retry would ask it "
+                      "again): %r [keep errors: %d]", pair.task.where, exc,
+                      self.counts["order1_keep_errors"])
+            return
+        if not written:
+            self.counts["order1_claim_lost"] += 1
+            log.warning("pairwise task %s: order 1's answer not kept, the claim (attempt %d) "
+                        "passed to another worker [claims lost: %d]", pair.task.where,
+                        pair.task.attempts, self.counts["order1_claim_lost"])
+
+    async def _ask(self, ctx: _RunContext, pair: _Pair, prompt: Any, order: int, most: float,
+                   ahead: float, held: bool) -> Answer:
+        """One order's answer: the call, retried as its error's class allows. ahead: the
+        later order's most cost, reserved with this call's (kept for it when this answer is
+        usable); held: this call's reservation is already taken (until a failed attempt gives
+        it back)."""
         from services.judge.llm.errors import ErrorKind  # loads the SDKs: after _load_providers
         p = pair.pairwise
         price = self._settings.price_for(p.provider, p.model)
-        prompt = render(p.criterion, p.rubric or DEFAULT_RUBRIC, texts, order)
-        most = max_call_cost(self._settings, price, prompt)
         retries, attempt = self._retries(pair.config), 0
         while True:
-            result = await self._call(ctx, p, prompt, price, most)
+            result = await self._call(ctx, p, prompt, price, most, ahead, held)
+            held = False
             if isinstance(result, Answer):
                 return result
             self.counts[f"error_{result.kind.value}"] += 1
@@ -307,11 +368,14 @@ class PairwiseWorkers(JudgeWorkers):
         return step / 2 + random.uniform(0, step / 2)
 
     async def _call(self, ctx: _RunContext, p: PairwiseConfig, prompt: Any, price: Any,
-                    most: float) -> Answer | Any:
-        """One paid call (in the pair's concurrency slot), its most cost reserved first: its
-        Answer, or the classified CallError (the reservation given back)."""
+                    most: float, ahead: float, held: bool) -> Answer | Any:
+        """One paid call (in the pair's concurrency slot), its most cost (and ahead, the later
+        order's) reserved first unless held: its Answer, or the classified CallError (the
+        reservation given back). An unusable answer gives ahead back."""
         from services.judge.llm.errors import SDK_ERRORS, classify
-        blocked = await ctx.budget.reserve(most)
+        if held:
+            await self._renew_held(ctx)
+        blocked = None if held else await ctx.budget.reserve(most + ahead)
         if blocked is not None:
             self.counts["unscored_blocked"] += 1
             return Answer("", "", blocked)
@@ -320,17 +384,30 @@ class PairwiseWorkers(JudgeWorkers):
             reply = await self._providers.call(self._clients, self._settings, p.provider,
                                                p.endpoint, p.model, prompt)
         except SDK_ERRORS as exc:
-            ctx.budget.release(most)
+            ctx.budget.release(most + ahead)
             return classify(p.provider, exc)
         cost = call_cost(price, reply.input_tokens, reply.output_tokens)
         await ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, None, most)
         if reply.preferred is None:
+            if ahead > 0:
+                ctx.budget.release(ahead)
             self.counts["unparseable"] += 1
             log.warning("pairwise answer unusable (%s) [unparseable: %d so far]", reply.error,
                         self.counts["unparseable"])
         return Answer(reply.preferred or "", reply.reason,
                       "" if reply.preferred else f"unparseable reply: {reply.error}",
                       False, reply.input_tokens, reply.output_tokens, cost)
+
+    async def _renew_held(self, ctx: _RunContext) -> None:
+        """Keeps order 2's reservation (taken with order 1's) from expiring during its call; a
+        failed write is logged and counted (the reservation may then be counted as spent
+        once it expires: the run's spend is overstated, never exceeded)."""
+        try:
+            await ctx.budget.renew_held()
+        except Exception as exc:  # noqa: BLE001 - the call is still made on its reservation
+            self.counts["renew_errors"] += 1
+            log.error("pairwise: renewing the budget reservation of run %s failed: %r "
+                      "[renew errors: %d]", ctx.budget.run_id, exc, self.counts["renew_errors"])
 
     def _result(self, pair: _Pair, answers: list[Answer]) -> dict[str, Any]:
         first = answers[0]
