@@ -94,9 +94,11 @@ def judge_config(config_file: Path | None, llm: str | None, criteria: list[str],
 
 def _load_section(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError(f"--judge-config {path}: {exc}") from None
+    except RecursionError:
+        raise OptionError(f"--judge-config {path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise OptionError(f"--judge-config {path}: a JSON object is expected")
     section = data["judge"] if "judge" in data else data
