@@ -74,7 +74,7 @@ def read_records(path: Path) -> Sequence[Mapping[str, Any]]:
 def _read_json(path: Path) -> list[Mapping[str, Any]]:
     """A JSON array of rows, or JSON lines (one row per line; also what a .json file written
     by datasets' to_json holds). A byte order mark is skipped; a file that is one JSON object
-    spread over several lines, or an object of columns, is a DatasetError saying so."""
+    spread over several lines is a DatasetError saying so."""
     text = path.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -87,16 +87,15 @@ def _read_json(path: Path) -> list[Mapping[str, Any]]:
 
 
 def _refuse_one_object(text: str, line_count: int, path: Path) -> None:
-    """DatasetError when the whole file is one JSON object that is not a row: spread over
-    several lines, or every value a list (columns)."""
+    """DatasetError when the whole file is one JSON object spread over several lines (a
+    one-line object is a row of JSON lines)."""
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         return  # not one document: JSON lines (a bad line is named when it is read)
     if not isinstance(document, dict):
         return
-    columns = bool(document) and all(isinstance(v, list) for v in document.values())
-    if line_count > 1 or columns:
+    if line_count > 1:
         keys = sorted(document)[:10]
         raise DatasetError(f"{path}: holds one JSON object (keys {keys}), not rows: give a "
                            "JSON array of row objects or one row object per line (JSON lines)")

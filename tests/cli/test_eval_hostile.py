@@ -40,14 +40,15 @@ def test_jsonl_and_json_array_with_bom(tmp_path):
     assert [(r.prompt, r.response) for r in rows_of(array)] == [("p", "r")]
 
 
-@pytest.mark.parametrize("document", [
-    json.dumps({"data": [{"prompt": "p", "response": "r"}]}, indent=2),
-    json.dumps({"prompt": ["p", "q"], "response": ["r", "s"]}),
-])
-def test_json_object_instead_of_rows_is_named(tmp_path, document):
+def test_json_object_instead_of_rows_is_named(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(document, encoding="utf-8")
+    path.write_text(json.dumps({"data": [{"prompt": "p", "response": "r"}]}, indent=2),
+                    encoding="utf-8")
     with pytest.raises(eval_data.DatasetError, match="holds one JSON object .* not rows"):
+        rows_of(path)
+    path.write_text(json.dumps({"prompt": ["p", "q"], "response": ["r", "s"]}),
+                    encoding="utf-8")  # one line: a row, whose response is no text
+    with pytest.raises(eval_data.DatasetError, match="row 0: field 'response' is a list"):
         rows_of(path)
 
 
