@@ -26,7 +26,7 @@ from epochlens.v1 import (
     query_pb2_grpc,
 )
 from services.cli import eval_data, eval_options
-from services.cli.client import ServiceClient
+from services.cli.client import CliError, ServiceClient
 from services.cli.config import CliSettings
 from services.cli.progress import CountBar, progress_pages, stderr_is_terminal
 from trainer_client.config import PredictionsConfig
@@ -124,6 +124,13 @@ class Tally:
         self.nul_replaced += list(reply.nul_replaced_fields)
 
 
+# What a CliError of Evaluate says when the request_id's run was started with another name,
+# model or config (services/writer/evaluation.py): for the CLI, another judge config.
+CHANGED_EVALUATION = ("FAILED_PRECONDITION:", "started with another")
+# Exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
+INTERRUPTED_EXIT = 130
+
+
 def usage_error(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
@@ -153,7 +160,15 @@ def describe_source(dataset: Path, model: Path | None, adapter: Path | None,
 def start(clients: EvalClients, plan: Plan, page_size: int) -> tuple[Any, set[int]]:
     """The evaluation run (created, or the one of a previous attempt) and the indices of the
     plan's rows it already holds."""
-    reply = clients.evaluate(base_request(plan))
+    try:
+        reply = clients.evaluate(base_request(plan))
+    except CliError as exc:
+        prefix, phrase = CHANGED_EVALUATION
+        if str(exc).startswith(prefix) and phrase in str(exc):
+            raise usage_error(f"{exc} (the same dataset, model and --name were evaluated "
+                              "before with another judge config: give another --name to "
+                              "evaluate with this one)") from None
+        raise
     stored = clients.stored_indices(reply.run.id, page_size)
     return reply.run, stored & {row.index for row in plan.rows}
 
@@ -405,7 +420,12 @@ def execute(settings: CliSettings, o: Options) -> None:
                          o.chunk_size or settings.eval_chunk_size, o.fail_under, settings)
     except (eval_options.OptionError, eval_data.DatasetError) as exc:
         raise usage_error(str(exc)) from None
-    result = run_plan(plan, source, o.yes, settings)
+    try:
+        result = run_plan(plan, source, o.yes, settings)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the rows stored so far are kept (request id "
+                   f"{plan.request_id}); run the same command again to continue", err=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     if o.as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -1,9 +1,18 @@
 """`epochlens eval` fed hostile or unlucky files, without services: a UTF-8 byte order mark
 with CRLF line ends (CSV and JSON lines), a .json file holding one object instead of rows,
 CSV cells left empty in a column named like a format, a --judge-config nested too deeply,
-odd --fail-under values and --limit below 1 (usage errors, exit 2, before any call)."""
+odd --fail-under values and --limit below 1 (usage errors, exit 2, before any call); then
+Ctrl-C mid-call (exit 130), and against the real services a changed judge config for the
+same evaluation, the report of an evaluation and --compare-to another user's run."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +21,7 @@ from typer.testing import CliRunner
 from services.cli import eval_data, eval_options
 from services.cli.eval_options import OptionError
 from services.cli.main import app
+from tests.cli.test_views import cli, one_error_line
 from trainer_client.config import PredictionsConfig
 
 CONFIG = PredictionsConfig()
@@ -104,3 +114,58 @@ def test_odd_options_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(app, ["eval", str(path), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_ctrl_c_keeps_what_was_stored_and_exits_130(tmp_path):
+    """SIGINT while the CLI waits on a writer that accepts the connection and never answers
+    (the dataset is read, nothing was stored yet): one line, exit status 130."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "response": "r"}\n', encoding="utf-8")
+    env = {**os.environ, "EPOCHLENS_CLI_WRITER_ADDRESS": address,
+           "EPOCHLENS_CLI_QUERY_ADDRESS": address, "EPOCHLENS_CLI_TOKEN": "t",
+           "EPOCHLENS_CLI_TIMEOUT_S": "60", "EPOCHLENS_CLI_EVAL_RPC_TIMEOUT_S": "60",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "services.cli.main", "eval", "d.jsonl"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)  # imports, the dataset read, then the first Evaluate call hangs
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        listener.close()
+    assert process.returncode == 130, (out, err)
+    assert err.startswith("interrupted: the rows stored so far are kept") and "Traceback" \
+        not in err, err
+
+
+async def test_another_judge_config_for_the_same_evaluation_is_a_usage_error(stack, tmp_path):
+    who = f"cli-eval-{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p", "response": "r", "reference": "r"}\n', encoding="utf-8")
+    writer = {"EPOCHLENS_CLI_WRITER_ADDRESS": stack.writer.address}
+    first = await cli(stack, who, "eval", str(path), "--criteria", "exact_match", "--json",
+                      **writer)
+    assert first.exit_code == 0, (first.stdout, first.stderr)
+    run_id = json.loads(first.stdout)["run_id"]
+    again = await cli(stack, who, "eval", str(path), "--criteria", "chrf", **writer)
+    line = one_error_line(again, 2, "FAILED_PRECONDITION")
+    assert run_id in line and "give another --name" in line
+    other = await cli(stack, who, "eval", str(path), "--criteria", "chrf", "--name", "chrf",
+                      "--json", **writer)
+    assert other.exit_code == 0 and json.loads(other.stdout)["run_id"] != run_id
+    # the report of the evaluation says what kind of run it is
+    report = tmp_path / "r.html"
+    assert (await cli(stack, who, "report", run_id, "-o", str(report))).exit_code == 0
+    assert '"kind":"evaluation"' in report.read_text(encoding="ascii")
+    # and another user's run to compare it to is not found, like a missing one
+    theirs = json.loads((await cli(stack, "cli-eval-other", "eval", str(path), "--json",
+                                   **writer)).stdout)["run_id"]
+    missing = tmp_path / "m.html"
+    line = one_error_line(await cli(stack, who, "report", run_id, "-o", str(missing),
+                                    "--compare-to", theirs), 1, "")
+    assert line == f"error: run {run_id} or {theirs} not found" and not missing.exists()
