@@ -127,6 +127,8 @@ class Tally:
 # What a CliError of Evaluate says when the request_id's run was started with another name,
 # model or config (services/writer/evaluation.py): for the CLI, another judge config.
 CHANGED_EVALUATION = ("FAILED_PRECONDITION:", "started with another")
+# Bytes a repeated message field adds to each row of a request (tag and length prefix).
+ROW_FRAMING_BYTES = 6
 # Exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
 INTERRUPTED_EXIT = 130
 
@@ -212,9 +214,26 @@ def store(clients: EvalClients, plan: Plan, todo: list[eval_data.EvalRow],
     what = {"rows": "storing", "model": "generating", "endpoint": "generating"}[plan.source]
     for chunk in progress_pages(chunks, len(todo), what, settings, show):
         rows = request_rows(plan, chunk, tally)
-        if rows:
-            tally.add(clients.evaluate(base_request(plan, rows)))
+        for batch in sized_batches(rows, settings.eval_request_max_bytes):
+            tally.add(clients.evaluate(base_request(plan, batch)))
     return tally
+
+
+def sized_batches(rows: list[evaluation_pb2.EvaluationRow],
+                  max_bytes: int) -> list[list[evaluation_pb2.EvaluationRow]]:
+    """The rows in order, in batches whose encoded size stays within max_bytes (a row larger
+    than that alone): a chunk of long texts (up to 4 bytes a character) must not exceed the
+    gRPC message limit."""
+    batches: list[list[evaluation_pb2.EvaluationRow]] = []
+    size = 0
+    for row in rows:
+        row_bytes = row.ByteSize() + ROW_FRAMING_BYTES
+        if not batches or size + row_bytes > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(row)
+        size += row_bytes
+    return batches
 
 
 def request_rows(plan: Plan, chunk: list[eval_data.EvalRow],

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services.cli import eval_data, eval_options
+from epochlens.v1 import evaluation_pb2
+from services.cli import eval_data, eval_options, eval_run
 from services.cli.eval_options import OptionError
 from services.cli.main import app
 from tests.cli.test_views import cli, one_error_line
@@ -169,3 +170,29 @@ async def test_another_judge_config_for_the_same_evaluation_is_a_usage_error(sta
     line = one_error_line(await cli(stack, who, "report", run_id, "-o", str(missing),
                                     "--compare-to", theirs), 1, "")
     assert line == f"error: run {run_id} or {theirs} not found" and not missing.exists()
+
+
+def test_sized_batches_keep_order_and_size():
+    rows = [evaluation_pb2.EvaluationRow(index=i, prompt="p" * size, response="r")
+            for i, size in enumerate([10, 5000, 10, 10, 9000, 10])]
+    batches = eval_run.sized_batches(rows, 6000)
+    assert [[r.index for r in b] for b in batches] == [[0, 1, 2, 3], [4], [5]]
+    assert all(sum(r.ByteSize() + eval_run.ROW_FRAMING_BYTES for r in b) <= 6000
+               for b in batches if len(b) > 1)
+    assert eval_run.sized_batches([], 6000) == []
+
+
+async def test_a_chunk_of_long_rows_above_the_grpc_limit_is_stored(stack, tmp_path):
+    """80 rows whose three texts are 30000 three-byte characters each: one chunk of 100 rows
+    is 21.6 MB, above the writer's 16 MiB message limit; every row is stored."""
+    who = f"cli-eval-long-{uuid.uuid4().hex[:6]}"
+    text = "\u4e2d" * 30_000
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i} {text}", "response": text,
+                                        "reference": text}) + "\n" for i in range(80)),
+                    encoding="utf-8")
+    result = await cli(stack, who, "eval", str(path), "--criteria", "exact_match", "--json",
+                       EPOCHLENS_CLI_WRITER_ADDRESS=stack.writer.address)
+    assert result.exit_code == 0, (result.stdout, result.stderr[-2000:])
+    data = json.loads(result.stdout)
+    assert (data["rows"], data["inserted"]) == (80, 80), data
