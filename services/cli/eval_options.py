@@ -7,6 +7,8 @@
   0..1, LLM scores 1..10);
 * ``CRITERION=pass:VALUE``: fails when the criterion's pass rate (0..1) is below VALUE.
 
+The last ``=`` separates the two, so a criterion name may hold one.
+
 A criterion judged by several judge models (a panel) is compared with the mean over all its
 scored judgments.
 """
@@ -43,7 +45,8 @@ class Threshold:
 
 def parse_threshold(text: str) -> Threshold:
     """`CRITERION=VALUE` or `CRITERION=pass:VALUE`, or OptionError saying what is wrong."""
-    criterion, sep, value = text.partition("=")
+    # the last "=": a criterion object's name may hold one, a number never does
+    criterion, sep, value = text.rpartition("=")
     criterion = criterion.strip()
     if not sep or not criterion:
         raise OptionError(f"--fail-under {text!r}: write CRITERION=VALUE (mean score) or "

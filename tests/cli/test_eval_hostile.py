@@ -196,3 +196,13 @@ async def test_a_chunk_of_long_rows_above_the_grpc_limit_is_stored(stack, tmp_pa
     assert result.exit_code == 0, (result.stdout, result.stderr[-2000:])
     data = json.loads(result.stdout)
     assert (data["rows"], data["inserted"]) == (80, 80), data
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a=b=0.5", eval_options.Threshold("a=b", "mean", 0.5)),
+    ("tone (1-5), polite=pass:0.25", eval_options.Threshold("tone (1-5), polite", "pass_rate",
+                                                            0.25)),
+    ("\u00e9t\u00e9=-1", eval_options.Threshold("\u00e9t\u00e9", "mean", -1.0)),
+])
+def test_fail_under_criterion_with_odd_characters(text, expected):
+    assert eval_options.parse_threshold(text) == expected
