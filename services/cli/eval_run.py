@@ -8,6 +8,7 @@ local generation first for --model) -> finish -> wait_judging (GetRunSummary) ->
 """
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class Tally:
 # What a CliError of Evaluate says when the request_id's run was started with another name,
 # model or config (services/writer/evaluation.py): for the CLI, another judge config.
 CHANGED_EVALUATION = ("FAILED_PRECONDITION:", "started with another")
+# A row of an Evaluate call in the writer's field violations: rows[k] and its field.
+ROW_PATH = re.compile(r"rows\[(\d+)\](?:\.\w+)?")
 # Bytes a repeated message field adds to each row of a request (tag and length prefix).
 ROW_FRAMING_BYTES = 6
 # Exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
@@ -215,8 +218,23 @@ def store(clients: EvalClients, plan: Plan, todo: list[eval_data.EvalRow],
     for chunk in progress_pages(chunks, len(todo), what, settings, show):
         rows = request_rows(plan, chunk, tally)
         for batch in sized_batches(rows, settings.eval_request_max_bytes):
-            tally.add(clients.evaluate(base_request(plan, batch)))
+            try:
+                tally.add(clients.evaluate(base_request(plan, batch)))
+            except CliError as exc:
+                raise CliError(with_dataset_rows(str(exc), batch), exc.exit_code,
+                               exc.retryable) from None
     return tally
+
+
+def with_dataset_rows(message: str, batch: list[evaluation_pb2.EvaluationRow]) -> str:
+    """The writer's message with each `rows[k].field` of the call followed by the dataset row
+    it is (the call holds one chunk, so k alone does not say which row of the file)."""
+    def named(match: re.Match) -> str:
+        position = int(match.group(1))
+        if position >= len(batch):
+            return match.group(0)
+        return f"{match.group(0)} (dataset row {batch[position].index})"
+    return ROW_PATH.sub(named, message)
 
 
 def sized_batches(rows: list[evaluation_pb2.EvaluationRow],

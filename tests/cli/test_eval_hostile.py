@@ -206,3 +206,15 @@ async def test_a_chunk_of_long_rows_above_the_grpc_limit_is_stored(stack, tmp_pa
 ])
 def test_fail_under_criterion_with_odd_characters(text, expected):
     assert eval_options.parse_threshold(text) == expected
+
+
+async def test_a_row_the_writer_refuses_is_named_by_its_dataset_row(stack, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "x" * 40_000 if i == 150 else f"p{i}",
+                                        "response": "r"}) + "\n" for i in range(250)),
+                    encoding="utf-8")
+    result = await cli(stack, f"cli-eval-big-{uuid.uuid4().hex[:6]}", "eval", str(path),
+                       "--criteria", "exact_match",
+                       EPOCHLENS_CLI_WRITER_ADDRESS=stack.writer.address)
+    line = one_error_line(result, 1, "INVALID_ARGUMENT")
+    assert "rows[50].prompt (dataset row 150): 40000 characters exceed" in line, line
