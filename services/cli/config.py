@@ -69,3 +69,7 @@ class CliSettings(BaseSettings):
                                "before the summary is printed with what is judged so far.")
     eval_hash_chunk_bytes: int = Field(1024 * 1024, ge=4096, description="Read size when "
                                        "hashing a dataset for the evaluation's request id.")
+    eval_request_max_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest Evaluate request `epochlens eval` sends: "
+        "a chunk whose rows are longer is sent in several calls (below the writer's gRPC "
+        "message limit, 16 MiB by default; a row alone is sent as it is).")

@@ -59,7 +59,9 @@ def read_records(path: Path) -> Sequence[Mapping[str, Any]]:
         raise DatasetError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte order mark (as spreadsheet programs write) is not part of the
+        # first column's name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             # CSV has no null: an empty cell is a missing value (no response, no input)
             return [{k: (None if v == "" else v) for k, v in row.items()}
                     for row in csv.DictReader(handle)]
@@ -70,12 +72,33 @@ def read_records(path: Path) -> Sequence[Mapping[str, Any]]:
 
 
 def _read_json(path: Path) -> list[Mapping[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    """A JSON array of rows, or JSON lines (one row per line; also what a .json file written
+    by datasets' to_json holds). A byte order mark is skipped; a file that is one JSON object
+    spread over several lines is a DatasetError saying so."""
+    text = path.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if stripped.startswith("["):
         return list(_json_value(text, str(path)))
-    return [_json_value(line, f"{path}, line {number}")
-            for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1)
+             if line.strip()]
+    if stripped.startswith("{"):
+        _refuse_one_object(text, len(lines), path)
+    return [_json_value(line, f"{path}, line {number}") for number, line in lines]
+
+
+def _refuse_one_object(text: str, line_count: int, path: Path) -> None:
+    """DatasetError when the whole file is one JSON object spread over several lines (a
+    one-line object is a row of JSON lines)."""
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return  # not one document: JSON lines (a bad line is named when it is read)
+    if not isinstance(document, dict):
+        return
+    if line_count > 1:
+        keys = sorted(document)[:10]
+        raise DatasetError(f"{path}: holds one JSON object (keys {keys}), not rows: give a "
+                           "JSON array of row objects or one row object per line (JSON lines)")
 
 
 def _json_value(text: str, where: str) -> Any:

@@ -7,6 +7,8 @@
   0..1, LLM scores 1..10);
 * ``CRITERION=pass:VALUE``: fails when the criterion's pass rate (0..1) is below VALUE.
 
+The last ``=`` separates the two, so a criterion name may hold one.
+
 A criterion judged by several judge models (a panel) is compared with the mean over all its
 scored judgments.
 """
@@ -43,7 +45,8 @@ class Threshold:
 
 def parse_threshold(text: str) -> Threshold:
     """`CRITERION=VALUE` or `CRITERION=pass:VALUE`, or OptionError saying what is wrong."""
-    criterion, sep, value = text.partition("=")
+    # the last "=": a criterion object's name may hold one, a number never does
+    criterion, sep, value = text.rpartition("=")
     criterion = criterion.strip()
     if not sep or not criterion:
         raise OptionError(f"--fail-under {text!r}: write CRITERION=VALUE (mean score) or "
@@ -94,9 +97,11 @@ def judge_config(config_file: Path | None, llm: str | None, criteria: list[str],
 
 def _load_section(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OptionError(f"--judge-config {path}: {exc}") from None
+    except RecursionError:
+        raise OptionError(f"--judge-config {path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise OptionError(f"--judge-config {path}: a JSON object is expected")
     section = data["judge"] if "judge" in data else data

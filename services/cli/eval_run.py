@@ -8,6 +8,7 @@ local generation first for --model) -> finish -> wait_judging (GetRunSummary) ->
 """
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from epochlens.v1 import (
     query_pb2_grpc,
 )
 from services.cli import eval_data, eval_options
-from services.cli.client import ServiceClient
+from services.cli.client import CliError, ServiceClient
 from services.cli.config import CliSettings
 from services.cli.progress import CountBar, progress_pages, stderr_is_terminal
 from trainer_client.config import PredictionsConfig
@@ -124,6 +125,17 @@ class Tally:
         self.nul_replaced += list(reply.nul_replaced_fields)
 
 
+# What a CliError of Evaluate says when the request_id's run was started with another name,
+# model or config (services/writer/evaluation.py): for the CLI, another judge config.
+CHANGED_EVALUATION = ("FAILED_PRECONDITION:", "started with another")
+# A row of an Evaluate call in the writer's field violations: rows[k] and its field.
+ROW_PATH = re.compile(r"rows\[(\d+)\](?:\.\w+)?")
+# Bytes a repeated message field adds to each row of a request (tag and length prefix).
+ROW_FRAMING_BYTES = 6
+# Exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
+INTERRUPTED_EXIT = 130
+
+
 def usage_error(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
@@ -153,7 +165,15 @@ def describe_source(dataset: Path, model: Path | None, adapter: Path | None,
 def start(clients: EvalClients, plan: Plan, page_size: int) -> tuple[Any, set[int]]:
     """The evaluation run (created, or the one of a previous attempt) and the indices of the
     plan's rows it already holds."""
-    reply = clients.evaluate(base_request(plan))
+    try:
+        reply = clients.evaluate(base_request(plan))
+    except CliError as exc:
+        prefix, phrase = CHANGED_EVALUATION
+        if str(exc).startswith(prefix) and phrase in str(exc):
+            raise usage_error(f"{exc} (the same dataset, model and --name were evaluated "
+                              "before with another judge config: give another --name to "
+                              "evaluate with this one)") from None
+        raise
     stored = clients.stored_indices(reply.run.id, page_size)
     return reply.run, stored & {row.index for row in plan.rows}
 
@@ -197,9 +217,41 @@ def store(clients: EvalClients, plan: Plan, todo: list[eval_data.EvalRow],
     what = {"rows": "storing", "model": "generating", "endpoint": "generating"}[plan.source]
     for chunk in progress_pages(chunks, len(todo), what, settings, show):
         rows = request_rows(plan, chunk, tally)
-        if rows:
-            tally.add(clients.evaluate(base_request(plan, rows)))
+        for batch in sized_batches(rows, settings.eval_request_max_bytes):
+            try:
+                tally.add(clients.evaluate(base_request(plan, batch)))
+            except CliError as exc:
+                raise CliError(with_dataset_rows(str(exc), batch), exc.exit_code,
+                               exc.retryable) from None
     return tally
+
+
+def with_dataset_rows(message: str, batch: list[evaluation_pb2.EvaluationRow]) -> str:
+    """The writer's message with each `rows[k].field` of the call followed by the dataset row
+    it is (the call holds one chunk, so k alone does not say which row of the file)."""
+    def named(match: re.Match) -> str:
+        position = int(match.group(1))
+        if position >= len(batch):
+            return match.group(0)
+        return f"{match.group(0)} (dataset row {batch[position].index})"
+    return ROW_PATH.sub(named, message)
+
+
+def sized_batches(rows: list[evaluation_pb2.EvaluationRow],
+                  max_bytes: int) -> list[list[evaluation_pb2.EvaluationRow]]:
+    """The rows in order, in batches whose encoded size stays within max_bytes (a row larger
+    than that alone): a chunk of long texts (up to 4 bytes a character) must not exceed the
+    gRPC message limit."""
+    batches: list[list[evaluation_pb2.EvaluationRow]] = []
+    size = 0
+    for row in rows:
+        row_bytes = row.ByteSize() + ROW_FRAMING_BYTES
+        if not batches or size + row_bytes > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(row)
+        size += row_bytes
+    return batches
 
 
 def request_rows(plan: Plan, chunk: list[eval_data.EvalRow],
@@ -405,7 +457,12 @@ def execute(settings: CliSettings, o: Options) -> None:
                          o.chunk_size or settings.eval_chunk_size, o.fail_under, settings)
     except (eval_options.OptionError, eval_data.DatasetError) as exc:
         raise usage_error(str(exc)) from None
-    result = run_plan(plan, source, o.yes, settings)
+    try:
+        result = run_plan(plan, source, o.yes, settings)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the rows stored so far are kept (request id "
+                   f"{plan.request_id}); run the same command again to continue", err=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     if o.as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -13,7 +13,8 @@ Exit status: 0 done; 1 a --fail-under threshold not met, rows whose generation f
 run stays open: run the command again), or judging not finished (LLM judging paused, or still
 pending after EPOCHLENS_CLI_EVAL_WAIT_S; run the command again to wait more); 2 a usage
 error (bad option, unreadable dataset, unknown criterion in --fail-under, no confirmation
-possible without a terminal).
+possible without a terminal); 130 interrupted (Ctrl-C): what was stored is kept, and the
+same command continues the run.
 """
 
 from pathlib import Path

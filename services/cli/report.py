@@ -7,7 +7,8 @@ ListPredictions page by page with ListJudgments merged in (both in step,
 sample_index order; see services.cli.export), with a progress bar on stderr.
 The page receives one JSON object:
 
-* run: id, name, user, model, dataset, config (an object), state, created,
+* run: id, name, user, model, dataset, config (an object), state, kind (training or
+  evaluation), created,
   finished and duration (times as "YYYY-MM-DD HH:MM:SS UTC"; null when unset);
 * epochs: per epoch its predictions, exact matches among those that have a
   ground truth (with_truth), the exact-match rate (null without any), the latest
@@ -61,6 +62,7 @@ from services.cli.context import cli_context, one_line_errors
 from services.cli.export import judgment_stream, with_judgments
 from services.cli.fetch import prefetched
 from services.cli.pairwise_view import pairwise_json
+from services.cli.render import kind_name
 from services.cli.report_page import render_page
 from services.cli.stats import (
     CriterionSeries,
@@ -98,8 +100,9 @@ def run_summary(run: common_pb2.Run) -> dict:
     duration = str(finished - created).split(".")[0] if finished else None
     return {"id": run.id, "name": run.name, "user": run.user_id, "model": run.model_name,
             "dataset": run.dataset_name, "config": struct_to_dict(run.config),
-            "state": state_name(run.state), "created": format_time(created),
-            "finished": format_time(finished), "duration": duration}
+            "state": state_name(run.state), "kind": kind_name(run.kind),
+            "created": format_time(created), "finished": format_time(finished),
+            "duration": duration}
 
 
 @dataclass

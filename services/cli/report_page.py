@@ -201,8 +201,9 @@ function renderHeader(host) {
   const run = DATA.run;
   host.append(el("h1", null, run.name || run.id), headline());
   const facts = [["Run", run.id], ["Model", run.model], ["Dataset", run.dataset],
-    ["State", run.state], ["Created", run.created], ["Finished", run.finished || "not finished"],
-    ["Duration", run.duration || DASH], ["Owner", run.user], ...judgeFacts()];
+    ["State", run.state], ["Kind", run.kind], ["Created", run.created],
+    ["Finished", run.finished || "not finished"], ["Duration", run.duration || DASH],
+    ["Owner", run.user], ...judgeFacts()];
   const list = el("dl", {class: "facts"});
   for (const [label, value] of facts) {
     const cell = el("dd", {"data-fact": label}, value === "" ? DASH : value);

@@ -330,11 +330,15 @@ def _check_criteria(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
             if name in STANDARD_LLM_CRITERIA or name in llm.custom_criteria:
                 violations.add(f"{at}.name", f"{name!r} is a standard or custom_criteria "
                                "criterion: a criterion object needs a name of its own")
+            elif name in RULE_NAMES:
+                violations.add(f"{at}.name", _rule_name_taken(name))
         else:
             name = entry
             if rubric_of(llm, name) is None:
                 violations.add(at, f"unknown criterion {name!r}: not a standard one and not "
                                "in custom_criteria")
+            elif name in RULE_NAMES:
+                violations.add(at, _rule_name_taken(name))
         first, first_object = seen.setdefault(name, (index, is_object))
         if first != index and (is_object or first_object):
             violations.add(f"{at}.name" if is_object else at,
@@ -342,6 +346,12 @@ def _check_criteria(settings: JudgeSettings, llm: LlmJudgeConfig, where: str,
     if objects > settings.llm_max_custom_criteria:
         violations.add(f"{where}.criteria", f"{objects} criterion objects exceed the maximum "
                        f"of {settings.llm_max_custom_criteria}")
+
+
+def _rule_name_taken(name: str) -> str:
+    return (f"{name!r} is a rule criterion: an LLM criterion of that name would be summed up, "
+            "compared and thresholded together with the rule's 0..1 scores; give it another "
+            "name")
 
 
 def _check_criterion_object(settings: JudgeSettings, criterion: CustomCriterion, at: str,

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # Where an evaluation row is stored: its sample_index is the row's index.
 EVALUATION_EPOCH, EVALUATION_STEP = 0, 0
+# What a repeated call must repeat: the run of its request_id was started with these.
+IDENTITY_FIELDS = ("name", "model_name", "config")
 # The texts of a row stored with NUL replaced (services.common.validation lets them through).
 ROW_TEXTS = ("prompt", "reference", "response")
 # The prompts of GenerateResponses are the rows of one chunk: the judge's prompts[i] is
@@ -149,6 +151,21 @@ def _check_generation(request: evaluation_pb2.EvaluateRequest, violations: Viola
         violations.add("generation.temperature", f"must be 0 to 2, got {generation.temperature}")
 
 
+def _check_same_evaluation(row, request: evaluation_pb2.EvaluateRequest, config: dict) -> None:
+    """FAILED_PRECONDITION when the request_id's run was started with another name, model or
+    config (IDENTITY_FIELDS): its rows would otherwise be taken for this model's, and judged
+    by the other config, without a word. dataset_name is a label (a renamed file of the same
+    rows is the same evaluation) and is not compared."""
+    given = {"name": request.name, "model_name": request.model_name, "config": config}
+    differing = [name for name in IDENTITY_FIELDS if getattr(row, name) != given[name]]
+    if differing:
+        raise FailedPrecondition(
+            f"request_id {request.request_id[:64]!r} names evaluation run {row.id}, started "
+            f"with another {', '.join(differing)}; repeat the call with the run's own values "
+            "to continue it, or use another request_id for a new evaluation",
+            {"run_id": str(row.id), "fields": ",".join(differing)})
+
+
 def replace_nul_rows(rows: Sequence[evaluation_pb2.EvaluationRow]) -> list[str]:
     """Replaces NUL in the rows' texts in place; the paths it changed (rows[i].field)."""
     changed = []
@@ -232,6 +249,7 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
                 f"request_id {request.request_id[:64]!r} names run {row.id}, which is not an "
                 "evaluation (CreateRun made it); use another request_id",
                 {"run_id": str(row.id)})
+        _check_same_evaluation(row, request, config)
         return row
 
     async def _store(self, user: str, run_id: uuid.UUID,
