@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Self
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
@@ -26,11 +28,14 @@ from trainer_client.credentials import (
 class CliError(Exception):
     """A failure the user can act on: printed as one line, exit status `exit_code`."""
 
-    def __init__(self, message: str, exit_code: int = 1, retryable: bool = False) -> None:
+    def __init__(self, message: str, exit_code: int = 1, retryable: bool = False,
+                 reason: str = "") -> None:
         super().__init__(message)
         self.exit_code = exit_code
         # The service was unreachable or slow: the same call may succeed later.
         self.retryable = retryable
+        # The service's google.rpc.ErrorInfo reason (e.g. EVALUATION_CHANGED), when it sent one.
+        self.reason = reason
 
 
 def resolve_token(settings: CliSettings) -> str:
@@ -113,7 +118,17 @@ class ServiceClient:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CliError(f"{self._address} did not answer within "
                             f"{self._settings.timeout_s:g}s", retryable=True)
-        return CliError(f"{code.name}: {details}")
+        return CliError(f"{code.name}: {details}", reason=error_reason(exc))
+
+
+def error_reason(exc: grpc.RpcError) -> str:
+    """The ErrorInfo reason in the call's rich status, "" when it carries none."""
+    status = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
 
 
 class QueryClient(ServiceClient):

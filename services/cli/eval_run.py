@@ -125,9 +125,9 @@ class Tally:
         self.nul_replaced += list(reply.nul_replaced_fields)
 
 
-# What a CliError of Evaluate says when the request_id's run was started with another name,
+# The ErrorInfo reason of Evaluate when the request_id's run was started with another name,
 # model or config (services/writer/evaluation.py): for the CLI, another judge config.
-CHANGED_EVALUATION = ("FAILED_PRECONDITION:", "started with another")
+CHANGED_EVALUATION = "EVALUATION_CHANGED"
 # A row of an Evaluate call in the writer's field violations: rows[k] and its field.
 ROW_PATH = re.compile(r"rows\[(\d+)\](?:\.\w+)?")
 # Bytes a repeated message field adds to each row of a request (tag and length prefix).
@@ -168,8 +168,7 @@ def start(clients: EvalClients, plan: Plan, page_size: int) -> tuple[Any, set[in
     try:
         reply = clients.evaluate(base_request(plan))
     except CliError as exc:
-        prefix, phrase = CHANGED_EVALUATION
-        if str(exc).startswith(prefix) and phrase in str(exc):
+        if exc.reason == CHANGED_EVALUATION:
             raise usage_error(f"{exc} (the same dataset, model and --name were evaluated "
                               "before with another judge config: give another --name to "
                               "evaluate with this one)") from None

@@ -151,6 +151,12 @@ def _check_generation(request: evaluation_pb2.EvaluateRequest, violations: Viola
         violations.add("generation.temperature", f"must be 0 to 2, got {generation.temperature}")
 
 
+class EvaluationChanged(FailedPrecondition):
+    """The request_id names an evaluation started with another name, model or config."""
+
+    reason = "EVALUATION_CHANGED"
+
+
 def _check_same_evaluation(row, request: evaluation_pb2.EvaluateRequest, config: dict) -> None:
     """FAILED_PRECONDITION when the request_id's run was started with another name, model or
     config (IDENTITY_FIELDS): its rows would otherwise be taken for this model's, and judged
@@ -159,7 +165,7 @@ def _check_same_evaluation(row, request: evaluation_pb2.EvaluateRequest, config:
     given = {"name": request.name, "model_name": request.model_name, "config": config}
     differing = [name for name in IDENTITY_FIELDS if getattr(row, name) != given[name]]
     if differing:
-        raise FailedPrecondition(
+        raise EvaluationChanged(
             f"request_id {request.request_id[:64]!r} names evaluation run {row.id}, started "
             f"with another {', '.join(differing)}; repeat the call with the run's own values "
             "to continue it, or use another request_id for a new evaluation",

@@ -18,7 +18,7 @@ from services.common.convert import dict_to_struct
 from services.writer.config import WriterSettings
 from services.writer.server import start as start_writer
 from tests.conftest import WRITER_ROLE, migrated_database, pg_url
-from tests.helpers import create_run, field_violations, item, rich_status
+from tests.helpers import create_run, error_reason, field_violations, item, rich_status
 from tests.integration import test_evaluation as evaluation_tests
 from tests.integration.test_compare import write_run
 from tests.integration.test_evaluation import MAX_ROWS, evaluate, predictions, request, row, user
@@ -52,6 +52,7 @@ async def test_request_id_reused_for_another_model_name_or_config(estack, client
     error = await refused(evaluate(estack, clients, who, request(
         [row(1, "b")], request_id=rid, **changed)), grpc.StatusCode.FAILED_PRECONDITION)
     assert first.run.id in error.details() and next(iter(changed)) in error.details()
+    assert error_reason(rich_status(error)) == "EVALUATION_CHANGED"
     assert [p.sample_index for p in await predictions(estack, clients, who, first.run.id)] == [0]
     # the same values continue the run; the dataset's name is only a label
     again = await evaluate(estack, clients, who, request(
