@@ -40,6 +40,9 @@ class QuerySettings(ServiceSettings):
     summary_max_failures: int = Field(
         20, ge=0, description="Failed predictions GetRunSummary lists with their reason (the "
         "first ones in step, sample_index order; failed_predictions counts them all).")
+    agreement_key_chunk: int = Field(
+        1000, ge=1, description="GetRunSummary agreements: human-judged predictions whose "
+        "rule and LLM judgments one statement looks up by primary key.")
     metrics_points_default: int = Field(
         1000, ge=1, description="Points per series ListMetrics returns when the request asks "
         "for 0 (longer series are downsampled to this many step buckets).")

@@ -156,8 +156,8 @@ class QueryRepository:
                 await _owned_run(conn, user_id, run_id)
             return rows
 
-    async def run_summary(self, user_id: str, run_id: uuid.UUID,
-                          max_failures: int) -> query_pb2.RunSummary:
+    async def run_summary(self, user_id: str, run_id: uuid.UUID, max_failures: int,
+                          agreement_key_chunk: int) -> query_pb2.RunSummary:
         """The run's judge summary (a RunSummary message) with up to max_failures failed
         predictions listed; NOT_FOUND for another's run."""
         async with user_transaction(self._engine, user_id) as conn:
@@ -166,7 +166,7 @@ class QueryRepository:
             state = await judgments.llm_state(conn, user_id, run_id)
             pending = await judgments.pending_count(conn, user_id, run_id)
             trouble = await judgments.trouble(conn, user_id, run_id, max_failures)
-            agreements = await run_agreements(conn, user_id, run_id)
+            agreements = await run_agreements(conn, user_id, run_id, agreement_key_chunk)
         summary = judgments.summary_to_proto(run_id, rows, state, pending)
         judgments.add_trouble(summary, trouble)
         summary.agreements.extend(agreements)

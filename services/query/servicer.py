@@ -215,7 +215,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                             context: grpc.aio.ServicerContext) -> query_pb2.RunSummary:
         user, run_id = current_user(), parse_run_id(request.run_id)
         summary = await self._repo.run_summary(user, run_id,
-                                               self._settings.summary_max_failures)
+                                               self._settings.summary_max_failures,
+                                               self._settings.agreement_key_chunk)
         summary.pairwise.extend(await self._repo.pairwise(user, run_id,
                                                           self._settings.confidence_level))
         return summary

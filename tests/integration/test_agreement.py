@@ -4,13 +4,19 @@ agreement, Cohen's kappa (checked against the formula written out here) and Spea
 (checked against scipy.stats.spearmanr), unset when undefined; the latest revision of a
 person's judgment (RecordHumanJudgment) is the one that counts; no people, no rows."""
 
+import uuid
+
 import grpc
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from epochlens.v1 import judge_pb2, judge_pb2_grpc, query_pb2
+from services.common.db import user_transaction
 from services.judge.models import judgments_table
+from services.query.agreement import run_agreements
+from tests.conftest import READER_ROLE, pg_url
 from tests.helpers import item
 from tests.integration.test_compare import scores, write_run
 from tests.integration.test_query_judgments import HUMAN, LLM, RULE, insert_rows
@@ -100,3 +106,23 @@ async def test_latest_revision_counts_and_no_people_no_rows(stack, writer_stub, 
     (row,) = (await summary(query_stub, md, run_id)).agreements
     assert (row.pairs, row.percent_agreement, row.cohen_kappa, row.spearman) == (
         2, 1.0, 1.0, 1.0)
+
+
+async def test_any_key_chunk_gives_the_same_agreements(stack, writer_stub, query_stub):
+    """The judge verdicts of the human-judged predictions are looked up in chunks of keys
+    (agreement_key_chunk): chunks of 1, 2 and 3 keys give what one statement gives."""
+    if stack.backend != "postgres":
+        pytest.skip("read directly as the reader role on PostgreSQL")
+    md = stack.metadata("agree-chunks")
+    run_id = await crafted_run(stack, writer_stub, "agree-chunks")
+    served = list((await summary(query_stub, md, run_id)).agreements)
+    engine = create_async_engine(pg_url(READER_ROLE, stack.database))
+    try:
+        for chunk in (1, 2, 3, 1000):
+            async with user_transaction(engine, "agree-chunks") as conn:
+                got = await run_agreements(conn, "agree-chunks", uuid.UUID(run_id), chunk)
+            assert got == served, chunk
+        async with user_transaction(engine, "someone-else") as conn:
+            assert await run_agreements(conn, "someone-else", uuid.UUID(run_id), 2) == []
+    finally:
+        await engine.dispose()
