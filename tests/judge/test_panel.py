@@ -402,3 +402,27 @@ async def test_create_run_names_the_field_under_config_judge(stack, writer_stub)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(rich_status(caught.value)) == {
         "config.judge.llm.criteria[2].threshold": "must be within the scale 1..5, got 9"}
+
+
+HOSTILE = [None, "", "\x00", "x" * 70_000, 1e300, -1e300, math.nan, math.inf, True, [], {},
+           [1], {"a": 1}, 3, 2.5, -1]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_criteria_and_panels_are_invalid_argument_only(fake, value):
+    """Every field of a criterion object and of a panel, set to hostile values: validation
+    and the cost estimate answer InvalidArgument or succeed, never another error."""
+    settings = JudgeSettings(_env_file=None, port=0, **llm_values(fake))
+    single = {"provider": "openai", "model": GPT}
+    configs = [{**single, "criteria": [{**TONE, field: value}]} for field in TONE]
+    configs += [{"panel": value}, {"panel": [value, value]}, {**single, "criteria": [value]},
+                {"panel": [{**PANEL[0], "model": value}, PANEL[1]]}, {**single, "combine": value},
+                {**single, "criteria": [TONE], "thresholds": {"tone": value}},
+                {"provider": value, "model": value}]
+    for llm in configs:
+        try:
+            config = validate_judge_config(settings, {"llm": llm})
+            assert config.llm is not None
+            cost.estimate(settings, config.llm, 10, 0)  # a paid model without a price: invalid
+        except InvalidArgument:
+            continue
