@@ -172,8 +172,10 @@ async def test_combined_verdict_needs_the_min_scored_share(fake, judge_for):
     assert (verdicts[3].score, verdicts[3].passed) == (7.5, True)
 
     fake.model_scores[LOCAL] = {"accuracy": malformed()}
-    verdicts = await judge_for().judge(USER, make_items(1), cfg)
+    judge = judge_for()
+    verdicts = await judge.judge(USER, make_items(1), cfg)
     combined = verdicts[3]
+    assert judge.counters["panel_unscored"] == 1
     assert [v.status for v in verdicts] == [SCORED, UNSCORED, UNSCORED, UNSCORED]
     assert combined.unscored_reason.startswith(
         "only 1 of 3 panel members scored (at least 0.5 of them must): "
