@@ -22,13 +22,14 @@ from services.common.errors import InvalidArgument
 from services.judge.config import JudgeSettings, validate_judge_config
 from services.judge.llm import cost
 from services.judge.llm.cache import cache_key
+from services.judge.llm.errors import LlmJudgingFailed
 from services.judge.llm.judge import LlmJudge
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.models import run_llm_state_table
 from services.judge.schema import Item, LlmJudgeConfig
 from services.judge.server import start
 from tests.helpers import create_run, field_violations, rich_status
-from tests.judge.fake_llm import FakeLlmServer, malformed
+from tests.judge.fake_llm import FakeLlmServer, malformed, server_error
 from tests.judge.test_llm import pg_db  # noqa: F401 - the fixture, used by judge_for
 from tests.judge.test_service import ALICE, Judge, enqueue_request, tasks_done
 
@@ -186,6 +187,20 @@ async def test_combined_verdict_needs_the_min_scored_share(fake, judge_for):
     strict = await judge_for(llm_panel_min_scored_share=1.0).judge(USER, make_items(1), cfg)
     assert strict[3].status == UNSCORED
     assert strict[3].unscored_reason.startswith("only 2 of 3 panel members scored")
+
+
+async def test_a_failing_member_fails_the_panel_when_on_error_is_fail(fake, judge_for):
+    """on_error fail: one member's failed call fails the whole panel's judging (raised once
+    every member settled); on_error skip: that member is unscored, the rest combined."""
+    fake.model_scores = {**MODEL_SCORES, CLAUDE: {"accuracy": server_error()}}
+    failing = panel_config(criteria=["accuracy"], on_error="fail", max_retries=0)
+    with pytest.raises(LlmJudgingFailed):
+        await judge_for().judge(USER, make_items(1), failing)
+    skipping = panel_config(criteria=["accuracy"], max_retries=0)
+    verdicts = await judge_for().judge(USER, make_items(1), skipping)
+    assert [v.status for v in verdicts] == [SCORED, UNSCORED, SCORED, SCORED]
+    assert (verdicts[3].score, verdicts[3].reasoning) == (7.5, (
+        f"mean 7.5 of 2 scored members (openai/{GPT} 8, openai_compatible/{LOCAL} 7)"))
 
 
 async def test_budget_stops_every_member(fake, judge_for, pg_db):  # noqa: F811
