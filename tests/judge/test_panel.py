@@ -22,13 +22,14 @@ from services.common.errors import InvalidArgument
 from services.judge.config import JudgeSettings, validate_judge_config
 from services.judge.llm import cost
 from services.judge.llm.cache import cache_key
+from services.judge.llm.errors import LlmJudgingFailed
 from services.judge.llm.judge import LlmJudge
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.models import run_llm_state_table
 from services.judge.schema import Item, LlmJudgeConfig
 from services.judge.server import start
 from tests.helpers import create_run, field_violations, rich_status
-from tests.judge.fake_llm import FakeLlmServer, malformed
+from tests.judge.fake_llm import FakeLlmServer, malformed, server_error
 from tests.judge.test_llm import pg_db  # noqa: F401 - the fixture, used by judge_for
 from tests.judge.test_service import ALICE, Judge, enqueue_request, tasks_done
 
@@ -172,8 +173,10 @@ async def test_combined_verdict_needs_the_min_scored_share(fake, judge_for):
     assert (verdicts[3].score, verdicts[3].passed) == (7.5, True)
 
     fake.model_scores[LOCAL] = {"accuracy": malformed()}
-    verdicts = await judge_for().judge(USER, make_items(1), cfg)
+    judge = judge_for()
+    verdicts = await judge.judge(USER, make_items(1), cfg)
     combined = verdicts[3]
+    assert judge.counters["panel_unscored"] == 1
     assert [v.status for v in verdicts] == [SCORED, UNSCORED, UNSCORED, UNSCORED]
     assert combined.unscored_reason.startswith(
         "only 1 of 3 panel members scored (at least 0.5 of them must): "
@@ -184,6 +187,20 @@ async def test_combined_verdict_needs_the_min_scored_share(fake, judge_for):
     strict = await judge_for(llm_panel_min_scored_share=1.0).judge(USER, make_items(1), cfg)
     assert strict[3].status == UNSCORED
     assert strict[3].unscored_reason.startswith("only 2 of 3 panel members scored")
+
+
+async def test_a_failing_member_fails_the_panel_when_on_error_is_fail(fake, judge_for):
+    """on_error fail: one member's failed call fails the whole panel's judging (raised once
+    every member settled); on_error skip: that member is unscored, the rest combined."""
+    fake.model_scores = {**MODEL_SCORES, CLAUDE: {"accuracy": server_error()}}
+    failing = panel_config(criteria=["accuracy"], on_error="fail", max_retries=0)
+    with pytest.raises(LlmJudgingFailed):
+        await judge_for().judge(USER, make_items(1), failing)
+    skipping = panel_config(criteria=["accuracy"], max_retries=0)
+    verdicts = await judge_for().judge(USER, make_items(1), skipping)
+    assert [v.status for v in verdicts] == [SCORED, UNSCORED, SCORED, SCORED]
+    assert (verdicts[3].score, verdicts[3].reasoning) == (7.5, (
+        f"mean 7.5 of 2 scored members (openai/{GPT} 8, openai_compatible/{LOCAL} 7)"))
 
 
 async def test_budget_stops_every_member(fake, judge_for, pg_db):  # noqa: F811
@@ -402,3 +419,27 @@ async def test_create_run_names_the_field_under_config_judge(stack, writer_stub)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(rich_status(caught.value)) == {
         "config.judge.llm.criteria[2].threshold": "must be within the scale 1..5, got 9"}
+
+
+HOSTILE = [None, "", "\x00", "x" * 70_000, 1e300, -1e300, math.nan, math.inf, True, [], {},
+           [1], {"a": 1}, 3, 2.5, -1]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_criteria_and_panels_are_invalid_argument_only(fake, value):
+    """Every field of a criterion object and of a panel, set to hostile values: validation
+    and the cost estimate answer InvalidArgument or succeed, never another error."""
+    settings = JudgeSettings(_env_file=None, port=0, **llm_values(fake))
+    single = {"provider": "openai", "model": GPT}
+    configs = [{**single, "criteria": [{**TONE, field: value}]} for field in TONE]
+    configs += [{"panel": value}, {"panel": [value, value]}, {**single, "criteria": [value]},
+                {"panel": [{**PANEL[0], "model": value}, PANEL[1]]}, {**single, "combine": value},
+                {**single, "criteria": [TONE], "thresholds": {"tone": value}},
+                {"provider": value, "model": value}]
+    for llm in configs:
+        try:
+            config = validate_judge_config(settings, {"llm": llm})
+            assert config.llm is not None
+            cost.estimate(settings, config.llm, 10, 0)  # a paid model without a price: invalid
+        except InvalidArgument:
+            continue

@@ -62,6 +62,25 @@ def is_sampled(item: Item, sample_rate: float) -> bool:
     return int.from_bytes(digest[:8], "big") / SAMPLE_SPACE < sample_rate
 
 
+def _member_results(results: Sequence[list[tuple[Item, Verdict]] | BaseException]
+                    ) -> tuple[list[list[tuple[Item, Verdict]]], dict[int, str]]:
+    """The panel members' verdicts and the items any of them failed (ItemsFailed); raises the
+    first LlmJudgingFailed of a member, else its first RetryLater, else any other error."""
+    judged: list[list[tuple[Item, Verdict]]] = []
+    failures: dict[int, str] = {}
+    for result in results:
+        if isinstance(result, ItemsFailed):
+            failures.update((k, v) for k, v in result.failures.items() if k not in failures)
+            judged.append(result.judged)
+        elif not isinstance(result, BaseException):
+            judged.append(result)
+    for kind in (LlmJudgingFailed, RetryLater, BaseException):
+        raised = [r for r in results if isinstance(r, kind) and not isinstance(r, ItemsFailed)]
+        if raised:
+            raise raised[0]
+    return judged, failures
+
+
 @dataclass(frozen=True)
 class _Job:
     item: Item
@@ -151,22 +170,15 @@ class LlmJudge:
         results = await asyncio.gather(*(
             self.judge_single(user_id, items, member, defer_transient) for member in members),
             return_exceptions=True)
-        judged: list[list[tuple[Item, Verdict]]] = []
-        failures: dict[int, str] = {}
-        for result in results:
-            if isinstance(result, ItemsFailed):
-                failures.update((k, v) for k, v in result.failures.items() if k not in failures)
-                judged.append(result.judged)
-            elif isinstance(result, BaseException):
-                continue
-            else:
-                judged.append(result)
-        for kind in (LlmJudgingFailed, RetryLater, BaseException):
-            raised = [r for r in results
-                      if isinstance(r, kind) and not isinstance(r, ItemsFailed)]
-            if raised:
-                raise raised[0]
+        judged, failures = _member_results(results)
         combined = combine_panel(self._settings, config, items, judged, failures)
+        unscored = sum(1 for _, v in combined if v.judge_model == config.judge_model
+                       and v.status == judge_pb2.JUDGMENT_STATUS_UNSCORED)
+        if unscored:
+            runs = sorted({str(item.run_id) for item in items})
+            self._count("panel_unscored", unscored, f"{unscored} combined {config.judge_model} "
+                        f"verdicts unscored: fewer than llm_panel_min_scored_share of the "
+                        f"{len(members)} members scored (runs {', '.join(runs)})")
         if failures:
             raise ItemsFailed(failures, combined)
         return combined
