@@ -14,7 +14,6 @@ and no response; the other prompts of the call are unaffected. Nothing is stored
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from epochlens.v1 import judge_pb2
 from services.common.errors import Violations
 from services.common.validation import NUL
 from services.judge.config import JudgeSettings
-from services.judge.llm.errors import SDK_ERRORS, CallError, ErrorKind, classify
+from services.judge.llm.errors import SDK_ERRORS, ErrorKind, classify, retry_wait
 from services.judge.llm.providers import ProviderClients
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ class Generator:
                         error.kind.value)
             if error.kind in _NO_RETRY or attempt >= self._settings.generation_max_retries:
                 return judge_pb2.GeneratedResponse(index=prompt.index, error=error.message)
-            await asyncio.sleep(self._wait(error, attempt))
+            await asyncio.sleep(retry_wait(self._settings, error, attempt))
             attempt += 1
 
     async def _call(self, plan: GenerationPlan, text: str) -> Any:
@@ -170,14 +169,6 @@ class Generator:
                  if self._settings.sends_temperature(plan.model) else {})
         return await client.chat.completions.create(
             model=plan.model, messages=messages, max_tokens=plan.max_tokens, **extra)
-
-    def _wait(self, error: CallError, attempt: int) -> float:
-        """Retry-After of a 429 when it gave one (capped), else backoff with jitter."""
-        s = self._settings
-        if error.kind is ErrorKind.RATE_LIMIT and error.retry_after_s is not None:
-            return min(error.retry_after_s, s.llm_retry_after_max_s)
-        step = min(s.llm_backoff_max_s, s.llm_backoff_base_s * 2 ** attempt)
-        return step / 2 + random.uniform(0, step / 2)
 
 
 def _outcome(index: int, response: Any, seconds: float) -> judge_pb2.GeneratedResponse:

@@ -13,8 +13,10 @@ After the retries, the run's on_error decides (services.judge.llm.judge).
 
 import email.utils
 import enum
+import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anthropic
 import httpx2
@@ -45,6 +47,21 @@ class CallError:
     kind: ErrorKind
     message: str
     retry_after_s: float | None = None
+
+
+def backoff_wait(settings: Any, attempt: int) -> float:
+    """Exponential backoff with jitter for retry `attempt` (0-based): half the step fixed,
+    half random; settings are the LLM settings (llm_backoff_base_s, llm_backoff_max_s)."""
+    step = min(settings.llm_backoff_max_s, settings.llm_backoff_base_s * 2 ** attempt)
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def retry_wait(settings: Any, error: CallError, attempt: int) -> float:
+    """How long to wait before retrying after `error`: the Retry-After it carried (capped
+    by llm_retry_after_max_s), else backoff_wait."""
+    if error.retry_after_s is not None:
+        return min(error.retry_after_s, settings.llm_retry_after_max_s)
+    return backoff_wait(settings, attempt)
 
 
 SDK_STATUS_ERRORS = (openai.APIStatusError, anthropic.APIStatusError)

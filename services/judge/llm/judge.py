@@ -18,7 +18,6 @@ A job that raises anything else fails its own item only: ItemsFailed, once every
 import asyncio
 import hashlib
 import logging
-import random
 import re
 import uuid
 from collections import Counter, OrderedDict
@@ -36,7 +35,14 @@ from services.judge.llm.cost import (
     max_call_cost,
     missing_price_message,
 )
-from services.judge.llm.errors import SDK_ERRORS, CallError, ErrorKind, LlmJudgingFailed, classify
+from services.judge.llm.errors import (
+    SDK_ERRORS,
+    CallError,
+    ErrorKind,
+    LlmJudgingFailed,
+    backoff_wait,
+    classify,
+)
 from services.judge.llm.limiter import AimdLimiter
 from services.judge.llm.panel import combine_panel, threshold_of
 from services.judge.llm.prompts import CriterionSpec, RenderedPrompt, render, specs_of
@@ -406,14 +412,8 @@ class LlmJudge:
                 wait = min(error.retry_after_s, self._settings.llm_retry_after_max_s)
             ctx.limiter.on_rate_limited(generation, wait)
         if wait is None:
-            await asyncio.sleep(self._backoff(attempt))
+            await asyncio.sleep(backoff_wait(self._settings, attempt))
         return True
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with jitter: half the step fixed, half random."""
-        s = self._settings
-        step = min(s.llm_backoff_max_s, s.llm_backoff_base_s * 2 ** attempt)
-        return step / 2 + random.uniform(0, step / 2)
 
     def _give_up(self, request: _Request, job: _Job, error: CallError | None) -> Verdict:
         config = request.config

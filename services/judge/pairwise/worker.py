@@ -18,7 +18,6 @@ unusable.
 import asyncio
 import importlib
 import logging
-import random
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -338,7 +337,10 @@ class PairwiseWorkers(JudgeWorkers):
         later order's most cost, reserved with this call's (kept for it when this answer is
         usable); held: this call's reservation is already taken (until a failed attempt gives
         it back)."""
-        from services.judge.llm.errors import ErrorKind  # loads the SDKs: after _load_providers
+        from services.judge.llm.errors import (  # loads the SDKs: after _load_providers
+            ErrorKind,
+            retry_wait,
+        )
         p = pair.pairwise
         price = self._settings.price_for(p.provider, p.model)
         retries, attempt = self._retries(pair.config), 0
@@ -357,15 +359,8 @@ class PairwiseWorkers(JudgeWorkers):
             if result.kind is ErrorKind.FATAL or attempt >= retries:
                 return Answer("", "", f"gave up: {result.message}",
                               transient=result.kind is not ErrorKind.FATAL)
-            await asyncio.sleep(self._wait(result, attempt))
+            await asyncio.sleep(retry_wait(self._settings, result, attempt))
             attempt += 1
-
-    def _wait(self, error: Any, attempt: int) -> float:
-        s = self._settings
-        if error.retry_after_s is not None:
-            return min(error.retry_after_s, s.llm_retry_after_max_s)
-        step = min(s.llm_backoff_max_s, s.llm_backoff_base_s * 2 ** attempt)
-        return step / 2 + random.uniform(0, step / 2)
 
     async def _call(self, ctx: _RunContext, p: PairwiseConfig, prompt: Any, price: Any,
                     most: float, ahead: float, held: bool) -> Answer | Any:
