@@ -165,9 +165,13 @@ class PredictionInput(_message.Message):
     sample_index: _builtins.int
     """Index of the sample in the run's fixed prediction sample (>= 0)."""
     prompt: _builtins.str
-    """The prompt given to the model (required, non-empty)."""
+    """The prompt given to the model. Empty: the prompt and ground truth of the run's sample
+    `sample_index`, declared in this request's `samples` or an earlier one (INVALID_ARGUMENT
+    when there is none). Set: it declares the sample too, as older clients do on every
+    prediction (different text for a stored sample is INVALID_ARGUMENT).
+    """
     ground_truth: _builtins.str
-    """The expected answer, when the dataset has one."""
+    """The expected answer, when the dataset has one (ignored when `prompt` is empty)."""
     prediction: _builtins.str
     """The model's completion; may be empty (a model that stopped at once)."""
     generation_time_ms: _builtins.float

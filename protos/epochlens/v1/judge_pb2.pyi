@@ -1011,3 +1011,59 @@ class JudgeAgreement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__spearman) -> _WhichOneofReturnType__spearman | None: ...
 
 Global___JudgeAgreement: _TypeAlias = JudgeAgreement  # noqa: Y015
+
+@_typing.final
+class PurgeRunRequest(_message.Message):
+    """Request for PurgeRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Run whose judge-side data is removed."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeRunRequest: _TypeAlias = PurgeRunRequest  # noqa: Y015
+
+@_typing.final
+class PurgeRunResponse(_message.Message):
+    """Response of PurgeRun: rows removed by this call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_COUNT_FIELD_NUMBER: _builtins.int
+    JUDGMENT_COUNT_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    SPEND_RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    task_count: _builtins.int
+    """Judge tasks removed."""
+    judgment_count: _builtins.int
+    """Judgments removed (rule, LLM, human and pairwise)."""
+    cache_entry_count: _builtins.int
+    """LLM cache entries removed."""
+    spend_record_count: _builtins.int
+    """Spend records removed."""
+    def __init__(
+        self,
+        *,
+        task_count: _builtins.int = ...,
+        judgment_count: _builtins.int = ...,
+        cache_entry_count: _builtins.int = ...,
+        spend_record_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_entry_count", b"cache_entry_count", "judgment_count", b"judgment_count", "spend_record_count", b"spend_record_count", "task_count", b"task_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeRunResponse: _TypeAlias = PurgeRunResponse  # noqa: Y015

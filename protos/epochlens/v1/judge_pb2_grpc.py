@@ -77,6 +77,11 @@ class JudgeServiceStub:
                 request_serializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.FromString,
                 _registered_method=True)
+        self.PurgeRun = channel.unary_unary(
+                '/epochlens.v1.JudgeService/PurgeRun',
+                request_serializer=epochlens_dot_v1_dot_judge__pb2.PurgeRunRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_judge__pb2.PurgeRunResponse.FromString,
+                _registered_method=True)
 
 
 class JudgeServiceServicer:
@@ -154,6 +159,16 @@ class JudgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeRun(self, request, context):
+        """Deletes everything the judge stores for a run: tasks, judgments (rule, LLM, human),
+        pairwise results, spend records, and the cache entries that no other run used. Called by
+        the writer's DeleteRun with a service token naming the run's owner. Idempotent; after it,
+        late EnqueueJudging calls and in-flight task results for the run are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JudgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +211,11 @@ def add_JudgeServiceServicer_to_server(servicer, server):
                     servicer.GenerateResponses,
                     request_deserializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.SerializeToString,
+            ),
+            'PurgeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeRun,
+                    request_deserializer=epochlens_dot_v1_dot_judge__pb2.PurgeRunRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_judge__pb2.PurgeRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -417,6 +437,33 @@ class JudgeService:
             '/epochlens.v1.JudgeService/GenerateResponses',
             epochlens_dot_v1_dot_judge__pb2.GenerateResponsesRequest.SerializeToString,
             epochlens_dot_v1_dot_judge__pb2.GenerateResponsesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.JudgeService/PurgeRun',
+            epochlens_dot_v1_dot_judge__pb2.PurgeRunRequest.SerializeToString,
+            epochlens_dot_v1_dot_judge__pb2.PurgeRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,12 @@ class JudgeServiceStub:
     A prompt whose generation still failed after the retries has `error` set and no response;
     an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
     """
+    PurgeRun: _grpc.UnaryUnaryMultiCallable[_judge_pb2.PurgeRunRequest, _judge_pb2.PurgeRunResponse]
+    """Deletes everything the judge stores for a run: tasks, judgments (rule, LLM, human),
+    pairwise results, spend records, and the cache entries that no other run used. Called by
+    the writer's DeleteRun with a service token naming the run's owner. Idempotent; after it,
+    late EnqueueJudging calls and in-flight task results for the run are dropped.
+    """
 
 @_typing.type_check_only
 class JudgeServiceAsyncStub(JudgeServiceStub):
@@ -112,6 +118,12 @@ class JudgeServiceAsyncStub(JudgeServiceStub):
     and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
     A prompt whose generation still failed after the retries has `error` set and no response;
     an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
+    """
+    PurgeRun: _aio.UnaryUnaryMultiCallable[_judge_pb2.PurgeRunRequest, _judge_pb2.PurgeRunResponse]  # type: ignore[assignment]
+    """Deletes everything the judge stores for a run: tasks, judgments (rule, LLM, human),
+    pairwise results, spend records, and the cache entries that no other run used. Called by
+    the writer's DeleteRun with a service token naming the run's owner. Idempotent; after it,
+    late EnqueueJudging calls and in-flight task results for the run are dropped.
     """
 
 class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -200,6 +212,18 @@ class JudgeServiceServicer(metaclass=_abc_1.ABCMeta):
         and rate-limit handling. Stores nothing: EvaluationService.Evaluate stores what it returns.
         A prompt whose generation still failed after the retries has `error` set and no response;
         an unknown endpoint or a model it does not serve is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeRun(
+        self,
+        request: _judge_pb2.PurgeRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_judge_pb2.PurgeRunResponse, _abc.Awaitable[_judge_pb2.PurgeRunResponse]]:
+        """Deletes everything the judge stores for a run: tasks, judgments (rule, LLM, human),
+        pairwise results, spend records, and the cache entries that no other run used. Called by
+        the writer's DeleteRun with a service token naming the run's owner. Idempotent; after it,
+        late EnqueueJudging calls and in-flight task results for the run are dropped.
         """
 
 def add_JudgeServiceServicer_to_server(servicer: JudgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

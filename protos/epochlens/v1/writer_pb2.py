@@ -28,33 +28,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65pochlens/v1/writer.proto\x12\x0c\x65pochlens.v1\x1a\x19\x65pochlens/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x85\x01\n\x0bMetricInput\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12-\n\twall_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06_epoch\"Q\n\x13WriteMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12*\n\x07metrics\x18\x02 \x03(\x0b\x32\x19.epochlens.v1.MetricInput\"c\n\x14WriteMetricsResponse\x12\x16\n\x0einserted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x1a\n\x12\x63onflicting_fields\x18\x03 \x03(\t\"\xac\x01\n\x10\x43reateRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61taset_name\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12#\n\x04kind\x18\x06 \x01(\x0e\x32\x15.epochlens.v1.RunKind\"I\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.epochlens.v1.RunState\"]\n\x17WritePredictionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1d.epochlens.v1.PredictionInput\"h\n\x18WritePredictionsResponse\x12\x16\n\x0einserted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x1b\n\x13nul_replaced_fields\x18\x03 \x03(\t\"\x9c\x01\n\x18StreamPredictionsRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x32\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x1d.epochlens.v1.PredictionInput\x12*\n\x07metrics\x18\x04 \x03(\x0b\x32\x19.epochlens.v1.MetricInput\"F\n\x0e\x42\x61tchRejection\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"\x95\x02\n\x19StreamPredictionsResponse\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x03\x12\x16\n\x0einserted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x30\n\nrejections\x18\x04 \x03(\x0b\x32\x1c.epochlens.v1.BatchRejection\x12\x1b\n\x13nul_replaced_fields\x18\x05 \x03(\t\x12\x1d\n\x15metric_inserted_count\x18\x06 \x01(\x05\x12\x1e\n\x16metric_duplicate_count\x18\x07 \x01(\x05\x12!\n\x19metric_conflicting_fields\x18\x08 \x03(\t2\xbd\x03\n\x17PredictionWriterService\x12>\n\tCreateRun\x12\x1e.epochlens.v1.CreateRunRequest\x1a\x11.epochlens.v1.Run\x12>\n\tFinishRun\x12\x1e.epochlens.v1.FinishRunRequest\x1a\x11.epochlens.v1.Run\x12\x61\n\x10WritePredictions\x12%.epochlens.v1.WritePredictionsRequest\x1a&.epochlens.v1.WritePredictionsResponse\x12h\n\x11StreamPredictions\x12&.epochlens.v1.StreamPredictionsRequest\x1a\'.epochlens.v1.StreamPredictionsResponse(\x01\x30\x01\x12U\n\x0cWriteMetrics\x12!.epochlens.v1.WriteMetricsRequest\x1a\".epochlens.v1.WriteMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65pochlens/v1/writer.proto\x12\x0c\x65pochlens.v1\x1a\x19\x65pochlens/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"_\n\x0bSampleInput\x12\x14\n\x0csample_index\x18\x01 \x01(\x03\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x19\n\x0cground_truth\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0f\n\r_ground_truth\"H\n\x10\x44\x65leteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"\xd2\x01\n\x11\x44\x65leteRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10prediction_count\x18\x02 \x01(\x03\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x14\n\x0cmetric_count\x18\x04 \x01(\x03\x12\x18\n\x10judge_task_count\x18\x05 \x01(\x03\x12\x16\n\x0ejudgment_count\x18\x06 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_entry_count\x18\x07 \x01(\x03\x12\x1a\n\x12spend_record_count\x18\x08 \x01(\x03\"\x85\x01\n\x0bMetricInput\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12-\n\twall_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06_epoch\"Q\n\x13WriteMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12*\n\x07metrics\x18\x02 \x03(\x0b\x32\x19.epochlens.v1.MetricInput\"c\n\x14WriteMetricsResponse\x12\x16\n\x0einserted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x1a\n\x12\x63onflicting_fields\x18\x03 \x03(\t\"\xac\x01\n\x10\x43reateRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61taset_name\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12#\n\x04kind\x18\x06 \x01(\x0e\x32\x15.epochlens.v1.RunKind\"I\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.epochlens.v1.RunState\"\x89\x01\n\x17WritePredictionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1d.epochlens.v1.PredictionInput\x12*\n\x07samples\x18\x03 \x03(\x0b\x32\x19.epochlens.v1.SampleInput\"h\n\x18WritePredictionsResponse\x12\x16\n\x0einserted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x1b\n\x13nul_replaced_fields\x18\x03 \x03(\t\"\xc8\x01\n\x18StreamPredictionsRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x32\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x1d.epochlens.v1.PredictionInput\x12*\n\x07metrics\x18\x04 \x03(\x0b\x32\x19.epochlens.v1.MetricInput\x12*\n\x07samples\x18\x05 \x03(\x0b\x32\x19.epochlens.v1.SampleInput\"F\n\x0e\x42\x61tchRejection\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"\x95\x02\n\x19StreamPredictionsResponse\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x03\x12\x16\n\x0einserted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x30\n\nrejections\x18\x04 \x03(\x0b\x32\x1c.epochlens.v1.BatchRejection\x12\x1b\n\x13nul_replaced_fields\x18\x05 \x03(\t\x12\x1d\n\x15metric_inserted_count\x18\x06 \x01(\x05\x12\x1e\n\x16metric_duplicate_count\x18\x07 \x01(\x05\x12!\n\x19metric_conflicting_fields\x18\x08 \x03(\t2\x8b\x04\n\x17PredictionWriterService\x12>\n\tCreateRun\x12\x1e.epochlens.v1.CreateRunRequest\x1a\x11.epochlens.v1.Run\x12>\n\tFinishRun\x12\x1e.epochlens.v1.FinishRunRequest\x1a\x11.epochlens.v1.Run\x12\x61\n\x10WritePredictions\x12%.epochlens.v1.WritePredictionsRequest\x1a&.epochlens.v1.WritePredictionsResponse\x12h\n\x11StreamPredictions\x12&.epochlens.v1.StreamPredictionsRequest\x1a\'.epochlens.v1.StreamPredictionsResponse(\x01\x30\x01\x12U\n\x0cWriteMetrics\x12!.epochlens.v1.WriteMetricsRequest\x1a\".epochlens.v1.WriteMetricsResponse\x12L\n\tDeleteRun\x12\x1e.epochlens.v1.DeleteRunRequest\x1a\x1f.epochlens.v1.DeleteRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epochlens.v1.writer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRICINPUT']._serialized_start=159
-  _globals['_METRICINPUT']._serialized_end=292
-  _globals['_WRITEMETRICSREQUEST']._serialized_start=294
-  _globals['_WRITEMETRICSREQUEST']._serialized_end=375
-  _globals['_WRITEMETRICSRESPONSE']._serialized_start=377
-  _globals['_WRITEMETRICSRESPONSE']._serialized_end=476
-  _globals['_CREATERUNREQUEST']._serialized_start=479
-  _globals['_CREATERUNREQUEST']._serialized_end=651
-  _globals['_FINISHRUNREQUEST']._serialized_start=653
-  _globals['_FINISHRUNREQUEST']._serialized_end=726
-  _globals['_WRITEPREDICTIONSREQUEST']._serialized_start=728
-  _globals['_WRITEPREDICTIONSREQUEST']._serialized_end=821
-  _globals['_WRITEPREDICTIONSRESPONSE']._serialized_start=823
-  _globals['_WRITEPREDICTIONSRESPONSE']._serialized_end=927
-  _globals['_STREAMPREDICTIONSREQUEST']._serialized_start=930
-  _globals['_STREAMPREDICTIONSREQUEST']._serialized_end=1086
-  _globals['_BATCHREJECTION']._serialized_start=1088
-  _globals['_BATCHREJECTION']._serialized_end=1158
-  _globals['_STREAMPREDICTIONSRESPONSE']._serialized_start=1161
-  _globals['_STREAMPREDICTIONSRESPONSE']._serialized_end=1438
-  _globals['_PREDICTIONWRITERSERVICE']._serialized_start=1441
-  _globals['_PREDICTIONWRITERSERVICE']._serialized_end=1886
+  _globals['_SAMPLEINPUT']._serialized_start=158
+  _globals['_SAMPLEINPUT']._serialized_end=253
+  _globals['_DELETERUNREQUEST']._serialized_start=255
+  _globals['_DELETERUNREQUEST']._serialized_end=327
+  _globals['_DELETERUNRESPONSE']._serialized_start=330
+  _globals['_DELETERUNRESPONSE']._serialized_end=540
+  _globals['_METRICINPUT']._serialized_start=543
+  _globals['_METRICINPUT']._serialized_end=676
+  _globals['_WRITEMETRICSREQUEST']._serialized_start=678
+  _globals['_WRITEMETRICSREQUEST']._serialized_end=759
+  _globals['_WRITEMETRICSRESPONSE']._serialized_start=761
+  _globals['_WRITEMETRICSRESPONSE']._serialized_end=860
+  _globals['_CREATERUNREQUEST']._serialized_start=863
+  _globals['_CREATERUNREQUEST']._serialized_end=1035
+  _globals['_FINISHRUNREQUEST']._serialized_start=1037
+  _globals['_FINISHRUNREQUEST']._serialized_end=1110
+  _globals['_WRITEPREDICTIONSREQUEST']._serialized_start=1113
+  _globals['_WRITEPREDICTIONSREQUEST']._serialized_end=1250
+  _globals['_WRITEPREDICTIONSRESPONSE']._serialized_start=1252
+  _globals['_WRITEPREDICTIONSRESPONSE']._serialized_end=1356
+  _globals['_STREAMPREDICTIONSREQUEST']._serialized_start=1359
+  _globals['_STREAMPREDICTIONSREQUEST']._serialized_end=1559
+  _globals['_BATCHREJECTION']._serialized_start=1561
+  _globals['_BATCHREJECTION']._serialized_end=1631
+  _globals['_STREAMPREDICTIONSRESPONSE']._serialized_start=1634
+  _globals['_STREAMPREDICTIONSRESPONSE']._serialized_end=1911
+  _globals['_PREDICTIONWRITERSERVICE']._serialized_start=1914
+  _globals['_PREDICTIONWRITERSERVICE']._serialized_end=2437
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,124 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SampleInput(_message.Message):
+    """The fixed part of one sample of a run: its prompt and ground truth, the same at every
+    epoch. Declared once per run; predictions that leave `prompt` empty use it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    GROUND_TRUTH_FIELD_NUMBER: _builtins.int
+    sample_index: _builtins.int
+    """Index of the sample in the run's fixed prediction sample (>= 0)."""
+    prompt: _builtins.str
+    """The prompt given to the model (required, non-empty)."""
+    ground_truth: _builtins.str
+    """The expected answer, when the dataset has one."""
+    def __init__(
+        self,
+        *,
+        sample_index: _builtins.int = ...,
+        prompt: _builtins.str = ...,
+        ground_truth: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth", "ground_truth", b"ground_truth"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth", "ground_truth", b"ground_truth", "prompt", b"prompt", "sample_index", b"sample_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ground_truth: _TypeAlias = _typing.Literal["ground_truth"]  # noqa: Y015
+    _WhichOneofArgType__ground_truth: _TypeAlias = _typing.Literal["_ground_truth", b"_ground_truth"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ground_truth) -> _WhichOneofReturnType__ground_truth | None: ...
+
+Global___SampleInput: _TypeAlias = SampleInput  # noqa: Y015
+
+@_typing.final
+class DeleteRunRequest(_message.Message):
+    """Request for DeleteRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run to delete."""
+    force: _builtins.bool
+    """Delete a RUNNING run too: it is marked CANCELLED first, and its later writes are refused."""
+    allow_missing: _builtins.bool
+    """Succeed (with zero counts) when the run does not exist or was already deleted,
+    instead of NOT_FOUND (AIP-135).
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "force", b"force", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunRequest: _TypeAlias = DeleteRunRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunResponse(_message.Message):
+    """Response of DeleteRun: how many rows this call removed (a resumed deletion counts only
+    what was left).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PREDICTION_COUNT_FIELD_NUMBER: _builtins.int
+    SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    METRIC_COUNT_FIELD_NUMBER: _builtins.int
+    JUDGE_TASK_COUNT_FIELD_NUMBER: _builtins.int
+    JUDGMENT_COUNT_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    SPEND_RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the deleted run."""
+    prediction_count: _builtins.int
+    """Predictions removed."""
+    sample_count: _builtins.int
+    """Samples (prompt and ground truth) removed."""
+    metric_count: _builtins.int
+    """Training metrics removed (rollups included)."""
+    judge_task_count: _builtins.int
+    """Judge tasks removed."""
+    judgment_count: _builtins.int
+    """Judgments removed (rule, LLM, human and pairwise)."""
+    cache_entry_count: _builtins.int
+    """LLM cache entries removed (those no other run used)."""
+    spend_record_count: _builtins.int
+    """Spend records removed."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        prediction_count: _builtins.int = ...,
+        sample_count: _builtins.int = ...,
+        metric_count: _builtins.int = ...,
+        judge_task_count: _builtins.int = ...,
+        judgment_count: _builtins.int = ...,
+        cache_entry_count: _builtins.int = ...,
+        spend_record_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_entry_count", b"cache_entry_count", "judge_task_count", b"judge_task_count", "judgment_count", b"judgment_count", "metric_count", b"metric_count", "prediction_count", b"prediction_count", "run_id", b"run_id", "sample_count", b"sample_count", "spend_record_count", b"spend_record_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunResponse: _TypeAlias = DeleteRunResponse  # noqa: Y015
+
+@_typing.final
 class MetricInput(_message.Message):
     """One training scalar at one step, as the trainer logged it."""
 
@@ -208,21 +326,31 @@ class WritePredictionsRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Run the predictions belong to."""
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PredictionInput]:
         """The batch (1 to the configured maximum). One invalid item rejects the whole batch."""
 
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampleInput]:
+        """The run's samples this batch declares (stored once per run; a replay with the same text
+        is a no-op, different text for a stored sample_index is INVALID_ARGUMENT). A prediction
+        with an empty prompt takes its sample's prompt and ground truth from here or from an
+        earlier call.
+        """
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         predictions: _abc.Iterable[_common_pb2.PredictionInput] | None = ...,
+        samples: _abc.Iterable[Global___SampleInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions", "run_id", b"run_id", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +401,7 @@ class StreamPredictionsRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Client-assigned sequence number, > 0 and strictly increasing within one stream.
     The client keeps a batch until an ack covers its sequence number.
@@ -289,6 +418,12 @@ class StreamPredictionsRequest(_message.Message):
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricInput]:
         """Training metrics of the batch (0 to the configured maximum), stored like WriteMetrics."""
 
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampleInput]:
+        """The run's samples this batch declares, as in WritePredictionsRequest.samples. A client
+        sends each sample once per run (again only after a reconnect or a rejected batch).
+        """
+
     def __init__(
         self,
         *,
@@ -296,10 +431,11 @@ class StreamPredictionsRequest(_message.Message):
         run_id: _builtins.str = ...,
         predictions: _abc.Iterable[_common_pb2.PredictionInput] | None = ...,
         metrics: _abc.Iterable[Global___MetricInput] | None = ...,
+        samples: _abc.Iterable[Global___SampleInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "predictions", b"predictions", "run_id", b"run_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "predictions", b"predictions", "run_id", b"run_id", "samples", b"samples", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,6 +62,11 @@ class PredictionWriterServiceStub:
                 request_serializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.SerializeToString,
                 response_deserializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/epochlens.v1.PredictionWriterService/DeleteRun',
+                request_serializer=epochlens_dot_v1_dot_writer__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=epochlens_dot_v1_dot_writer__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
 
 
 class PredictionWriterServiceServicer:
@@ -109,6 +114,20 @@ class PredictionWriterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRun(self, request, context):
+        """Deletes a run owned by the caller and everything stored for it in every service:
+        predictions, samples, epoch summaries, metrics, the judge outbox, judge tasks, judgments,
+        pairwise results, spend records and the cache entries that only this run used. The run
+        disappears from every listing at once; its rows are removed in bounded chunks, so a run
+        of millions of rows does not hold one long transaction. A deletion interrupted by a crash
+        or an unreachable judge (UNAVAILABLE) is resumed by the next DeleteRun of the same run or
+        by the retention sweep. A RUNNING run is refused (FAILED_PRECONDITION, ErrorInfo reason
+        RUN_ACTIVE) unless `force` is set, which cancels it first. Another user's run is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictionWriterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +155,11 @@ def add_PredictionWriterServiceServicer_to_server(servicer, server):
                     servicer.WriteMetrics,
                     request_deserializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.FromString,
                     response_serializer=epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=epochlens_dot_v1_dot_writer__pb2.DeleteRunRequest.FromString,
+                    response_serializer=epochlens_dot_v1_dot_writer__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +299,33 @@ class PredictionWriterService:
             '/epochlens.v1.PredictionWriterService/WriteMetrics',
             epochlens_dot_v1_dot_writer__pb2.WriteMetricsRequest.SerializeToString,
             epochlens_dot_v1_dot_writer__pb2.WriteMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epochlens.v1.PredictionWriterService/DeleteRun',
+            epochlens_dot_v1_dot_writer__pb2.DeleteRunRequest.SerializeToString,
+            epochlens_dot_v1_dot_writer__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

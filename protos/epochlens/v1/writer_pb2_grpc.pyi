@@ -54,6 +54,16 @@ class PredictionWriterServiceStub:
     Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
     same value is a duplicate, a different value is a conflict (reported, never stored).
     """
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_writer_pb2.DeleteRunRequest, _writer_pb2.DeleteRunResponse]
+    """Deletes a run owned by the caller and everything stored for it in every service:
+    predictions, samples, epoch summaries, metrics, the judge outbox, judge tasks, judgments,
+    pairwise results, spend records and the cache entries that only this run used. The run
+    disappears from every listing at once; its rows are removed in bounded chunks, so a run
+    of millions of rows does not hold one long transaction. A deletion interrupted by a crash
+    or an unreachable judge (UNAVAILABLE) is resumed by the next DeleteRun of the same run or
+    by the retention sweep. A RUNNING run is refused (FAILED_PRECONDITION, ErrorInfo reason
+    RUN_ACTIVE) unless `force` is set, which cancels it first. Another user's run is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class PredictionWriterServiceAsyncStub(PredictionWriterServiceStub):
@@ -79,6 +89,16 @@ class PredictionWriterServiceAsyncStub(PredictionWriterServiceStub):
     """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
     Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
     same value is a duplicate, a different value is a conflict (reported, never stored).
+    """
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_writer_pb2.DeleteRunRequest, _writer_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Deletes a run owned by the caller and everything stored for it in every service:
+    predictions, samples, epoch summaries, metrics, the judge outbox, judge tasks, judgments,
+    pairwise results, spend records and the cache entries that only this run used. The run
+    disappears from every listing at once; its rows are removed in bounded chunks, so a run
+    of millions of rows does not hold one long transaction. A deletion interrupted by a crash
+    or an unreachable judge (UNAVAILABLE) is resumed by the next DeleteRun of the same run or
+    by the retention sweep. A RUNNING run is refused (FAILED_PRECONDITION, ErrorInfo reason
+    RUN_ACTIVE) unless `force` is set, which cancels it first. Another user's run is NOT_FOUND.
     """
 
 class PredictionWriterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -132,6 +152,22 @@ class PredictionWriterServiceServicer(metaclass=_abc_1.ABCMeta):
         """Writes one batch of training metrics (loss, learning rate, eval scores) in one transaction.
         Idempotent per (run, step, name): the first value stored for a key stays; a replay with the
         same value is a duplicate, a different value is a conflict (reported, never stored).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _writer_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writer_pb2.DeleteRunResponse, _abc.Awaitable[_writer_pb2.DeleteRunResponse]]:
+        """Deletes a run owned by the caller and everything stored for it in every service:
+        predictions, samples, epoch summaries, metrics, the judge outbox, judge tasks, judgments,
+        pairwise results, spend records and the cache entries that only this run used. The run
+        disappears from every listing at once; its rows are removed in bounded chunks, so a run
+        of millions of rows does not hold one long transaction. A deletion interrupted by a crash
+        or an unreachable judge (UNAVAILABLE) is resumed by the next DeleteRun of the same run or
+        by the retention sweep. A RUNNING run is refused (FAILED_PRECONDITION, ErrorInfo reason
+        RUN_ACTIVE) unless `force` is set, which cancels it first. Another user's run is NOT_FOUND.
         """
 
 def add_PredictionWriterServiceServicer_to_server(servicer: PredictionWriterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
