@@ -41,6 +41,9 @@ NUL_REPLACED_FIELDS = frozenset({
     "epochlens.v1.PredictionInput.prompt",
     "epochlens.v1.PredictionInput.ground_truth",
     "epochlens.v1.PredictionInput.prediction",
+    # A run's sample declared once (WritePredictionsRequest.samples and the stream's).
+    "epochlens.v1.SampleInput.prompt",
+    "epochlens.v1.SampleInput.ground_truth",
     # The same texts of an evaluation row (EvaluationService.Evaluate stores them so).
     "epochlens.v1.EvaluationRow.prompt",
     "epochlens.v1.EvaluationRow.reference",

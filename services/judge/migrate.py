@@ -37,7 +37,7 @@ WORKER_POLICY = "tasks_worker"
 PAIRWISE_WORKER_POLICY = "pairwise_tasks_worker"
 # The judge reads the writer's runs and predictions acting for a user (their row-level
 # security applies): who owns a run, and the stored text it judges.
-JUDGE_WRITER_GRANTS = {"runs": "SELECT", "predictions": "SELECT"}
+JUDGE_WRITER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "samples": "SELECT"}
 
 
 async def migrate_judge(settings: MigrateSettings) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.db import user_transaction
 from services.common.errors import NotFound
-from services.writer.models import predictions_table, runs_table
+from services.writer.models import prediction_texts, runs_table
 
 Key = tuple[int, int]  # (step, sample_index)
 
@@ -62,7 +62,7 @@ async def stored_texts(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
     the writer's store)."""
     if not keys:
         return {}
-    p = predictions_table
+    p = prediction_texts
     rows = await conn.execute(select(
         p.c.step, p.c.sample_index, p.c.epoch, p.c.prompt, p.c.ground_truth, p.c.prediction,
     ).where(p.c.run_id == run_id, p.c.user_id == user_id,

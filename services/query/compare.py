@@ -26,7 +26,7 @@ from services.common.convert import parse_run_id
 from services.common.errors import FailedPrecondition, Violations
 from services.judge.models import judgments_table as J
 from services.query.compare_epochs import resolve_epochs
-from services.writer.models import predictions_table as P
+from services.writer.models import prediction_texts as P
 
 HUMAN = judge_pb2.JUDGE_TYPE_HUMAN
 HUMAN_MODEL = "human"

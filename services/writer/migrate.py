@@ -31,9 +31,10 @@ async def migrate(settings: MigrateSettings) -> None:
     await migrate_judge(settings)
 
 
-# Table privileges per role kind. Predictions and metrics are immutable: the writer may not
-# update them.
+# Table privileges per role kind. Predictions, samples and metrics are immutable: the writer
+# may not update them.
 WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
+                 "samples": "SELECT, INSERT",
                  "epochs": "SELECT, INSERT, UPDATE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
                  "metrics": "SELECT, INSERT", "metric_rollups": "SELECT, INSERT, UPDATE",
@@ -43,7 +44,8 @@ WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELEC
 # kept); the reader has no grant on them.
 # The reader sees its caller's outbox rows (owner policy): GetRunSummary shows a hand-off that
 # is waiting, and why.
-READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "epochs": "SELECT",
+READER_GRANTS = {"runs": "SELECT", "predictions": "SELECT", "samples": "SELECT",
+                 "epochs": "SELECT",
                  "judge_outbox": "SELECT", "metrics": "SELECT", "metric_rollups": "SELECT"}
 
 

@@ -1,4 +1,5 @@
-"""Tables of schema `writer`: runs, predictions, per-epoch summaries and the judge outbox."""
+"""Tables of schema `writer`: runs, samples, predictions, per-epoch summaries and the judge
+outbox."""
 
 import uuid
 from datetime import datetime
@@ -17,6 +18,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    and_,
+    case,
+    func,
+    select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -72,18 +77,37 @@ class PredictionRow(WriterBase):
     sample_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     user_id: Mapped[str] = mapped_column(Text)
     epoch: Mapped[int] = mapped_column(BigInteger)
-    prompt: Mapped[str] = mapped_column(Text)
-    ground_truth: Mapped[str | None] = mapped_column(Text)
     prediction: Mapped[str] = mapped_column(Text)
     generation_time_ms: Mapped[float] = mapped_column(Float)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The prompt and ground truth are the sample's (SampleRow). These two are set only on rows
+    # stored before samples existed (migration 0007) whose text differs from the one their
+    # sample keeps (that of the sample's first step); then they are the row's own text
+    # (legacy_ground_truth may be NULL: no ground truth). The writer never sets them.
+    legacy_prompt: Mapped[str | None] = mapped_column(Text)
+    legacy_ground_truth: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index(None, "run_id", "epoch", "step", "sample_index"),
         Index(None, "run_id", "sample_index", "step"),
     )
+
+
+class SampleRow(WriterBase):
+    """The fixed part of one sample of a run, stored once (not once per prediction): its
+    prompt and ground truth. Immutable: a different text for a stored sample is refused
+    (services.writer.samples)."""
+
+    __tablename__ = "samples"
+
+    # No foreign key to runs, like predictions: the commit locks the owned runs instead.
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    sample_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)
+    ground_truth: Mapped[str | None] = mapped_column(Text)
 
 
 class EpochRow(WriterBase):
@@ -193,3 +217,25 @@ judge_outbox_table = JudgeOutboxRow.__table__
 metrics_table = MetricRow.__table__
 metric_rollups_table = MetricRollupRow.__table__
 api_keys_table = ApiKeyRow.__table__
+samples_table = SampleRow.__table__
+
+
+def _prediction_texts():
+    """predictions joined to their samples, with the columns predictions had before samples
+    existed (prompt and ground_truth included): what every reader selects from. A LEFT JOIN
+    on the samples' primary key: PostgreSQL drops the join from a query that reads neither
+    text, and inlines the subquery, so filters on predictions' columns use its indexes."""
+    p, s = predictions_table.c, samples_table.c
+    own = p.legacy_prompt.is_not(None)
+    return (select(p.run_id, p.step, p.sample_index, p.user_id, p.epoch,
+                   func.coalesce(p.legacy_prompt, s.prompt).label("prompt"),
+                   case((own, p.legacy_ground_truth), else_=s.ground_truth)
+                   .label("ground_truth"),
+                   p.prediction, p.generation_time_ms, p.prompt_tokens, p.completion_tokens,
+                   p.create_time)
+            .select_from(predictions_table.outerjoin(samples_table, and_(
+                s.run_id == p.run_id, s.sample_index == p.sample_index)))
+            .subquery("prediction_texts"))
+
+
+prediction_texts = _prediction_texts()

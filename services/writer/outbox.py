@@ -57,7 +57,7 @@ from services.common.config import AuthSettings
 from services.common.convert import dict_to_struct
 from services.common.db import RLS_USER_SETTING, is_postgres
 from services.writer.config import WriterSettings
-from services.writer.models import judge_outbox_table, predictions_table, runs_table
+from services.writer.models import judge_outbox_table, prediction_texts, runs_table
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 _REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 outbox = judge_outbox_table
-predictions = predictions_table
+predictions = prediction_texts
 
 
 @dataclass(frozen=True)

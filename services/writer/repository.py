@@ -25,6 +25,7 @@ from services.writer.models import (
     predictions_table,
     runs_table,
 )
+from services.writer.samples import SampleWrite, stored_texts
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
@@ -33,14 +34,12 @@ from services.writer.models import (
 # statement returns how many were inserted.
 _PG_INSERT_CTE = f"""
 WITH ins AS (
-    INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index, prompt,
-        ground_truth, prediction, generation_time_ms, prompt_tokens, completion_tokens,
-        create_time)
-    SELECT r, :user_id, e, s, i, p, g, o, t, pt, ct, :now
+    INSERT INTO {SCHEMA}.predictions (run_id, user_id, epoch, step, sample_index,
+        prediction, generation_time_ms, prompt_tokens, completion_tokens, create_time)
+    SELECT r, :user_id, e, s, i, o, t, pt, ct, :now
     FROM unnest(CAST(:run_ids AS UUID[]), CAST(:epochs AS BIGINT[]), CAST(:steps AS BIGINT[]),
-                CAST(:indices AS BIGINT[]), CAST(:prompts AS TEXT[]), CAST(:truths AS TEXT[]),
-                CAST(:outputs AS TEXT[]), CAST(:times AS FLOAT8[]), CAST(:ptoks AS INT[]),
-                CAST(:ctoks AS INT[])) AS u(r, e, s, i, p, g, o, t, pt, ct)
+                CAST(:indices AS BIGINT[]), CAST(:outputs AS TEXT[]), CAST(:times AS FLOAT8[]),
+                CAST(:ptoks AS INT[]), CAST(:ctoks AS INT[])) AS u(r, e, s, i, o, t, pt, ct)
     ORDER BY r, s, i
     ON CONFLICT (run_id, step, sample_index) DO NOTHING
     RETURNING run_id, epoch, step, sample_index
@@ -63,7 +62,15 @@ _PG_OUTBOX_CTE = f""", outbox AS (
     SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL FROM ins
     ORDER BY run_id, step, sample_index
 )"""
-_PG_COUNT = "\nSELECT COALESCE(SUM(n), 0) FROM per_epoch\n"
+# Also how many of the samples that predictions with an empty prompt rely on (and the
+# commit does not declare) are not stored: the caller then refuses the batches at fault.
+_PG_COUNT = f"""
+SELECT COALESCE(SUM(n), 0),
+    (SELECT count(*) FROM unnest(CAST(:relied_runs AS UUID[]), CAST(:relied_indices AS BIGINT[]))
+     AS m(r, i) WHERE NOT EXISTS (SELECT 1 FROM {SCHEMA}.samples x
+                                  WHERE x.run_id = m.r AND x.sample_index = m.i))
+FROM per_epoch
+"""
 
 
 _PG_BULK_INSERT = text(_PG_INSERT_CTE + _PG_COUNT)
@@ -80,11 +87,13 @@ _MetricKey = tuple[uuid.UUID, int, str]
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: the run it targets, its predictions and its metrics."""
+    """A validated batch: the run it targets, its predictions, its metrics and the samples it
+    declares."""
 
     run_id: uuid.UUID
     items: Sequence[common_pb2.PredictionInput]
     metrics: Sequence[writer_pb2.MetricInput] = ()
+    samples: Sequence[writer_pb2.SampleInput] = ()
 
 
 @dataclass(frozen=True)
@@ -310,14 +319,20 @@ class WriterRepository:
         """Stores every batch whose run the user owns, in one transaction.
 
         Returns the counts and the run ids that were not found (their batches are skipped).
+        Raises SampleConflict (nothing stored) when batches name a sample with another text
+        than the stored one, or rely on a sample that is not stored (services.writer.samples).
         """
         run_ids = {batch.run_id for batch in batches}
         async with user_transaction(self._engine, user_id) as conn:
             owned = set((await conn.execute(select(runs_table.c.id).where(
                 runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id,
             ).with_for_update(key_share=True, read=True))).scalars())
+            samples = SampleWrite.collect(batches, owned)
+            await samples.store(conn, user_id)
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
-            inserted = await self._insert_predictions(conn, user_id, rows) if rows else 0
+            inserted, missing = await self._insert_predictions(conn, user_id, rows, samples)
+            if missing:
+                await samples.raise_missing(conn, batches)
             if inserted:
                 self._last_commit = time.monotonic()
             metrics = MetricWrite(user_id)
@@ -332,10 +347,21 @@ class WriterRepository:
                             metrics.duplicates, tuple(metrics.conflicts or ())), run_ids - owned
 
     async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
-                                  rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
+                                  rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]],
+                                  samples: SampleWrite) -> tuple[int, int]:
+        """How many rows were inserted, and how many samples rows with an empty prompt rely
+        on are not stored (checked in the same statement on PostgreSQL)."""
+        if not rows:
+            return 0, 0
         if is_postgres(conn):
-            return int(await conn.scalar(self._pg_bulk_insert, _pg_arrays(user_id, rows)))
-        return await _sqlite_insert(conn, user_id, rows, self._judging)
+            relied = sorted(samples.relied)
+            arrays = {**_pg_arrays(user_id, rows), "relied_runs": [k[0] for k in relied],
+                      "relied_indices": [k[1] for k in relied]}
+            inserted, missing = (await conn.execute(self._pg_bulk_insert, arrays)).one()
+        else:
+            inserted = await _sqlite_insert(conn, user_id, rows, self._judging)
+            missing = len(samples.relied) - len(await stored_texts(conn, sorted(samples.relied)))
+        return int(inserted), missing
 
 
 async def _sqlite_insert(conn: AsyncConnection, user_id: str,
@@ -389,8 +415,7 @@ def _pg_arrays(user_id: str, rows: list[tuple[uuid.UUID, common_pb2.PredictionIn
         "user_id": user_id, "now": _now(),
         "run_ids": [run_id for run_id, _ in rows],
         "epochs": [i.epoch for i in items], "steps": [i.step for i in items],
-        "indices": [i.sample_index for i in items], "prompts": [i.prompt for i in items],
-        "truths": [_optional(i, "ground_truth") for i in items],
+        "indices": [i.sample_index for i in items],
         "outputs": [i.prediction for i in items],
         "times": [i.generation_time_ms for i in items],
         "ptoks": [_optional(i, "prompt_tokens") for i in items],
@@ -402,8 +427,7 @@ def _row_dict(user_id: str, run_id: uuid.UUID, item: common_pb2.PredictionInput,
               now: datetime) -> dict:
     return {
         "run_id": run_id, "user_id": user_id, "epoch": item.epoch, "step": item.step,
-        "sample_index": item.sample_index, "prompt": item.prompt,
-        "ground_truth": _optional(item, "ground_truth"), "prediction": item.prediction,
+        "sample_index": item.sample_index, "prediction": item.prediction,
         "generation_time_ms": item.generation_time_ms,
         "prompt_tokens": _optional(item, "prompt_tokens"),
         "completion_tokens": _optional(item, "completion_tokens"), "create_time": now,

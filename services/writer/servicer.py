@@ -23,6 +23,7 @@ from services.common.interceptors import RejectedRequest
 from services.writer.config import WriterSettings
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.repository import Batch, CommitResult, WriterRepository
+from services.writer.samples import SampleConflict, SampleKey
 from services.writer.validation import (
     check_finish_state,
     replace_nul_texts,
@@ -83,13 +84,17 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
     async def WritePredictions(self, request: writer_pb2.WritePredictionsRequest,
                                context: grpc.aio.ServicerContext
                                ) -> writer_pb2.WritePredictionsResponse:
-        run_id = validate_batch(request.run_id, request.predictions, self._settings)
-        replaced = self._replace_nul(current_user(), run_id, request.predictions, "")
+        run_id = validate_batch(request.run_id, request.predictions, self._settings,
+                                samples=request.samples)
+        replaced = self._replace_nul(current_user(), run_id, request.predictions, "",
+                                     request.samples)
+        batch = Batch(run_id, request.predictions, samples=request.samples)
         try:
-            result, missing = await self._repo.commit(current_user(),
-                                                      [Batch(run_id, request.predictions)])
+            result, missing = await self._repo.commit(current_user(), [batch])
         except BATCH_DATA_ERRORS as exc:
             raise _refused_by_store(exc) from exc
+        except SampleConflict as exc:
+            raise _sample_error(current_user(), run_id, exc.error(0)) from exc
         if missing:
             raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
         self.counts["inserted"] += result.inserted
@@ -128,9 +133,9 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                         ", ".join(paths[:5]), self.counts["metric_conflicts"])
         return paths
 
-    def _replace_nul(self, user: str, run_id, items, prefix: str) -> list[str]:
+    def _replace_nul(self, user: str, run_id, items, prefix: str, samples=()) -> list[str]:
         """Replaces NUL in the batch's model texts; logs and counts what it changed."""
-        replaced = replace_nul_texts(items)
+        replaced = replace_nul_texts(items, samples)
         if replaced:
             self.counts["nul_replaced_fields"] += len(replaced)
             log.warning("run %s of %s: NUL replaced by U+FFFD in %d texts (%s; %d so far)",
@@ -148,6 +153,7 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         queue: asyncio.Queue = asyncio.Queue(maxsize=self._settings.stream_read_ahead_batches)
         reader = asyncio.create_task(_pump(request_iterator, queue))
         commits: deque[asyncio.Task] = deque()
+        declared: dict[SampleKey, asyncio.Task] = {}
         fetch: asyncio.Task | None = None
         acked, ended = 0, False
         try:
@@ -165,8 +171,11 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                     if group.requests:
                         response, batches = self._prepare(user, group.requests, acked)
                         acked = response.acked_sequence
+                        after = (_metrics_wait(batches, commits)
+                                 or _samples_wait(batches, declared))
                         commits.append(asyncio.create_task(self._commit(
-                            user, response, batches, _metrics_wait(batches, commits))))
+                            user, response, batches, after)))
+                        _note_declared(batches, declared, commits[-1])
         finally:
             for task in (reader, fetch, *commits):
                 if task is not None:
@@ -202,7 +211,8 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             else:
                 batches.append((request.sequence, batch))
                 response.nul_replaced_fields.extend(self._replace_nul(
-                    user, batch.run_id, request.predictions, f"{request.sequence}:"))
+                    user, batch.run_id, request.predictions, f"{request.sequence}:",
+                    request.samples))
             response.acked_sequence = max(response.acked_sequence, _sequence_of(request))
         return response, batches
 
@@ -217,6 +227,13 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             return response
         try:
             result, missing = await self._repo.commit(user, [b for _, b in batches])
+        except SampleConflict as exc:
+            for position, (sequence, _) in enumerate(batches):
+                if position in exc.violations:
+                    self._reject(response, user, sequence, exc.error(position))
+            rest = [one for position, one in enumerate(batches)
+                    if position not in exc.violations]
+            return await self._commit(user, response, rest)
         except BATCH_DATA_ERRORS as exc:
             if len(batches) == 1:
                 self._reject(response, user, batches[0][0], _refused_by_store(exc))
@@ -247,8 +264,8 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             raise request.error
         _check_sequence(request.sequence, acked)
         run_id = validate_batch(request.run_id, request.predictions, self._settings,
-                                metrics=request.metrics)
-        return Batch(run_id, request.predictions, request.metrics)
+                                metrics=request.metrics, samples=request.samples)
+        return Batch(run_id, request.predictions, request.metrics, request.samples)
 
     def _reject(self, response: writer_pb2.StreamPredictionsResponse, user: str, sequence: int,
                 exc: DomainError) -> None:
@@ -263,6 +280,33 @@ def _metrics_wait(batches: _Sequenced, commits: deque[asyncio.Task]) -> list[asy
     stored for a (run, step, name) is then the one sent first (groups of predictions only
     commit concurrently; a replayed prediction is identical, so their order does not matter)."""
     return list(commits) if any(batch.metrics for _, batch in batches) else []
+
+
+def _samples_wait(batches: _Sequenced, declared: dict[SampleKey, asyncio.Task]
+                  ) -> list[asyncio.Task]:
+    """The commits still in flight of earlier groups that declare a sample this group's
+    predictions with an empty prompt rely on: this group commits after them, or it would not
+    see the sample yet."""
+    if not declared:
+        return []
+    tasks = {declared.get((batch.run_id, item.sample_index))
+             for _, batch in batches for item in batch.items if not item.prompt}
+    return [task for task in tasks if task is not None and not task.done()]
+
+
+def _note_declared(batches: _Sequenced, declared: dict[SampleKey, asyncio.Task],
+                   task: asyncio.Task) -> None:
+    """Remembers which commit declares which sample (see _samples_wait)."""
+    for _, batch in batches:
+        declared.update(((batch.run_id, sample.sample_index), task) for sample in batch.samples)
+        declared.update(((batch.run_id, item.sample_index), task) for item in batch.items
+                        if item.prompt)
+
+
+def _sample_error(user: str, run_id, error: InvalidArgument) -> InvalidArgument:
+    log.warning("batch of run %s of %s refused over its samples: %s", run_id, user,
+                error.message)
+    return error
 
 
 def _refused_by_store(exc: sa_exc.DBAPIError) -> StorageRefused:

@@ -12,44 +12,62 @@ from services.common.errors import Violations
 from services.common.validation import NUL, replace_nul
 from services.writer.config import WriterSettings
 
-# Texts that must not be empty. A prediction may be: a model that stops at once early in
-# training produced exactly that, and it is worth seeing.
-REQUIRED_TEXT = ("prompt",)
 # The model texts of a prediction, stored with NUL replaced (services.common.validation).
+# Its prompt may be empty (the run's sample declared once gives it: services.writer.samples),
+# and so may its prediction: a model that stops at once early in training produced exactly
+# that, and it is worth seeing.
 MODEL_TEXT = ("prompt", "ground_truth", "prediction")
 _MODEL_TEXT_OF = attrgetter(*MODEL_TEXT)
+# The texts of a declared sample (SampleInput), stored with NUL replaced too.
+SAMPLE_TEXT = ("prompt", "ground_truth")
+_SAMPLE_TEXT_OF = attrgetter(*SAMPLE_TEXT)
 # 9999-12-31T23:59:59Z: the last second a stored timestamp (and Python's datetime) can hold.
 MAX_TIMESTAMP_SECONDS = 253402300799
 
 
-def replace_nul_texts(items: Sequence[common_pb2.PredictionInput]) -> list[str]:
-    """Replaces NUL in the model texts of valid items, in place; the paths it changed.
-    One C-level scan of the batch's texts first: almost every batch has none."""
-    if NUL not in "".join(chain.from_iterable(map(_MODEL_TEXT_OF, items))):
+def replace_nul_texts(items: Sequence[common_pb2.PredictionInput],
+                      samples: Sequence[writer_pb2.SampleInput] = ()) -> list[str]:
+    """Replaces NUL in the model texts of valid items and declared samples, in place; the
+    paths it changed. One C-level scan of the batch's texts first: almost every batch has
+    none."""
+    changed = _replace_in(items, "predictions", MODEL_TEXT, _MODEL_TEXT_OF)
+    if samples:
+        changed += _replace_in(samples, "samples", SAMPLE_TEXT, _SAMPLE_TEXT_OF)
+    return changed
+
+
+def _replace_in(messages: Sequence, parent: str, names: tuple[str, ...], texts_of
+                ) -> list[str]:
+    if NUL not in "".join(chain.from_iterable(map(texts_of, messages))):
         return []
     changed = []
-    for index, item in enumerate(items):
-        for name in MODEL_TEXT:
-            value = getattr(item, name)
+    for index, message in enumerate(messages):
+        for name in names:
+            value = getattr(message, name)
             if NUL in value:
-                setattr(item, name, replace_nul(value))
-                changed.append(f"predictions[{index}].{name}")
+                setattr(message, name, replace_nul(value))
+                changed.append(f"{parent}[{index}].{name}")
     return changed
 
 
 def validate_batch(run_id: str, items: Sequence[common_pb2.PredictionInput],
                    settings: WriterSettings,
-                   metrics: Sequence[writer_pb2.MetricInput] | None = None) -> uuid.UUID:
+                   metrics: Sequence[writer_pb2.MetricInput] | None = None,
+                   samples: Sequence[writer_pb2.SampleInput] = ()) -> uuid.UUID:
     """The batch's run id, or InvalidArgument naming every offending item and field.
     Non-finite numbers, NUL in identifiers and out-of-range integers never get here
-    (the edge check in services.common.interceptors refused them).
+    (the edge check in services.common.interceptors refused them). Whether the samples
+    agree with each other and with the store is checked when the batch is committed
+    (services.writer.samples).
 
     metrics: the batch's metrics on the upload stream (None for WritePredictions); a stream
-    batch needs at least one prediction or one metric."""
+    batch needs at least one prediction or one metric. samples: the samples it declares (at
+    most max_batch_size, like its predictions)."""
     violations = Violations()
     parsed = parse_run_id(run_id, violations=violations)
     if metrics is not None:
         _check_metrics(metrics, settings, violations, required=not items)
+    _check_samples(samples, settings, violations)
     if not items:
         if metrics is None:
             violations.add("predictions", "a batch needs at least one prediction")
@@ -74,17 +92,34 @@ def _check_item(item: common_pb2.PredictionInput, path: str, max_chars: int,
         violations.add(f"{path}.sample_index", f"must be >= 0, got {item.sample_index}")
     if item.generation_time_ms < 0:
         violations.add(f"{path}.generation_time_ms", "must be >= 0")
-    for name in REQUIRED_TEXT:
-        if not getattr(item, name):
-            violations.add(f"{path}.{name}", "required (empty)")
-    for name in ("prompt", "prediction", "ground_truth"):
-        size = len(getattr(item, name))
-        if size > max_chars:
-            violations.add(f"{path}.{name}", f"{size} characters exceed the maximum "
-                           f"of {max_chars}")
+    _check_sizes(item, MODEL_TEXT, path, max_chars, violations)
     for name in ("prompt_tokens", "completion_tokens"):
         if item.HasField(name) and getattr(item, name) < 0:
             violations.add(f"{path}.{name}", "must be >= 0")
+
+
+def _check_sizes(message, names: tuple[str, ...], path: str, max_chars: int,
+                 violations: Violations) -> None:
+    for name in names:
+        size = len(getattr(message, name))
+        if size > max_chars:
+            violations.add(f"{path}.{name}", f"{size} characters exceed the maximum "
+                           f"of {max_chars}")
+
+
+def _check_samples(samples: Sequence[writer_pb2.SampleInput], settings: WriterSettings,
+                   violations: Violations) -> None:
+    if len(samples) > settings.max_batch_size:
+        violations.add("samples", f"{len(samples)} samples exceed the maximum batch size "
+                       f"of {settings.max_batch_size}")
+        return
+    for index, sample in enumerate(samples):
+        path = f"samples[{index}]"
+        if sample.sample_index < 0:
+            violations.add(f"{path}.sample_index", f"must be >= 0, got {sample.sample_index}")
+        if not sample.prompt:
+            violations.add(f"{path}.prompt", "required (empty)")
+        _check_sizes(sample, SAMPLE_TEXT, path, settings.max_text_chars, violations)
 
 
 def validate_metrics(run_id: str, metrics: Sequence[writer_pb2.MetricInput],

@@ -28,7 +28,7 @@ from services.judge.pairwise.models import pairwise_results_table as R
 from services.judge.pairwise.models import pairwise_tasks_table as T
 from services.judge.schema import Item
 from services.judge.store import TaskState, now_utc
-from services.writer.models import predictions_table as P
+from services.writer.models import prediction_texts as P
 
 SAMPLE_SPACE = 2**64
 ERROR_CHARS = 2000
