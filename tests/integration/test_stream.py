@@ -37,7 +37,7 @@ async def test_acks_follow_commits_and_bad_batch_is_rejected_alone(stack, writer
     run = await create_run(writer_stub, md)
     responses = await exchange(writer_stub, md, [
         batch(1, run.id, [item(10, 0), item(10, 1)]),
-        batch(2, run.id, [item(20, 0), item(20, 1, prompt="")]),
+        batch(2, run.id, [item(20, 0), item(20, 5, prompt="")]),
         batch(3, run.id, [item(30, 0)]),
     ])
     assert [r.acked_sequence for r in responses] == [1, 2, 3]

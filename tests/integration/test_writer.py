@@ -66,13 +66,13 @@ async def test_write_stores_rows_and_replay_adds_none(stack, writer_stub):
 async def test_bad_item_rejects_whole_batch_naming_it(stack, writer_stub):
     md = stack.metadata("alice")
     run = await create_run(writer_stub, md)
-    items = [item(1, 0, prediction=""), item(1, 1, prompt=""), item(1, 2, epoch=-1)]
+    items = [item(1, 0, prediction=""), item(-1, 1), item(1, 2, epoch=-1)]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await writer_stub.WritePredictions(
             writer_pb2.WritePredictionsRequest(run_id=run.id, predictions=items), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = field_violations(rich_status(err.value))
-    assert set(violations) == {"predictions[1].prompt", "predictions[2].epoch"}
+    assert set(violations) == {"predictions[1].step", "predictions[2].epoch"}
     assert await stored_count(stack, run.id) == 0
 
 

@@ -32,8 +32,20 @@ def test_every_bad_field_is_named_with_its_index(settings):
         validate_batch("bad", items, settings)
     assert set(violations(err.value)) == {
         "run_id", "predictions[1].step", "predictions[1].sample_index", "predictions[1].epoch",
-        "predictions[1].prompt", "predictions[1].prediction", "predictions[1].ground_truth",
+        "predictions[1].prediction", "predictions[1].ground_truth",
         "predictions[1].generation_time_ms", "predictions[1].prompt_tokens"}
+
+
+def test_declared_samples_are_checked_like_predictions(settings):
+    """An empty prompt on a prediction is checked at commit (its sample may be stored); on a
+    declared sample it is always a violation."""
+    samples = [writer_pb2.SampleInput(sample_index=0, prompt="p"),
+               writer_pb2.SampleInput(sample_index=-1, prompt="", ground_truth="y" * 11)]
+    with pytest.raises(InvalidArgument) as err:
+        validate_batch(RUN, [item(1, 0, prompt="", prediction="o")], settings,
+                       samples=samples)
+    assert set(violations(err.value)) == {
+        "samples[1].sample_index", "samples[1].prompt", "samples[1].ground_truth"}
 
 
 def test_batch_size_limits(settings):
