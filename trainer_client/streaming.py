@@ -9,6 +9,10 @@ thread runs an asyncio loop with two tasks:
   StreamPredictions with its spool sequence number, deletes batches as acks
   arrive, and sends FinishRun once everything is acked.
 
+Each sample's prompt and ground truth goes up once per run (trainer_client.samples): the
+spool keeps predictions whole, and a batch declares the samples it names that the writer has
+not acknowledged as stored.
+
 A broken stream or an unreachable writer is retried with exponential backoff
 and jitter; what was not acked stays in the spool and is replayed on the next
 stream (the writer counts replays as duplicates, never stores them twice).
@@ -39,6 +43,7 @@ from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from trainer_client.config import PredictionsConfig
 from trainer_client.credentials import Credentials, CredentialsError, resolve_credentials
 from trainer_client.payload import MetricsItem, PayloadEncoder
+from trainer_client.samples import SampleTracker
 from trainer_client.spool import METRICS, PREDICTIONS, Spool
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,7 @@ class StreamingClient:
         self._refreshed_after_refusal = False
         self._record = spool.record()
         self._encoder = PayloadEncoder(config)
+        self._samples = SampleTracker()
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._random = random.Random()
         self.counts: Counter[str] = Counter()
@@ -474,6 +480,7 @@ class StreamingClient:
         unacked), half-closes, and returns when the writer has settled all of them."""
         call = stub.StreamPredictions(metadata=await self._auth())
         self._acked = 0
+        self._samples.new_stream()
         reader = asyncio.create_task(self._read_acks(call))
         try:
             await self._send_all(call, reader)
@@ -511,9 +518,10 @@ class StreamingClient:
             metrics = writer_pb2.WriteMetricsRequest.FromString(payload).metrics
             return writer_pb2.StreamPredictionsRequest(
                 sequence=sequence, run_id=self._record.run_id, metrics=metrics)
-        batch = writer_pb2.WritePredictionsRequest.FromString(payload)
+        predictions = list(writer_pb2.WritePredictionsRequest.FromString(payload).predictions)
+        samples = self._samples.prepare(sequence, predictions)
         return writer_pb2.StreamPredictionsRequest(sequence=sequence, run_id=self._record.run_id,
-                                                   predictions=batch.predictions)
+                                                   predictions=predictions, samples=samples)
 
     async def _read_acks(self, call) -> None:
         async for response in call:
@@ -527,6 +535,7 @@ class StreamingClient:
                           self._record.run_id, code, rejection.status.message,
                           self.counts["rejected_batches"])
             self._spool.settle(response.acked_sequence, rejections)
+            self._samples.settle(response.acked_sequence, set(rejections))
             self._note_replaced(response.nul_replaced_fields)
             self._acked = response.acked_sequence
             self._count("inserted", response.inserted_count)

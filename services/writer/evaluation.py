@@ -46,6 +46,7 @@ from services.common.validation import NUL, replace_nul
 from services.writer.config import WriterSettings
 from services.writer.judge_check import TRANSIENT_CODES, JudgeConfigCheck
 from services.writer.repository import Batch, WriterRepository
+from services.writer.samples import SampleConflict
 from services.writer.servicer import BATCH_DATA_ERRORS
 from services.writer.validation import validate_create_run
 
@@ -267,6 +268,8 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
                       user, exc.orig, exc_info=exc)
             raise StorageRefused(f"the database refused these rows ({type(exc.orig).__name__})"
                                  "; the server log has the details") from exc
+        except SampleConflict as exc:
+            raise _row_conflict(run_id, user, items, exc) from exc
         if missing:
             raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
         outcome.inserted += result.inserted
@@ -382,3 +385,20 @@ def _row_path(path: str, positions: list[int]) -> str:
     if number.isdigit() and int(number) < len(positions):
         return f"rows[{positions[int(number)]}]{rest}"
     return "rows"
+
+
+def _row_conflict(run_id: uuid.UUID, user: str, items: list[common_pb2.PredictionInput],
+                  exc: SampleConflict) -> InvalidArgument:
+    """A row whose prompt or reference differs from the one stored for its index in this
+    evaluation run (a repeated call with other rows): INVALID_ARGUMENT naming the rows."""
+    violations = []
+    for violation in exc.violations[0]:
+        position = int(violation.field.split("[", 1)[1].split("]", 1)[0])
+        name = "reference" if violation.field.endswith("ground_truth") else "prompt"
+        violations.append(FieldViolation("rows", f"the row with index "
+                                         f"{items[position].sample_index}: its {name} "
+                                         "differs from the one stored for that index in this "
+                                         "evaluation run"))
+    log.warning("evaluation run %s of %s: %d rows differ from the stored ones", run_id, user,
+                len(violations))
+    return InvalidArgument(violations)
