@@ -24,7 +24,7 @@ BEGIN
   IF NEW.prompt = '{prompt}' THEN RAISE EXCEPTION 'refused by a test trigger'; END IF;
   RETURN NEW;
 END $$;
-CREATE TRIGGER crash_{tag} BEFORE INSERT ON writer.predictions
+CREATE TRIGGER crash_{tag} BEFORE INSERT ON writer.samples
   FOR EACH ROW EXECUTE FUNCTION writer.crash_{tag}();
 """
 
@@ -66,10 +66,10 @@ async def test_a_batch_the_database_refuses_is_rejected_alone(stack, tmp_path):
     tag = uuid.uuid4().hex[:8]
     poison = f"poison-{tag}"
     if stack.backend == "postgres":
-        await _admin(stack, f"ALTER TABLE writer.predictions ADD CONSTRAINT poison_{tag} "
+        await _admin(stack, f"ALTER TABLE writer.samples ADD CONSTRAINT poison_{tag} "
                      f"CHECK (prompt <> '{poison}') NOT VALID")
     else:
-        await _admin(stack, f"CREATE TRIGGER poison_{tag} BEFORE INSERT ON predictions "
+        await _admin(stack, f"CREATE TRIGGER poison_{tag} BEFORE INSERT ON samples "
                      f"WHEN NEW.prompt = '{poison}' BEGIN SELECT RAISE(ABORT, 'poison'); END")
     client, report = await _upload(stack, tmp_path, ["a", "b\x00", poison, "d", "e"])
     assert report.finished and report.pending_batches == 0
