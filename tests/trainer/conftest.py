@@ -80,6 +80,14 @@ class WriterProcess:
         wanted = uuid.UUID(run_id)
         return sorted(r[1:] for r in rows if uuid.UUID(str(r[0])) == wanted)
 
+    def samples(self, run_id: str) -> list[tuple[int, str, str | None]]:
+        """(sample_index, prompt, ground_truth) of one run's stored samples."""
+        with self._db() as db:
+            rows = db.execute("SELECT run_id, sample_index, prompt, ground_truth "
+                              "FROM samples").fetchall()
+        wanted = uuid.UUID(run_id)
+        return sorted(r[1:] for r in rows if uuid.UUID(str(r[0])) == wanted)
+
     def run_config(self, run_id: str) -> dict:
         """The stored config of one run."""
         with self._db() as db:

@@ -201,6 +201,10 @@ def test_writer_killed_mid_training_and_restarted(tmp_path, tokenizer, own_write
     keys = [(e, s, i) for e, s, i, _ in rows]
     assert len(keys) == len(set(keys)) == 4 * SAMPLES
     assert sorted({e for e, _, _ in keys}) == [1, 2, 3, 4]
+    # Each sample stored once, although batches declared in streams the kill broke were
+    # replayed on new streams (they declare their samples again).
+    stored = [i for i, _, _ in own_writer.samples(report.run_id)]
+    assert len(stored) == SAMPLES and stored == sorted({i for _, _, i in keys})
     assert callback.client is None and callback.upload_counts["connection_errors"] >= 1
     assert report.inserted <= 4 * SAMPLES <= report.inserted + report.duplicates
     assert own_writer.runs("killed") == [(report.run_id, common_pb2.RUN_STATE_SUCCEEDED)]
