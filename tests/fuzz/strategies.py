@@ -5,7 +5,10 @@ any protobuf client, so they reach a server only as invalid UTF-8, which `raw_mu
 produces), integers from the full range of their type with the edges weighted in,
 doubles include NaN and +/-inf, Structs are nested up to past protobuf's own limit, and
 repeated fields are sometimes long. Fields named like ids draw from ids that exist too
-(`known_ids`), so ownership checks are exercised, not just parsing.
+(`known_ids`), so ownership checks are exercised, not just parsing. Sample indices and
+prompts also draw from a few shared values, so a batch's declared samples (SampleInput) and
+its predictions name the same samples, with the same or other text, or rely on a sample with
+an empty prompt: the store-once paths of the writer are exercised, not only parsing.
 """
 
 import math
@@ -31,6 +34,9 @@ _INT_RANGES = {
 _EDGE_INTS = (0, 1, -1, 5, 2**31 - 1, -2**31, 2**53, 2**53 + 1, 2**63 - 1, -2**63)
 _EDGE_TEXT = ("", "\x00", "a\x00b", " ", "\ufffd", "x" * 5000, "[" * 3000, "(a+)+$")
 _MAX_STRUCT_DEPTH = 36  # past protobuf's parse limit (about 33 Struct levels)
+# Shared values of sample_index and prompt (see the module docstring).
+_SHARED_SAMPLE_INDICES = (0, 1, 2)
+_SHARED_PROMPTS = ("", "p", "q")
 
 
 def texts() -> st.SearchStrategy[str]:
@@ -126,6 +132,10 @@ class MessageStrategies:
 
     def _scalar(self, field: FieldDescriptor) -> st.SearchStrategy:
         kind = field.type
+        if field.name == "sample_index":
+            return st.one_of(st.sampled_from(_SHARED_SAMPLE_INDICES), integers(*_INT_RANGES[kind]))
+        if field.name == "prompt" and kind == FieldDescriptor.TYPE_STRING:
+            return st.one_of(st.sampled_from(_SHARED_PROMPTS), texts())
         if kind == FieldDescriptor.TYPE_STRING:
             if field.name.endswith("run_id") and self._known_ids:
                 return st.one_of(st.sampled_from(self._known_ids), texts())
