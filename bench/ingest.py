@@ -8,12 +8,21 @@ Measures, on a throwaway PostgreSQL database with the real schema and roles:
     client and of the writer's PostgreSQL backends, and the writer's peak RSS
     (VmHWM).
   * That the table then holds exactly N rows (counted as the superuser).
+    The stream sends each sample's prompt and ground truth once (--wire samples: in
+    the first batch that names the sample, later predictions leave the prompt empty),
+    as the trainer client does, or on every prediction as older clients do (--wire
+    legacy); --wire both (default) streams the rows twice, into two runs.
   * The raw ceiling: asyncpg COPY (copy_records_to_table) of the same rows, in
-    chunks of --copy-chunk, into writer.bench_copy (LIKE writer.predictions
-    INCLUDING ALL: same columns and indexes; LIKE copies neither the foreign
-    key nor the RLS policy), and the ratio end-to-end / COPY (target >= 0.6).
+    chunks of --copy-chunk, denormalised (every row with its prompt and ground
+    truth, as the writer stored them before issue 12) into writer.bench_copy (LIKE
+    writer.predictions INCLUDING ALL, with prompt and ground_truth instead of the
+    legacy columns: the indexes too; LIKE copies neither the foreign key nor the RLS
+    policy), and the ratio end-to-end / COPY (target >= 0.6; issue 12: > 1.0).
   * For reference (--compare-executemany, on by default): SQLAlchemy Core
-    executemany INSERT of the same rows into another LIKE table.
+    executemany INSERT of the same rows into another such table.
+  * Bytes on disk per 1M predictions before and after samples were stored once
+    (bench/storage.py, --storage-runs runs of --storage-samples x --storage-epochs,
+    COPYed; 0 runs: skipped), and what the writer's own tables hold after the streams.
 
 A CHECKPOINT precedes each timed phase (--checkpoint) so that one phase's
 dirty pages are not written out during the next. The request messages are
@@ -42,6 +51,7 @@ import psutil
 import sqlalchemy as sa
 from _stack import add_stack_args, bench_stack, percentile
 from sqlalchemy.ext.asyncio import create_async_engine
+from storage import add_shape_args, create_denormalised, mib_per_million, storage_lines, total_bytes
 
 from epochlens.v1 import common_pb2, writer_pb2, writer_pb2_grpc
 from services.writer.models import SCHEMA, predictions_table
@@ -72,6 +82,10 @@ def parse_args() -> argparse.Namespace:
     add("--text-pool", type=int, default=4096,
         help="distinct random texts per field (default %(default)s)")
     add("--seed", type=int, default=1, help="random seed (default %(default)s)")
+    add("--wire", choices=("samples", "legacy", "both"), default="both",
+        help="samples: each sample's text sent once; legacy: on every prediction; both "
+        "(default %(default)s)")
+    add_shape_args(p)
     add_measure_args(p)
     add_stack_args(p)
     return p.parse_args()
@@ -150,13 +164,32 @@ class Window:
         self.changed.set()
 
 
-async def requests(run_id: str, rows: list[tuple], batch_size: int, window: Window):
-    """The send side: one message per batch, never more than window.size unacknowledged."""
+def declare_once(items: list[common_pb2.PredictionInput], declared: set[int]
+                 ) -> list[writer_pb2.SampleInput]:
+    """The samples of `items` not declared yet (now declared); empties every prompt."""
+    samples = []
+    for item in items:
+        if item.sample_index not in declared:
+            declared.add(item.sample_index)
+            samples.append(writer_pb2.SampleInput(sample_index=item.sample_index,
+                                                  prompt=item.prompt,
+                                                  ground_truth=item.ground_truth))
+        item.prompt = ""
+        item.ClearField("ground_truth")
+    return samples
+
+
+async def requests(run_id: str, rows: list[tuple], batch_size: int, window: Window,
+                   once: bool):
+    """The send side: one message per batch, never more than window.size unacknowledged.
+    once: each sample's text in the first batch that names it only."""
+    declared: set[int] = set()
     for sequence, start in enumerate(range(0, len(rows), batch_size), 1):
         await window.wait_room(sequence)
+        items = [to_input(r) for r in rows[start:start + batch_size]]
+        samples = declare_once(items, declared) if once else []
         request = writer_pb2.StreamPredictionsRequest(
-            sequence=sequence, run_id=run_id,
-            predictions=[to_input(r) for r in rows[start:start + batch_size]])
+            sequence=sequence, run_id=run_id, predictions=items, samples=samples)
         window.mark_sent(sequence)
         yield request
 
@@ -176,10 +209,11 @@ class StreamResult:
         return self.window.last_ack - self.window.first_send
 
 
-async def stream_rows(stub, run_id: str, rows: list[tuple], args, metadata) -> StreamResult:
+async def stream_rows(stub, run_id: str, rows: list[tuple], args, metadata, once: bool
+                      ) -> StreamResult:
     """The read side: every ack settles all batches with a sequence <= acked_sequence."""
     result = StreamResult(Window(args.window))
-    call = stub.StreamPredictions(requests(run_id, rows, args.batch_size, result.window),
+    call = stub.StreamPredictions(requests(run_id, rows, args.batch_size, result.window, once),
                                   metadata=metadata, timeout=args.rpc_timeout_s)
     async for response in call:
         result.window.on_ack(response.acked_sequence)
@@ -205,11 +239,10 @@ def copy_records(rows: list[tuple], run_id: str, user_id: str) -> list[tuple]:
 
 
 async def copy_rate(admin_dsn: str, records: list[tuple], chunk: int) -> float:
-    """Rows/s of asyncpg COPY into a LIKE copy of writer.predictions."""
+    """Rows/s of asyncpg COPY into a denormalised copy of writer.predictions."""
     conn = await asyncpg.connect(admin_dsn)
     try:
-        await conn.execute(f"CREATE TABLE {SCHEMA}.bench_copy "
-                           f"(LIKE {SCHEMA}.predictions INCLUDING ALL)")
+        await create_denormalised(conn, "bench_copy")
         start = time.perf_counter()
         for offset in range(0, len(records), chunk):
             await conn.copy_records_to_table("bench_copy", schema_name=SCHEMA,
@@ -224,16 +257,22 @@ async def copy_rate(admin_dsn: str, records: list[tuple], chunk: int) -> float:
     return len(records) / seconds
 
 
-async def executemany_rate(admin_url: str, records: list[tuple], chunk: int) -> float:
-    """Rows/s of SQLAlchemy Core insert(table) with a list of parameter dicts."""
+async def executemany_rate(admin_dsn: str, admin_url: str, records: list[tuple],
+                           chunk: int) -> float:
+    """Rows/s of SQLAlchemy Core insert(table) with a list of parameter dicts, into a
+    denormalised table like COPY's."""
     table = sa.Table("bench_executemany", sa.MetaData(schema=SCHEMA),
-                     *(sa.Column(c.name, c.type) for c in predictions_table.columns))
+                     *(sa.Column(c.name, c.type) for c in predictions_table.columns
+                       if c.name in COPY_COLUMNS),
+                     sa.Column("prompt", sa.Text()), sa.Column("ground_truth", sa.Text()))
     params = [dict(zip(COPY_COLUMNS, record, strict=True)) for record in records]
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await create_denormalised(conn, "bench_executemany")
+    finally:
+        await conn.close()
     engine = create_async_engine(admin_url)
     try:
-        async with engine.begin() as conn:
-            await conn.execute(sa.text(f"CREATE TABLE {SCHEMA}.bench_executemany "
-                                       f"(LIKE {SCHEMA}.predictions INCLUDING ALL)"))
         start = time.perf_counter()
         for offset in range(0, len(params), chunk):
             async with engine.begin() as conn:
@@ -279,7 +318,18 @@ async def count_predictions(admin_dsn: str, run_id: str) -> int:
         await conn.close()
 
 
-async def run_stream(stack, rows: list[tuple], args) -> tuple[str, StreamResult, float]:
+async def writer_bytes(admin_dsn: str) -> tuple[int, int]:
+    """(bytes of writer.predictions + writer.samples, predictions stored)."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        size = await total_bytes(conn, "predictions", "samples")
+        return size, await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.predictions")
+    finally:
+        await conn.close()
+
+
+async def run_stream(stack, rows: list[tuple], args, once: bool
+                     ) -> tuple[str, StreamResult, float]:
     """CreateRun + the timed stream; returns the run id, the result and writer peak RSS."""
     writer = stack.services["writer"]
     metadata = stack.metadata()
@@ -289,10 +339,12 @@ async def run_stream(stack, rows: list[tuple], args) -> tuple[str, StreamResult,
         await checkpoint(stack.admin_dsn, args.checkpoint)
         client, cpu_before = psutil.Process(), cpu_seconds(writer.process)
         client_before = cpu_seconds(client)
-        result = await stream_rows(stub, run_id, rows, args, metadata)
+        backend_before = await backend_cpu_seconds(stack.admin_dsn, stack.dbname)
+        result = await stream_rows(stub, run_id, rows, args, metadata, once)
         result.writer_cpu_s = cpu_seconds(writer.process) - cpu_before
         result.client_cpu_s = cpu_seconds(client) - client_before
-        result.backend_cpu_s = await backend_cpu_seconds(stack.admin_dsn, stack.dbname)
+        result.backend_cpu_s = (await backend_cpu_seconds(stack.admin_dsn, stack.dbname)
+                                - backend_before)
     return run_id, result, writer.peak_rss_mib()
 
 
@@ -313,24 +365,22 @@ def stream_lines(args, result: StreamResult, rss: float) -> list[tuple[str, str]
         ("writer CPU s (user+system) during the stream",
          cpu_share(result.writer_cpu_s, result.seconds)),
         ("bench client CPU s during the stream", cpu_share(result.client_cpu_s, result.seconds)),
-        ("writer's postgres backends CPU s (their lifetime)",
+        ("writer's postgres backends CPU s during the stream",
          cpu_share(result.backend_cpu_s, result.seconds)),
         ("writer peak RSS MiB (VmHWM)", f"{rss:.1f}"),
     ]
 
 
-def report(args, result: StreamResult, rss: float, stored: int, copy: float,
-           many: float | None) -> None:
+def stream_report(args, wire: str, result: StreamResult, rss: float, stored: int,
+                  copy: float) -> list[tuple[str, str]]:
     ratio = args.rows / result.seconds / copy
-    lines = stream_lines(args, result, rss) + [
-        ("rows in db", f"{stored} ({'OK' if stored == args.rows else 'MISMATCH'})"),
-        (f"asyncpg COPY rows/s (chunk {args.copy_chunk})", f"{copy:,.0f}"),
-        (f"end-to-end / COPY (target >= {args.target_ratio})",
-         f"{ratio:.2f}  {'PASS' if ratio >= args.target_ratio else 'FAIL'}"),
-    ]
-    if many is not None:
-        lines.append((f"SQLAlchemy executemany rows/s (chunk {args.executemany_chunk})",
-                      f"{many:,.0f}  ({many / copy:.2f} of COPY)"))
+    return [(f"[{wire} wire] {name}", value) for name, value in stream_lines(args, result, rss)
+            + [("rows in db", f"{stored} ({'OK' if stored == args.rows else 'MISMATCH'})"),
+               (f"end-to-end / COPY of denormalised rows (target >= {args.target_ratio})",
+                f"{ratio:.2f}  {'PASS' if ratio >= args.target_ratio else 'FAIL'}")]]
+
+
+def print_lines(lines: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in lines)
     print(f"{'metric':<{width}}  value")
     print("-" * (width + 30))
@@ -340,17 +390,35 @@ def report(args, result: StreamResult, rss: float, stored: int, copy: float,
 
 async def main_async(args: argparse.Namespace) -> int:
     rows = make_rows(args)
+    wires = ("samples", "legacy") if args.wire == "both" else (args.wire,)
+    streams = []
     async with bench_stack(args, ("writer",)) as stack:
-        run_id, result, rss = await run_stream(stack, rows, args)
-        stored = await count_predictions(stack.admin_dsn, run_id)
+        for wire in wires:
+            run_id, result, rss = await run_stream(stack, rows, args, wire == "samples")
+            streams.append((wire, result, rss, await count_predictions(stack.admin_dsn, run_id)))
+        size, stored_total = await writer_bytes(stack.admin_dsn)
         records = copy_records(rows, run_id, args.bench_user)
         await checkpoint(stack.admin_dsn, args.checkpoint)
         copy = await copy_rate(stack.admin_dsn, records, args.copy_chunk)
         await checkpoint(stack.admin_dsn, args.checkpoint and args.compare_executemany)
-        many = (await executemany_rate(stack.admin_url, records, args.executemany_chunk)
+        many = (await executemany_rate(stack.admin_dsn, stack.admin_url, records,
+                                       args.executemany_chunk)
                 if args.compare_executemany else None)
-    report(args, result, rss, stored, copy, many)
-    return 0 if stored == args.rows and result.rejections == 0 else 1
+        storage = (await storage_lines(stack.admin_dsn, args, args.bench_user, False)
+                   if args.storage_runs else [])
+    lines = [(f"asyncpg COPY of denormalised rows, rows/s (chunk {args.copy_chunk})",
+              f"{copy:,.0f}")]
+    for wire, result, rss, stored in streams:
+        lines += stream_report(args, wire, result, rss, stored, copy)
+    if many is not None:
+        lines.append((f"SQLAlchemy executemany rows/s (chunk {args.executemany_chunk})",
+                      f"{many:,.0f}  ({many / copy:.2f} of COPY)"))
+    lines.append((f"writer's predictions + samples after the streams ({args.samples} samples "
+                  "per run), per 1M predictions", mib_per_million(size, stored_total)))
+    print_lines(lines + storage)
+    valid = all(stored == args.rows and result.rejections == 0
+                for _, result, _, stored in streams)
+    return 0 if valid else 1
 
 
 def main() -> None:

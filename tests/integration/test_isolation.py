@@ -47,7 +47,10 @@ async def test_unfiltered_reads_see_only_the_callers_rows(stack, two_users_data)
             assert await count_as(reader, user, "predictions") == expected
             assert await count_as(reader, user, "runs") == await admin.fetchval(
                 "SELECT count(*) FROM writer.runs WHERE user_id = $1", user)
+            assert await count_as(reader, user, "samples") == await admin.fetchval(
+                "SELECT count(*) FROM writer.samples WHERE user_id = $1", user) > 0
         assert await count_as(reader, None, "predictions") == 0
+        assert await count_as(reader, None, "samples") == 0
         assert await count_as(reader, "nobody", "runs") == 0
     finally:
         await reader.close()
@@ -62,9 +65,15 @@ async def test_writer_role_cannot_write_rows_for_another_user(stack, two_users_d
                 await writer.execute("SELECT set_config($1, 'rls-alice', true)", RLS_USER_SETTING)
                 await writer.execute(
                     "INSERT INTO writer.predictions (run_id, user_id, epoch, step, sample_index,"
-                    " prompt, prediction, generation_time_ms, create_time)"
-                    " VALUES ($1, 'rls-bob', 1, 999, 0, 'p', 'x', 0, now())",
+                    " prediction, generation_time_ms, create_time)"
+                    " VALUES ($1, 'rls-bob', 1, 999, 0, 'x', 0, now())",
                     two_users_data["rls-bob"])
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            async with writer.transaction():
+                await writer.execute("SELECT set_config($1, 'rls-alice', true)", RLS_USER_SETTING)
+                await writer.execute(
+                    "INSERT INTO writer.samples (run_id, sample_index, user_id, prompt)"
+                    " VALUES ($1, 999, 'rls-bob', 'p')", two_users_data["rls-bob"])
     finally:
         await writer.close()
 
