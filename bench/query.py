@@ -120,15 +120,41 @@ def prediction_records(args, run_id: uuid.UUID, pools: tuple, rng: random.Random
                    args.prompt_chars // 4, args.prediction_chars // 4, now)
 
 
+# The seeded rows carry their prompt and ground truth (PREDICTION_COLUMNS); the writer
+# stores each sample's once (issue 12). They are COPYed into a staging table, then split.
+_STAGE = "bench_stage"
+_STAGE_DDL = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (run_id uuid, step bigint, sample_index bigint,
+    user_id text, epoch bigint, prompt text, ground_truth text, prediction text,
+    generation_time_ms float8, prompt_tokens int, completion_tokens int, create_time timestamptz)
+"""
+_STAGE_SPLIT = f"""
+INSERT INTO {SCHEMA}.samples (run_id, sample_index, user_id, prompt, ground_truth)
+SELECT DISTINCT ON (run_id, sample_index) run_id, sample_index, user_id, prompt, ground_truth
+FROM {_STAGE} ORDER BY run_id, sample_index, step ON CONFLICT DO NOTHING;
+INSERT INTO {SCHEMA}.predictions (run_id, step, sample_index, user_id, epoch, prediction,
+    generation_time_ms, prompt_tokens, completion_tokens, create_time)
+SELECT run_id, step, sample_index, user_id, epoch, prediction, generation_time_ms,
+    prompt_tokens, completion_tokens, create_time FROM {_STAGE};
+TRUNCATE {_STAGE};
+"""
+
+
+async def copy_predictions(conn: asyncpg.Connection, records) -> None:
+    """Stores prediction records in PREDICTION_COLUMNS order as the writer does: each
+    (run, sample) prompt and ground truth once in samples, the rest in predictions."""
+    await conn.execute(_STAGE_DDL)
+    await conn.copy_records_to_table(_STAGE, columns=list(PREDICTION_COLUMNS), records=records)
+    await conn.execute(_STAGE_SPLIT)
+
+
 async def copy_runs_predictions(admin_dsn: str, args, run_ids: list[uuid.UUID], pools,
                                 seed: int) -> None:
     conn = await asyncpg.connect(admin_dsn)
     rng = random.Random(seed)
     try:
         for run_id in run_ids:
-            await conn.copy_records_to_table(
-                "predictions", schema_name=SCHEMA, columns=list(PREDICTION_COLUMNS),
-                records=prediction_records(args, run_id, pools, rng))
+            await copy_predictions(conn, prediction_records(args, run_id, pools, rng))
     finally:
         await conn.close()
 

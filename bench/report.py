@@ -41,7 +41,7 @@ from pathlib import Path
 
 import asyncpg
 from _stack import REPO_ROOT, add_stack_args, bench_stack
-from query import EPOCH_SUMMARY_SQL, PREDICTION_COLUMNS, RUN_COLUMNS
+from query import EPOCH_SUMMARY_SQL, RUN_COLUMNS, copy_predictions
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -144,9 +144,7 @@ async def seed_run(admin_dsn: str, args: argparse.Namespace) -> tuple[str, float
     try:
         await conn.copy_records_to_table("runs", schema_name=SCHEMA, columns=list(RUN_COLUMNS),
                                          records=[run])
-        await conn.copy_records_to_table("predictions", schema_name=SCHEMA,
-                                         columns=list(PREDICTION_COLUMNS),
-                                         records=prediction_records(args, run_id))
+        await copy_predictions(conn, prediction_records(args, run_id))
         await conn.execute(EPOCH_SUMMARY_SQL)
         await conn.execute("ANALYZE")
         stored = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.predictions")
