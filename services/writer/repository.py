@@ -25,7 +25,7 @@ from services.writer.models import (
     predictions_table,
     runs_table,
 )
-from services.writer.samples import SampleWrite, stored_texts
+from services.writer.samples import SampleKey, SampleWrite, stored_texts
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
@@ -314,9 +314,11 @@ class WriterRepository:
                     P.sample_index.in_(chunk)))).scalars())
         return found
 
-    async def commit(self, user_id: str, batches: Sequence[Batch]) -> tuple[CommitResult,
-                                                                            set[uuid.UUID]]:
-        """Stores every batch whose run the user owns, in one transaction.
+    async def commit(self, user_id: str, batches: Sequence[Batch],
+                     known_samples: set[SampleKey] = frozenset()
+                     ) -> tuple[CommitResult, set[uuid.UUID]]:
+        """Stores every batch whose run the user owns, in one transaction. known_samples:
+        samples the caller knows are stored (an earlier commit of its stream stored them).
 
         Returns the counts and the run ids that were not found (their batches are skipped).
         Raises SampleConflict (nothing stored) when batches name a sample with another text
@@ -327,7 +329,7 @@ class WriterRepository:
             owned = set((await conn.execute(select(runs_table.c.id).where(
                 runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id,
             ).with_for_update(key_share=True, read=True))).scalars())
-            samples = SampleWrite.collect(batches, owned)
+            samples = SampleWrite.collect(batches, owned, known_samples)
             await samples.store(conn, user_id)
             rows = [(b.run_id, item) for b in batches if b.run_id in owned for item in b.items]
             inserted, missing = await self._insert_predictions(conn, user_id, rows, samples)

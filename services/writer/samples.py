@@ -14,8 +14,9 @@ statement neither inserted nor saw (a concurrent transaction committed it meanwh
 again by a second statement with a fresh snapshot.
 """
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, text, tuple_
@@ -77,9 +78,11 @@ class SampleWrite:
     relied: set[SampleKey] = field(default_factory=set)
 
     @classmethod
-    def collect(cls, batches: Sequence, owned: set[uuid.UUID]) -> "SampleWrite":
+    def collect(cls, batches: Sequence, owned: set[uuid.UUID],
+                known: set[SampleKey] = frozenset()) -> "SampleWrite":
         """The commit's samples; SampleConflict when two of them name one key with
-        different text (the later batch is refused)."""
+        different text (the later batch is refused). known: samples known to be stored
+        (not looked up again)."""
         work, conflicts = cls(), _Conflicts()
         for position, batch in enumerate(batches):
             if batch.run_id not in owned:
@@ -97,6 +100,7 @@ class SampleWrite:
                 work.relied.update((batch.run_id, item.sample_index) for item in batch.items
                                    if not item.prompt)
         work.relied.difference_update(work.texts)
+        work.relied.difference_update(known)
         return work
 
     def _add(self, conflicts: "_Conflicts", key: SampleKey, sample: SampleText,
@@ -167,6 +171,40 @@ class SampleWrite:
                         "declare it in `samples` (or set the prompt)"))
         if violations:
             raise SampleConflict(violations)
+
+
+@dataclass
+class StreamSamples:
+    """What one upload stream knows of its samples: which commit still in flight declares
+    which sample, and which samples its committed batches stored (samples are immutable:
+    a prediction that relies on one of those needs no lookup)."""
+
+    declaring: dict[SampleKey, asyncio.Task] = field(default_factory=dict)
+    stored: set[SampleKey] = field(default_factory=set)
+
+    def wait_for(self, batches: Iterable) -> list[asyncio.Task]:
+        """The commits in flight that declare a sample the batches' predictions with an
+        empty prompt rely on: the batches commit after them, or would not see it yet."""
+        if not self.declaring:
+            return []
+        tasks = {self.declaring.get((batch.run_id, item.sample_index))
+                 for batch in batches for item in batch.items if not item.prompt}
+        return [task for task in tasks if task is not None and not task.done()]
+
+    def declared(self, batches: Iterable, task: asyncio.Task) -> None:
+        """The batches' samples are declared by the commit `task`."""
+        for batch in batches:
+            self.declaring.update((key, task) for key in _declared_keys(batch))
+
+    def committed(self, batches: Iterable) -> None:
+        """The batches are committed: their samples are stored."""
+        for batch in batches:
+            self.stored.update(_declared_keys(batch))
+
+
+def _declared_keys(batch) -> Iterable[SampleKey]:
+    yield from ((batch.run_id, sample.sample_index) for sample in batch.samples)
+    yield from ((batch.run_id, item.sample_index) for item in batch.items if item.prompt)
 
 
 async def stored_texts(conn: AsyncConnection, keys: Sequence[SampleKey]

@@ -23,7 +23,7 @@ from services.common.interceptors import RejectedRequest
 from services.writer.config import WriterSettings
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.repository import Batch, CommitResult, WriterRepository
-from services.writer.samples import SampleConflict, SampleKey
+from services.writer.samples import SampleConflict, StreamSamples
 from services.writer.validation import (
     check_finish_state,
     replace_nul_texts,
@@ -153,7 +153,7 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         queue: asyncio.Queue = asyncio.Queue(maxsize=self._settings.stream_read_ahead_batches)
         reader = asyncio.create_task(_pump(request_iterator, queue))
         commits: deque[asyncio.Task] = deque()
-        declared: dict[SampleKey, asyncio.Task] = {}
+        samples = StreamSamples()
         fetch: asyncio.Task | None = None
         acked, ended = 0, False
         try:
@@ -172,10 +172,10 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
                         response, batches = self._prepare(user, group.requests, acked)
                         acked = response.acked_sequence
                         after = (_metrics_wait(batches, commits)
-                                 or _samples_wait(batches, declared))
+                                 or samples.wait_for(b for _, b in batches))
                         commits.append(asyncio.create_task(self._commit(
-                            user, response, batches, after)))
-                        _note_declared(batches, declared, commits[-1])
+                            user, response, batches, after, samples)))
+                        samples.declared((b for _, b in batches), commits[-1])
         finally:
             for task in (reader, fetch, *commits):
                 if task is not None:
@@ -217,23 +217,27 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         return response, batches
 
     async def _commit(self, user: str, response: writer_pb2.StreamPredictionsResponse,
-                      batches: _Sequenced, after: list[asyncio.Task] | None = None
+                      batches: _Sequenced, after: list[asyncio.Task] | None = None,
+                      samples: StreamSamples | None = None
                       ) -> writer_pb2.StreamPredictionsResponse:
         """Commits the valid batches of one group together; unknown runs become rejections.
-        after: commits of earlier groups to wait for first (see _metrics_wait)."""
+        after: commits of earlier groups to wait for first (see _metrics_wait and
+        StreamSamples.wait_for); samples: what the stream knows of its samples."""
         if after:
             await asyncio.wait(after)
         if not batches:
             return response
+        samples = samples or StreamSamples()
         try:
-            result, missing = await self._repo.commit(user, [b for _, b in batches])
+            result, missing = await self._repo.commit(user, [b for _, b in batches],
+                                                      samples.stored)
         except SampleConflict as exc:
             for position, (sequence, _) in enumerate(batches):
                 if position in exc.violations:
                     self._reject(response, user, sequence, exc.error(position))
             rest = [one for position, one in enumerate(batches)
                     if position not in exc.violations]
-            return await self._commit(user, response, rest)
+            return await self._commit(user, response, rest, samples=samples)
         except BATCH_DATA_ERRORS as exc:
             if len(batches) == 1:
                 self._reject(response, user, batches[0][0], _refused_by_store(exc))
@@ -241,8 +245,9 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
             log.warning("group of %d batches of %s refused by the database (%s); committing "
                         "them one by one", len(batches), user, type(exc.orig).__name__)
             for one in batches:
-                await self._commit(user, response, [one])
+                await self._commit(user, response, [one], samples=samples)
             return response
+        samples.committed(b for _, b in batches if b.run_id not in missing)
         response.inserted_count += result.inserted
         response.duplicate_count += result.duplicates
         self.counts["inserted"] += result.inserted
@@ -280,27 +285,6 @@ def _metrics_wait(batches: _Sequenced, commits: deque[asyncio.Task]) -> list[asy
     stored for a (run, step, name) is then the one sent first (groups of predictions only
     commit concurrently; a replayed prediction is identical, so their order does not matter)."""
     return list(commits) if any(batch.metrics for _, batch in batches) else []
-
-
-def _samples_wait(batches: _Sequenced, declared: dict[SampleKey, asyncio.Task]
-                  ) -> list[asyncio.Task]:
-    """The commits still in flight of earlier groups that declare a sample this group's
-    predictions with an empty prompt rely on: this group commits after them, or it would not
-    see the sample yet."""
-    if not declared:
-        return []
-    tasks = {declared.get((batch.run_id, item.sample_index))
-             for _, batch in batches for item in batch.items if not item.prompt}
-    return [task for task in tasks if task is not None and not task.done()]
-
-
-def _note_declared(batches: _Sequenced, declared: dict[SampleKey, asyncio.Task],
-                   task: asyncio.Task) -> None:
-    """Remembers which commit declares which sample (see _samples_wait)."""
-    for _, batch in batches:
-        declared.update(((batch.run_id, sample.sample_index), task) for sample in batch.samples)
-        declared.update(((batch.run_id, item.sample_index), task) for item in batch.items
-                        if item.prompt)
 
 
 def _sample_error(user: str, run_id, error: InvalidArgument) -> InvalidArgument:
