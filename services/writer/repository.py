@@ -2,7 +2,7 @@
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +25,7 @@ from services.writer.models import (
     predictions_table,
     runs_table,
 )
-from services.writer.samples import SampleKey, SampleWrite, stored_texts
+from services.writer.samples import SampleKey, SampleText, SampleWrite, stored_texts
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
@@ -315,10 +315,11 @@ class WriterRepository:
         return found
 
     async def commit(self, user_id: str, batches: Sequence[Batch],
-                     known_samples: set[SampleKey] = frozenset()
+                     known_samples: Mapping[SampleKey, SampleText] | None = None
                      ) -> tuple[CommitResult, set[uuid.UUID]]:
         """Stores every batch whose run the user owns, in one transaction. known_samples:
-        samples the caller knows are stored (an earlier commit of its stream stored them).
+        samples the caller knows are stored, with their text (an earlier commit of its
+        stream stored them).
 
         Returns the counts and the run ids that were not found (their batches are skipped).
         Raises SampleConflict (nothing stored) when batches name a sample with another text

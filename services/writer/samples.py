@@ -16,7 +16,7 @@ again by a second statement with a fresh snapshot.
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, text, tuple_
@@ -76,14 +76,16 @@ class SampleWrite:
     origins: dict[SampleKey, list[Origin]] = field(default_factory=dict)
     # Keys predictions with an empty prompt name that the commit does not declare.
     relied: set[SampleKey] = field(default_factory=set)
+    known: Mapping[SampleKey, SampleText] = field(default_factory=dict)
 
     @classmethod
     def collect(cls, batches: Sequence, owned: set[uuid.UUID],
-                known: set[SampleKey] = frozenset()) -> "SampleWrite":
+                known: Mapping[SampleKey, SampleText] | None = None) -> "SampleWrite":
         """The commit's samples; SampleConflict when two of them name one key with
-        different text (the later batch is refused). known: samples known to be stored
-        (not looked up again)."""
+        different text (the later batch is refused). known: samples known to be stored,
+        with their text (not sent to the database again)."""
         work, conflicts = cls(), _Conflicts()
+        work.known = known or {}
         for position, batch in enumerate(batches):
             if batch.run_id not in owned:
                 continue
@@ -100,11 +102,16 @@ class SampleWrite:
                 work.relied.update((batch.run_id, item.sample_index) for item in batch.items
                                    if not item.prompt)
         work.relied.difference_update(work.texts)
-        work.relied.difference_update(known)
+        work.relied.difference_update(work.known)
         return work
 
     def _add(self, conflicts: "_Conflicts", key: SampleKey, sample: SampleText,
              origin: Origin) -> None:
+        stored = self.known.get(key)
+        if stored is not None:
+            if stored != sample:
+                conflicts.add(origin, key, sample, stored, "as stored for this run")
+            return
         known = self.texts.get(key)
         if known is None:
             self.texts[key] = sample
@@ -180,7 +187,7 @@ class StreamSamples:
     a prediction that relies on one of those needs no lookup)."""
 
     declaring: dict[SampleKey, asyncio.Task] = field(default_factory=dict)
-    stored: set[SampleKey] = field(default_factory=set)
+    stored: dict[SampleKey, SampleText] = field(default_factory=dict)
 
     def wait_for(self, batches: Iterable) -> list[asyncio.Task]:
         """The commits in flight that declare a sample the batches' predictions with an
@@ -194,17 +201,19 @@ class StreamSamples:
     def declared(self, batches: Iterable, task: asyncio.Task) -> None:
         """The batches' samples are declared by the commit `task`."""
         for batch in batches:
-            self.declaring.update((key, task) for key in _declared_keys(batch))
+            self.declaring.update((key, task) for key, _ in _declared(batch))
 
     def committed(self, batches: Iterable) -> None:
-        """The batches are committed: their samples are stored."""
+        """The batches are committed: their samples are stored, with this text."""
         for batch in batches:
-            self.stored.update(_declared_keys(batch))
+            self.stored.update(_declared(batch))
 
 
-def _declared_keys(batch) -> Iterable[SampleKey]:
-    yield from ((batch.run_id, sample.sample_index) for sample in batch.samples)
-    yield from ((batch.run_id, item.sample_index) for item in batch.items if item.prompt)
+def _declared(batch) -> Iterable[tuple[SampleKey, SampleText]]:
+    yield from (((batch.run_id, sample.sample_index), _text_of(sample))
+                for sample in batch.samples)
+    yield from (((batch.run_id, item.sample_index), _text_of(item))
+                for item in batch.items if item.prompt)
 
 
 async def stored_texts(conn: AsyncConnection, keys: Sequence[SampleKey]

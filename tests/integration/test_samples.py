@@ -171,3 +171,23 @@ async def test_concurrent_old_style_writers_of_one_run_agree(stack, writer_stub)
         for step in range(10, 90, 10)])
     assert sum(r.inserted_count for r in replies) == 240
     assert await counts(stack, run.id) == (30, 240)
+
+
+async def test_stream_refuses_other_text_for_a_sample_it_stored(stack, writer_stub):
+    """Old-style batches acked one by one: the stream knows what it stored, and still
+    refuses other text for it (and a NUL text equal after replacement is no conflict)."""
+    md = stack.metadata("alice")
+    run = await create_run(writer_stub, md)
+    call = writer_stub.StreamPredictions(metadata=md)
+    responses = []
+    for sequence, prediction in enumerate([
+            item(10, 0, prompt="a\x00"), item(20, 0, ground_truth="other"),
+            item(30, 0, prompt="a\x00"), item(40, 0, prompt="a\ufffd")], 1):
+        await call.write(writer_pb2.StreamPredictionsRequest(
+            sequence=sequence, run_id=run.id, predictions=[prediction]))
+        responses.append(await asyncio.wait_for(call.read(), ACK_WAIT_S))
+    await call.done_writing()
+    assert [r.inserted_count for r in responses] == [1, 0, 1, 1]
+    (rejection,) = responses[1].rejections
+    assert set(field_violations(rejection.status)) == {"predictions[0].prompt"}
+    assert await counts(stack, run.id) == (1, 3)
