@@ -20,7 +20,7 @@ from services.judge.models import SCHEMA
 from services.judge.schema import Item
 from services.writer.config import MigrateSettings
 from services.writer.migrate import migrate
-from services.writer.models import predictions_table, runs_table
+from services.writer.models import predictions_table, runs_table, samples_table
 from tests.conftest import JUDGE_ROLE, PG_ADMIN, migrated_database, pg_url
 
 TABLES = ("judgments", "tasks", "llm_cache", "run_llm_state", "judgment_revisions")
@@ -67,10 +67,14 @@ class JudgeDb:
                 dataset_name="d", config={}, state=1, request_id=None, create_time=now,
                 finish_time=None))
             if predictions:
+                samples = {p.sample_index: p for p in predictions}
+                await conn.execute(insert(samples_table), [
+                    {"run_id": run_id, "sample_index": index, "user_id": user,
+                     "prompt": p.prompt, "ground_truth": p.ground_truth}
+                    for index, p in samples.items()])
                 await conn.execute(insert(predictions_table), [
                     {"run_id": run_id, "step": p.step, "sample_index": p.sample_index,
-                     "user_id": user, "epoch": p.epoch, "prompt": p.prompt,
-                     "ground_truth": p.ground_truth, "prediction": p.prediction,
+                     "user_id": user, "epoch": p.epoch, "prediction": p.prediction,
                      "generation_time_ms": 1.0, "prompt_tokens": None,
                      "completion_tokens": None, "create_time": now} for p in predictions])
         return run_id
