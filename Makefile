@@ -100,6 +100,7 @@ demo: install .env
 
 bench: install pg browser
 	$(PY) bench/ingest.py
+	$(PY) bench/storage.py
 	$(PY) bench/query.py
 	$(PY) bench/generation.py
 	$(PY) bench/distributed_pass.py
