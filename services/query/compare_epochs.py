@@ -14,8 +14,8 @@ from epochlens.v1 import judge_pb2, query_pb2
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.judge.models import judgments_table as J
 from services.writer.models import epochs_table as E
-from services.writer.models import predictions_table as P
 from services.writer.models import live_run
+from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
 
 if TYPE_CHECKING:

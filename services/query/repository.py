@@ -20,8 +20,8 @@ from services.query.metrics import MetricsQuery, list_metrics, points_after, run
 from services.query.pairwise import pairwise_summaries
 from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
-from services.writer.models import predictions_table as P
 from services.writer.models import live_run
+from services.writer.models import predictions_table as P
 from services.writer.models import runs_table as R
 
 _PREDICTION_COLUMNS = (P.c.run_id, P.c.epoch, P.c.step, P.c.sample_index, P.c.prompt,
