@@ -486,3 +486,28 @@ async def test_late_enqueue_and_worker_results_of_a_purged_run_are_dropped(stack
         assert set((await counts(engine, run_id)).values()) == {0}
     finally:
         await engine.dispose()
+
+
+async def test_cli_delete_asks_refuses_running_and_prints_the_counts(stack, writer_stub):
+    from tests.cli.test_views import cli, one_error_line
+    user = f"cli-del-{uuid.uuid4().hex[:6]}"
+    md = stack.metadata(user)
+    run = await create_run(writer_stub, md)
+    await writer_stub.WritePredictions(writer_pb2.WritePredictionsRequest(
+        run_id=run.id, predictions=[item(10, s) for s in range(3)]), metadata=md)
+    writer = {"EPOCHLENS_CLI_WRITER_ADDRESS": stack.writer.address}
+    unasked = await cli(stack, user, "delete", run.id, **writer)
+    assert "needs a confirmation" in one_error_line(unasked, 2, "deleting a run")
+    running = await cli(stack, user, "delete", run.id, "--yes", **writer)
+    assert "pass --force" in one_error_line(running, 1, "FAILED_PRECONDITION")
+    engine = stack_engine(stack)
+    try:
+        assert (await counts(engine, run.id))["predictions"] == 3
+        done = await cli(stack, user, "delete", run.id, "--yes", "--force", "--json", **writer)
+        assert done.exit_code == 0, (done.stdout, done.stderr)
+        assert '"prediction_count": 3' in done.stdout
+        assert set((await counts(engine, run.id)).values()) == {0}
+    finally:
+        await engine.dispose()
+    gone = await cli(stack, user, "delete", run.id, "--yes", **writer)
+    assert one_error_line(gone, 1, "") == f"error: run {run.id} not found"
