@@ -32,10 +32,11 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import Table, delete, exists, false, select, text, tuple_, update
+from sqlalchemy import Table, delete, exists, false, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import judge_pb2
+from services.common.chunked import delete_run_rows
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import FailedPrecondition, NotFound
 from services.judge.config import JudgeSettings
@@ -143,17 +144,7 @@ class RunPurger:
 
     async def _delete_rows(self, user_id: str, run_id: uuid.UUID, table: Table) -> int:
         """The run's rows of one table, `purge_chunk_rows` per transaction; how many."""
-        key = tuple_(*table.primary_key.columns)
-        picked = (select(*table.primary_key.columns)
-                  .where(table.c.run_id == run_id, table.c.user_id == user_id)
-                  .limit(self._chunk))
-        removed = 0
-        while True:
-            async with user_transaction(self._engine, user_id) as conn:
-                count = (await conn.execute(delete(table).where(key.in_(picked)))).rowcount
-            removed += count
-            if count < self._chunk:
-                return removed
+        return await delete_run_rows(self._engine, table, user_id, run_id, self._chunk)
 
     async def _purge_cache(self, user_id: str, run_id: uuid.UUID) -> int:
         """The cache entries made for the run that no other run of the owner used, in

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from sqlalchemy import Row, Table, delete, func, or_, select, tuple_, update
+from sqlalchemy import Row, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import common_pb2, judge_pb2, judge_pb2_grpc, writer_pb2
 from services.common.auth import mint_token
+from services.common.chunked import delete_run_rows
 from services.common.config import AuthSettings
 from services.common.db import setting_transaction, user_transaction
 from services.common.errors import DomainError, NotFound, RunActive, Unavailable
@@ -219,18 +220,9 @@ class RunDeleter:
     async def _delete_rows(self, claim: Claim, table: Table) -> int:
         """Removes the run's rows of one table, `delete_chunk_rows` per transaction (each
         renews the lease first); returns how many."""
-        removed, chunk = 0, self._settings.delete_chunk_rows
-        key = tuple_(*table.primary_key.columns)
-        picked = (select(*table.primary_key.columns)
-                  .where(table.c.run_id == claim.run_id, table.c.user_id == claim.user_id)
-                  .limit(chunk))
-        while True:
-            async with user_transaction(self._engine, claim.user_id) as conn:
-                await self._renew(conn, claim)
-                count = (await conn.execute(delete(table).where(key.in_(picked)))).rowcount
-            removed += count
-            if count < chunk:
-                return removed
+        return await delete_run_rows(self._engine, table, claim.user_id, claim.run_id,
+                                     self._settings.delete_chunk_rows,
+                                     lambda conn: self._renew(conn, claim))
 
     async def _renew(self, conn: AsyncConnection, claim: Claim) -> None:
         """Extends the lease; ClaimLost when another deleter holds the run now."""
