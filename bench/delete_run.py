@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     add("--samples", type=int, default=1000, help="samples per epoch of the deleted run")
     add("--copy-chunk", type=int, default=100_000, help="rows per COPY call while seeding")
     add("--chunk-rows", type=int, default=5000, help="delete/purge chunk size of the services")
+    add("--pause-s", type=float, default=0.0, help="pause between chunks of the services "
+        "(EPOCHLENS_WRITER_DELETE_CHUNK_PAUSE_S, EPOCHLENS_JUDGE_PURGE_CHUNK_PAUSE_S)")
     add("--batch-size", type=int, default=64, help="predictions per ingest batch")
     add("--window", type=int, default=8, help="ingest batches sent ahead of their acks")
     add("--baseline-s", type=float, default=20.0, help="seconds of ingest before the delete")
@@ -271,10 +273,12 @@ async def main_async(args: argparse.Namespace) -> int:
               f"{time.monotonic() - seeded:.1f}s")
         chunk = str(args.chunk_rows)
         services["judge"] = start_service(args, "judge", dbname, {
-            "EPOCHLENS_JUDGE_WORKER_COUNT": "0", "EPOCHLENS_JUDGE_PURGE_CHUNK_ROWS": chunk})
+            "EPOCHLENS_JUDGE_WORKER_COUNT": "0", "EPOCHLENS_JUDGE_PURGE_CHUNK_ROWS": chunk,
+            "EPOCHLENS_JUDGE_PURGE_CHUNK_PAUSE_S": str(args.pause_s)})
         services["writer"] = start_service(args, "writer", dbname, {
             "EPOCHLENS_WRITER_JUDGE_ADDRESS": services["judge"].address,
             "EPOCHLENS_WRITER_DELETE_CHUNK_ROWS": chunk,
+            "EPOCHLENS_WRITER_DELETE_CHUNK_PAUSE_S": str(args.pause_s),
             "EPOCHLENS_WRITER_DELETE_PURGE_TIMEOUT_S": str(args.delete_timeout_s)})
         for service in services.values():
             await wait_healthy(args, service)
@@ -292,7 +296,8 @@ def report(args: argparse.Namespace, result: dict) -> int:
     counts = {f: getattr(reply, f) for f in ("prediction_count", "metric_count",
                                              "judge_task_count", "judgment_count",
                                              "cache_entry_count", "spend_record_count")}
-    print(f"DeleteRun wall time: {result['delete_s']:.1f}s (chunks of {args.chunk_rows} rows)")
+    print(f"DeleteRun wall time: {result['delete_s']:.1f}s (chunks of {args.chunk_rows} rows, "
+          f"pause {args.pause_s:g}s between chunks)")
     print(f"removed: {json.dumps(counts)}")
     print(f"other user's ingest (stream, batches of {args.batch_size}, window {args.window}): "
           f"{result['before']:.0f} rows/s before the delete, {result['during']:.0f} rows/s "

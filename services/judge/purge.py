@@ -110,6 +110,7 @@ class RunPurger:
     def __init__(self, engine: AsyncEngine, settings: JudgeSettings) -> None:
         self._engine = engine
         self._chunk = settings.purge_chunk_rows
+        self._pause_s = settings.purge_chunk_pause_s
         self.counts: Counter[str] = Counter()
 
     async def purge(self, user_id: str, run_id: uuid.UUID) -> judge_pb2.PurgeRunResponse:
@@ -144,7 +145,8 @@ class RunPurger:
 
     async def _delete_rows(self, user_id: str, run_id: uuid.UUID, table: Table) -> int:
         """The run's rows of one table, `purge_chunk_rows` per transaction; how many."""
-        return await delete_run_rows(self._engine, table, user_id, run_id, self._chunk)
+        return await delete_run_rows(self._engine, table, user_id, run_id, self._chunk,
+                                     pause_s=self._pause_s)
 
     async def _purge_cache(self, user_id: str, run_id: uuid.UUID) -> int:
         """The cache entries made for the run that no other run of the owner used, in

@@ -77,6 +77,9 @@ class WriterSettings(ServiceSettings):
         5000, ge=1, description="Rows one transaction of DeleteRun (or the retention sweep) "
         "removes from one table; each chunk is its own short transaction, so other users' "
         "ingest is never blocked for long.")
+    delete_chunk_pause_s: float = Field(
+        0.0, ge=0, description="Pause between two chunks of a deletion, seconds: gives "
+        "a busy database's CPU back to other users' ingest (0: no pause).")
     delete_claim_s: float = Field(
         60.0, gt=0, description="Lease of a deleter on a run, seconds, renewed before every "
         "chunk: another writer replica takes a half-deleted run over only once its deleter "

@@ -222,7 +222,8 @@ class RunDeleter:
         renews the lease first); returns how many."""
         return await delete_run_rows(self._engine, table, claim.user_id, claim.run_id,
                                      self._settings.delete_chunk_rows,
-                                     lambda conn: self._renew(conn, claim))
+                                     lambda conn: self._renew(conn, claim),
+                                     self._settings.delete_chunk_pause_s)
 
     async def _renew(self, conn: AsyncConnection, claim: Claim) -> None:
         """Extends the lease; ClaimLost when another deleter holds the run now."""
