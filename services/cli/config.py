@@ -19,6 +19,8 @@ class CliSettings(BaseSettings):
     token: str | None = Field(None, description="Bearer token; unset: minted for `user`.")
     user: str = Field("local", description="User the CLI mints a token for when token is unset.")
     timeout_s: float = Field(10.0, gt=0, description="Deadline of each RPC the CLI makes.")
+    delete_timeout_s: float = Field(3600.0, gt=0, description="Deadline of `epochlens "
+                                    "delete` (a run of millions of rows takes minutes).")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                    description="Largest gRPC message the CLI accepts.")
     smoke_samples: int = Field(4, ge=1, description="Samples per epoch in `epochlens smoke`.")

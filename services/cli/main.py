@@ -10,7 +10,7 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
-from services.cli import evaluate, judging, keys, report, stack, ui, views
+from services.cli import delete, evaluate, judging, keys, report, stack, ui, views
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
@@ -187,6 +187,7 @@ app.add_typer(keys.app, name="keys")
 app.command("login")(keys.login)
 app.command("ui")(ui.ui)
 app.command("eval")(evaluate.register)
+app.command("delete")(delete.delete)
 
 
 if __name__ == "__main__":

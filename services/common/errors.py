@@ -92,6 +92,20 @@ class FailedPrecondition(DomainError):
     reason = "FAILED_PRECONDITION"
 
 
+class RunActive(FailedPrecondition):
+    """DeleteRun of a RUNNING run without `force`: finish it first, or force (which cancels
+    it)."""
+
+    reason = "RUN_ACTIVE"
+
+
+class RunDeleting(FailedPrecondition):
+    """CreateRun replayed the request_id of a run that is being deleted (NOT_FOUND would
+    mislead: the request names no run)."""
+
+    reason = "RUN_DELETING"
+
+
 class JudgingRaised(DomainError):
     """Judging one item raised (a defect of the judge on that input), reported for that item
     (ErrorInfo metadata `item`)."""

@@ -56,6 +56,12 @@ class JudgeSettings(ServiceSettings, LlmSettings):
                                        "failed task, seconds.")
     max_attempts: int = Field(5, ge=1, description="Attempts of a task before it is marked "
                               "failed.")
+    purge_chunk_rows: int = Field(5000, ge=1, description="Rows one transaction of PurgeRun "
+                                  "removes from one table; each chunk is its own short "
+                                  "transaction, so judging of other runs goes on meanwhile.")
+    purge_chunk_pause_s: float = Field(0.0, ge=0, description="Pause between two chunks of "
+                                       "PurgeRun, seconds: gives a busy database's CPU back "
+                                       "to other work (0: no pause).")
     idle_poll_s: float = Field(0.5, gt=0, description="Pause of a worker that found no task, "
                                "seconds (new tasks enqueued here wake it at once).")
     error_backoff_max_s: float = Field(10.0, gt=0, description="Longest pause of a worker "

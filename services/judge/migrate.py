@@ -22,13 +22,17 @@ log = logging.getLogger(__name__)
 # tasks queued again). Judgment rows are never updated. DELETE is for a human judgment
 # replaced by its next revision (every revision is kept in judgment_revisions) and for the
 # unscored LLM judgments ResumeJudging judges again; a restrictive policy (revision 0003)
-# keeps every other judgment from being deleted.
+# keeps every other judgment from being deleted. PurgeRun (services.judge.purge) deletes
+# every row of a purged run, all acting for its owner; the revision 0006 policy lets it
+# delete that run's judgments.
 JUDGE_GRANTS = {"tasks": "SELECT, INSERT, UPDATE, DELETE",
                 "judgments": "SELECT, INSERT, DELETE",
-                "llm_cache": "SELECT, INSERT", "run_llm_state": "SELECT, INSERT, UPDATE",
-                "judgment_revisions": "SELECT, INSERT",
+                "llm_cache": "SELECT, INSERT, DELETE",
+                "run_llm_state": "SELECT, INSERT, UPDATE, DELETE",
+                "judgment_revisions": "SELECT, INSERT, DELETE",
                 "pairwise_tasks": "SELECT, INSERT, UPDATE, DELETE",
-                "pairwise_results": "SELECT, INSERT, DELETE"}
+                "pairwise_results": "SELECT, INSERT, DELETE",
+                "purged_runs": "SELECT, INSERT"}
 READER_GRANTS = {"judgments": "SELECT", "run_llm_state": "SELECT", "tasks": "SELECT",
                  "judgment_revisions": "SELECT", "pairwise_tasks": "SELECT",
                  "pairwise_results": "SELECT"}

@@ -162,8 +162,20 @@ class JudgmentRevisionRow(JudgeBase):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class PurgedRunRow(JudgeBase):
+    """A run whose judge rows PurgeRun removed (migration 0006): late hand-offs of it are
+    dropped, and judgments of it are never stored again (services.judge.purge)."""
+
+    __tablename__ = "purged_runs"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    purge_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 tasks_table = TaskRow.__table__
 judgments_table = JudgmentRow.__table__
 llm_cache_table = LlmCacheRow.__table__
 run_llm_state_table = RunLlmStateRow.__table__
 judgment_revisions_table = JudgmentRevisionRow.__table__
+purged_runs_table = PurgedRunRow.__table__

@@ -32,6 +32,7 @@ from services.judge.pairwise import cost as pairwise_cost
 from services.judge.pairwise.config import check_baseline_run
 from services.judge.pairwise.store import enqueue as enqueue_pairwise
 from services.judge.pairwise.store import resume as resume_pairwise
+from services.judge.purge import RunPurger, deleted_run
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.rules import RULE_CRITERIA
 from services.judge.schema import STANDARD_LLM_CRITERIA, Item, ItemFailure, JudgeConfig, Verdict
@@ -221,6 +222,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         self._judging = judging
         self._workers = workers
         self._pairwise = pairwise  # PairwiseWorkers (services.judge.pairwise.worker)
+        self._purger = RunPurger(store.engine, settings)
         self._criteria = criteria_catalog(settings)
         self.counts: Counter[str] = Counter()
 
@@ -290,6 +292,12 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         items = check_items(request.items, self._settings, run_id, violations)
         violations.raise_if_any()
         assert run_id is not None and config is not None
+        if await deleted_run(self._store.engine, current_user(), run_id):
+            self.counts["dropped_deleted"] += len(items)
+            log.info("EnqueueJudging of run %s of %s dropped: the run is being deleted (%d "
+                     "items dropped so far)", run_id, current_user(),
+                     self.counts["dropped_deleted"])
+            return judge_pb2.EnqueueJudgingResponse(duplicate_count=len(items))
         await require_runs(self._store.engine, current_user(), [run_id])
         await check_baseline_run(self._store.engine, current_user(), config, run_id)
         stored_config = config.model_dump(mode="json", exclude_defaults=True)
@@ -428,6 +436,14 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         return judge_pb2.ResumeJudgingResponse(
             cleared_paused_reason=done.cleared_paused_reason,
             deleted_unscored=done.deleted_unscored, requeued_predictions=done.requeued)
+
+    async def PurgeRun(self, request: judge_pb2.PurgeRunRequest,
+                       context: grpc.aio.ServicerContext) -> judge_pb2.PurgeRunResponse:
+        """Removes the judge's rows of the caller's run that DeleteRun marked
+        (services.judge.purge); idempotent."""
+        run_id = parse_run_id(request.run_id)
+        assert run_id is not None
+        return await self._purger.purge(current_user(), run_id)
 
     async def GenerateResponses(self, request: judge_pb2.GenerateResponsesRequest,
                                 context: grpc.aio.ServicerContext

@@ -7,6 +7,7 @@ concurrent workers apart; on SQLite one UPDATE ... RETURNING statement claims at
 """
 
 import json
+import logging
 import math
 import uuid
 from collections.abc import Sequence
@@ -42,7 +43,10 @@ from services.judge.models import (
     run_llm_state_table,
     tasks_table,
 )
+from services.judge.purge import purged_among
 from services.judge.schema import Item, Verdict
+
+log = logging.getLogger(__name__)
 
 HUMAN_PROMPT_VERSION = "human"
 _ERROR_CHARS = 2000
@@ -175,6 +179,8 @@ class JudgeStore:
         are skipped. Returns (enqueued, duplicates)."""
         now = now_utc()
         async with user_transaction(self._engine, user_id) as conn:
+            if await purged_among(conn, user_id, [run_id]):
+                return 0, len(items)  # deleted meanwhile (PurgeRun): dropped, acknowledged
             if is_postgres(conn):
                 inserted = int(await conn.scalar(_PG_ENQUEUE, {
                     "run_id": run_id, "user_id": user_id, "config": json.dumps(config),
@@ -249,6 +255,11 @@ class JudgeStore:
         new state, in one transaction. Returns the judgments newly stored."""
         now = now_utc()
         async with user_transaction(self._engine, user_id) as conn:
+            purged = await purged_among(conn, user_id, (o.task.run_id for o in outcomes))
+            if purged:  # deleted while being judged: nothing of it is stored
+                log.info("%d judged tasks of purged runs of %s dropped",
+                         sum(1 for o in outcomes if o.task.run_id in purged), user_id)
+                outcomes = [o for o in outcomes if o.task.run_id not in purged]
             rows = [_judgment_values(o.task, v) for o in outcomes for v in o.verdicts]
             stored = await self._insert_judgments(conn, rows, now) if rows else 0
             done = [o.task for o in outcomes if o.state == TaskState.DONE]

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.db import user_transaction
 from services.common.errors import NotFound
-from services.writer.models import prediction_texts, runs_table
+from services.writer.models import live_run, prediction_texts, runs_table
 
 Key = tuple[int, int]  # (step, sample_index)
 
@@ -41,7 +41,7 @@ async def owned_runs(conn: AsyncConnection, user_id: str,
         return set()
     r = runs_table
     return set(await conn.scalars(select(r.c.id).where(r.c.id.in_(wanted),
-                                                       r.c.user_id == user_id)))
+                                                       r.c.user_id == user_id, live_run())))
 
 
 async def require_runs(engine: AsyncEngine, user_id: str,
@@ -85,5 +85,5 @@ async def run_judge_section(engine: AsyncEngine, user_id: str, run_id: uuid.UUID
     r = runs_table
     async with user_transaction(engine, user_id) as conn:
         config = await conn.scalar(select(r.c.config).where(r.c.id == run_id,
-                                                            r.c.user_id == user_id))
+                                                            r.c.user_id == user_id, live_run()))
     return config.get("judge") if isinstance(config, dict) else None

@@ -14,6 +14,7 @@ from epochlens.v1 import judge_pb2, query_pb2
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.judge.models import judgments_table as J
 from services.writer.models import epochs_table as E
+from services.writer.models import live_run
 from services.writer.models import prediction_texts as P
 from services.writer.models import runs_table as R
 
@@ -25,7 +26,8 @@ async def _epochs(conn: AsyncConnection, user_id: str, run_id: uuid.UUID,
                   field: str) -> list[int]:
     """The run's epochs, ascending; NOT_FOUND for another's (or no) run, FAILED_PRECONDITION
     for a run without predictions."""
-    owned = await conn.scalar(select(R.c.id).where(R.c.id == run_id, R.c.user_id == user_id))
+    owned = await conn.scalar(select(R.c.id).where(R.c.id == run_id, R.c.user_id == user_id,
+                                                   live_run()))
     if owned is None:
         raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})
     epochs = list((await conn.execute(select(E.c.epoch).where(

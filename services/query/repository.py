@@ -20,6 +20,7 @@ from services.query.metrics import MetricsQuery, list_metrics, points_after, run
 from services.query.pairwise import pairwise_summaries
 from services.query.watch import WatchCursor, WatchRead
 from services.writer.models import epochs_table as E
+from services.writer.models import live_run
 from services.writer.models import prediction_texts as P
 from services.writer.models import runs_table as R
 
@@ -68,7 +69,7 @@ class QueryRepository:
                         after: tuple[datetime, uuid.UUID] | None, limit: int) -> Sequence[Row]:
         """The user's runs that pass `filters`, newest first, after the keyset
         (create_time, id)."""
-        stmt = select(R).where(R.c.user_id == user_id)
+        stmt = select(R).where(R.c.user_id == user_id, live_run())
         if filters.name_contains:
             stmt = stmt.where(R.c.name.icontains(filters.name_contains, autoescape=True))
         if filters.model_contains:
@@ -220,7 +221,8 @@ class QueryRepository:
 
 
 async def _owned_run(conn: AsyncConnection, user_id: str, run_id: uuid.UUID) -> Row:
-    row = (await conn.execute(select(R).where(R.c.id == run_id, R.c.user_id == user_id))
+    row = (await conn.execute(select(R).where(R.c.id == run_id, R.c.user_id == user_id,
+                                             live_run()))
            ).one_or_none()
     if row is None:
         raise NotFound(f"run {run_id} not found", {"run_id": str(run_id)})

@@ -73,6 +73,28 @@ class WriterSettings(ServiceSettings):
         600.0, gt=0, description="Deadline of one GenerateResponses call (one chunk of an "
         "Evaluate call), seconds; a judge that does not answer in time makes Evaluate "
         "UNAVAILABLE (what was stored stays; the same call continues it).")
+    delete_chunk_rows: int = Field(
+        5000, ge=1, description="Rows one transaction of DeleteRun (or the retention sweep) "
+        "removes from one table; each chunk is its own short transaction, so other users' "
+        "ingest is never blocked for long.")
+    delete_chunk_pause_s: float = Field(
+        0.0, ge=0, description="Pause between two chunks of a deletion, seconds: gives "
+        "a busy database's CPU back to other users' ingest (0: no pause).")
+    delete_claim_s: float = Field(
+        60.0, gt=0, description="Lease of a deleter on a run, seconds, renewed before every "
+        "chunk: another writer replica takes a half-deleted run over only once its deleter "
+        "stopped renewing for this long.")
+    delete_purge_timeout_s: float = Field(
+        900.0, gt=0, description="Deadline of the judge's PurgeRun call of one DeleteRun, "
+        "seconds; past it DeleteRun is UNAVAILABLE and the next DeleteRun (or the sweep) "
+        "resumes where the judge stopped.")
+    retention_days: float | None = Field(
+        None, gt=0, description="Runs finished more than this many days ago (any user's) "
+        "are deleted by the writer's sweep. Unset: runs are kept forever (the sweep still "
+        "resumes deletions that were interrupted).")
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="Pause between two passes of the writer's retention sweep, "
+        "seconds (each pass deletes every due run, one at a time).")
 
     api_token_ttl_s: int = Field(
         900, ge=1, le=86400, description="Lifetime of the tokens ExchangeApiKey gives, seconds "

@@ -18,6 +18,7 @@ from services.common.server import configure_logging
 from services.common.startup import StartupError, exit_with, load_settings
 from services.judge.migrate import migrate_judge
 from services.writer.config import MigrateSettings
+from services.writer.deletion import RETENTION_ON, RETENTION_SETTING
 from services.writer.models import SCHEMA
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,15 @@ async def migrate(settings: MigrateSettings) -> None:
 
 
 # Table privileges per role kind. Predictions, samples and metrics are immutable: the writer
-# may not update them.
-WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE", "predictions": "SELECT, INSERT",
-                 "samples": "SELECT, INSERT",
-                 "epochs": "SELECT, INSERT, UPDATE",
+# may not update them. DELETE is for DeleteRun and the retention sweep (services.writer.deletion),
+# under the owner policy like every other statement.
+WRITER_GRANTS = {"runs": "SELECT, INSERT, UPDATE, DELETE",
+                 "predictions": "SELECT, INSERT, DELETE",
+                 "samples": "SELECT, INSERT, DELETE",
+                 "epochs": "SELECT, INSERT, UPDATE, DELETE",
                  "judge_outbox": "SELECT, INSERT, UPDATE, DELETE",
-                 "metrics": "SELECT, INSERT", "metric_rollups": "SELECT, INSERT, UPDATE",
+                 "metrics": "SELECT, INSERT, DELETE",
+                 "metric_rollups": "SELECT, INSERT, UPDATE, DELETE",
                  "api_keys": "SELECT, INSERT, UPDATE (revoke_time, last_used_time)"}
 # API keys: only revoke_time and last_used_time may change (a key never moves to another
 # user, even in a transaction that knows its hash), no DELETE (a revoked key's row is
@@ -55,6 +59,7 @@ async def _ensure_roles(conn: AsyncConnection, settings: MigrateSettings) -> Non
     for role, password, grants in roles:
         await grant_tables(conn, SCHEMA, role, password, grants)
     await _ensure_dispatcher_policies(conn, settings.writer_role)
+    await _ensure_retention_policies(conn, settings.writer_role)
 
 
 async def _ensure_dispatcher_policies(conn: AsyncConnection, role: str) -> None:
@@ -65,6 +70,19 @@ async def _ensure_dispatcher_policies(conn: AsyncConnection, role: str) -> None:
         await conn.execute(text(f"DROP POLICY IF EXISTS {policy} ON {SCHEMA}.judge_outbox"))
         await conn.execute(text(f'CREATE POLICY {policy} ON {SCHEMA}.judge_outbox '
                                 f'FOR {command_name} TO "{role}" USING (true)'))
+
+
+async def _ensure_retention_policies(conn: AsyncConnection, role: str) -> None:
+    """The retention sweep claims every user's due runs: on runs only, in a transaction that
+    sets RETENTION_SETTING (only the sweep's claim does), the writer role may read and
+    update any run. Everything else the sweep does acts for the run's owner."""
+    setting = f"current_setting('{RETENTION_SETTING}', true) = '{RETENTION_ON}'"
+    for command_name in ("SELECT", "UPDATE"):
+        policy = f"runs_retention_{command_name.lower()}"
+        check = f" WITH CHECK ({setting})" if command_name == "UPDATE" else ""
+        await conn.execute(text(f"DROP POLICY IF EXISTS {policy} ON {SCHEMA}.runs"))
+        await conn.execute(text(f'CREATE POLICY {policy} ON {SCHEMA}.runs '
+                                f'FOR {command_name} TO "{role}" USING ({setting}){check}'))
 
 
 def main() -> None:

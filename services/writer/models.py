@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
@@ -59,10 +60,19 @@ class RunRow(WriterBase):
     request_id: Mapped[str | None] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finish_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when DeleteRun (or the retention sweep) marked the run for deletion (migration
+    # 0008): from then on the run is gone for every reader and writer (see live_run), while
+    # its rows are removed in chunks (services.writer.deletion).
+    delete_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The deleter that holds the run, and until when (a lease renewed between chunks).
+    delete_claim: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    delete_claim_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index(None, "user_id", "create_time", "id"),
         UniqueConstraint("user_id", "request_id"),
+        Index(None, "finish_time"),
+        Index(None, "delete_time"),
     )
 
 
@@ -239,3 +249,9 @@ def _prediction_texts():
 
 
 prediction_texts = _prediction_texts()
+
+
+def live_run() -> ColumnElement[bool]:
+    """The condition every read and write of a run adds: not marked for deletion. A run
+    being deleted is NOT_FOUND everywhere at once, long before its last row is removed."""
+    return runs_table.c.delete_time.is_(None)

@@ -13,13 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import common_pb2, writer_pb2
 from services.common.db import is_postgres, user_transaction
-from services.common.errors import NotFound
+from services.common.errors import NotFound, RunDeleting
 from services.writer.models import (
     COMMIT_CHANNEL,
     ROLLUP_WIDTHS,
     SCHEMA,
     epochs_table,
     judge_outbox_table,
+    live_run,
     metric_rollups_table,
     metrics_table,
     predictions_table,
@@ -263,6 +264,10 @@ class WriterRepository:
         self._pg_bulk_insert = _PG_BULK_INSERT_JUDGED if judging else _PG_BULK_INSERT
         self._last_commit = float("-inf")
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
     def seconds_since_commit(self) -> float:
         """Seconds since predictions were last inserted or committed (inf: never); the outbox
         dispatcher defers to ingest with it. The mark is set before the commit as well as
@@ -281,14 +286,20 @@ class WriterRepository:
                 await conn.execute(stmt)
                 where = (runs_table.c.user_id == user_id,
                          runs_table.c.request_id == values["request_id"])
-                return (await conn.execute(select(runs_table).where(*where))).one()
+                row = (await conn.execute(select(runs_table).where(*where))).one()
+                if row.delete_time is not None:
+                    raise RunDeleting(
+                        f"run {row.id}, created earlier with request_id "
+                        f"{values['request_id']!r}, is being deleted; use another request_id",
+                        {"run_id": str(row.id), "request_id": values["request_id"]})
+                return row
             await conn.execute(stmt)
             return (await conn.execute(select(runs_table).where(
                 runs_table.c.id == values["id"]))).one()
 
     async def finish_run(self, user_id: str, run_id: uuid.UUID, state: int) -> Row:
         """Sets the final state once; a finished run is returned unchanged."""
-        owned = (runs_table.c.id == run_id, runs_table.c.user_id == user_id)
+        owned = (runs_table.c.id == run_id, runs_table.c.user_id == user_id, live_run())
         async with user_transaction(self._engine, user_id) as conn:
             await conn.execute(update(runs_table).where(
                 *owned, runs_table.c.state == common_pb2.RUN_STATE_RUNNING,
@@ -328,7 +339,7 @@ class WriterRepository:
         run_ids = {batch.run_id for batch in batches}
         async with user_transaction(self._engine, user_id) as conn:
             owned = set((await conn.execute(select(runs_table.c.id).where(
-                runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id,
+                runs_table.c.id.in_(run_ids), runs_table.c.user_id == user_id, live_run(),
             ).with_for_update(key_share=True, read=True))).scalars())
             samples = SampleWrite.collect(batches, owned, known_samples)
             await samples.store(conn, user_id)

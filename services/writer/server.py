@@ -19,6 +19,7 @@ from services.writer.api_keys import ApiKeyRepository
 from services.writer.auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
 from services.writer.auth_servicer import AuthServicer
 from services.writer.config import WriterSettings
+from services.writer.deletion import JudgePurge, RunDeleter
 from services.writer.evaluation import EvaluationServicer
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.models import SCHEMA
@@ -32,21 +33,25 @@ EVALUATION_SERVICE_NAME = evaluation_pb2.DESCRIPTOR.services_by_name[
 
 
 async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
-    """Starts the writer on settings.host:settings.port (0 = a free port); with a
-    judge_address, also the judge outbox dispatcher (stopped after the server) and the
-    judge's check of CreateRun's judge section over the dispatcher's channel."""
+    """Starts the writer on settings.host:settings.port (0 = a free port) and its retention
+    sweep; with a judge_address, also the judge outbox dispatcher (stopped after the
+    server), the judge's check of CreateRun's judge section and DeleteRun's PurgeRun over
+    the dispatcher's channel."""
     engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
     judging = settings.judge_address is not None
     repository = WriterRepository(engine, judging=judging)
     dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit)
                   if judging else None)
     check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
-    servicer = WriterServicer(repository, settings, check)
+    deleter = RunDeleter(engine, settings,
+                         JudgePurge(dispatcher.stub, auth, settings) if dispatcher else None)
+    servicer = WriterServicer(repository, settings, check, deleter)
     evaluation = EvaluationServicer(repository, settings, auth,
                                     dispatcher.stub if dispatcher else None, check)
     keys = AuthServicer(ApiKeyRepository(engine, settings.api_key_max_per_user), settings, auth)
 
     async def on_stop() -> None:
+        await deleter.stop()
         if dispatcher is not None:
             await dispatcher.stop()
         await engine.dispose()
@@ -61,6 +66,7 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
                                   on_failure=on_stop)
     if dispatcher is not None:
         dispatcher.start()
+    deleter.start()
     running.on_stop = on_stop
     return running
 

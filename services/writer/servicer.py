@@ -21,6 +21,7 @@ from services.common.errors import (
 )
 from services.common.interceptors import RejectedRequest
 from services.writer.config import WriterSettings
+from services.writer.deletion import RunDeleter
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.repository import Batch, CommitResult, WriterRepository
 from services.writer.samples import SampleConflict, StreamSamples
@@ -56,11 +57,14 @@ class _Group:
 
 class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
     def __init__(self, repository: WriterRepository, settings: WriterSettings,
-                 judge_check: JudgeConfigCheck | None = None) -> None:
-        """judge_check: the judge's check of a run's judge section (None: judging is off)."""
+                 judge_check: JudgeConfigCheck | None = None,
+                 deleter: RunDeleter | None = None) -> None:
+        """judge_check: the judge's check of a run's judge section (None: judging is off);
+        deleter: DeleteRun's (None: one without the judge's purge)."""
         self._repo = repository
         self._settings = settings
         self._judge_check = judge_check
+        self._deleter = deleter or RunDeleter(repository.engine, settings, None)
         self.counts: Counter[str] = Counter()
 
     async def CreateRun(self, request: writer_pb2.CreateRunRequest,
@@ -80,6 +84,13 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
         run_id = parse_run_id(request.run_id)
         state = check_finish_state(request.state)
         return run_to_proto(await self._repo.finish_run(current_user(), run_id, state))
+
+    async def DeleteRun(self, request: writer_pb2.DeleteRunRequest,
+                        context: grpc.aio.ServicerContext) -> writer_pb2.DeleteRunResponse:
+        """Removes the caller's run and everything stored for it (services.writer.deletion)."""
+        run_id = parse_run_id(request.run_id)
+        return await self._deleter.delete_run(current_user(), run_id, request.force,
+                                              request.allow_missing)
 
     async def WritePredictions(self, request: writer_pb2.WritePredictionsRequest,
                                context: grpc.aio.ServicerContext

@@ -44,6 +44,8 @@ from tests.helpers import create_run, grid
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
              grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_TIMEOUT_S = 20.0
+# Methods that remove what a run id names: fuzzed with runs of their own.
+DESTRUCTIVE = frozenset({"DeleteRun", "PurgeRun"})
 SETTLE_POLLS, SETTLE_POLL_S = 200, 0.05
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
@@ -74,10 +76,13 @@ CONFIGS = [{"judge": {"rules": {"pattern": "(a+)+$", "format": "json"}}},
 class Target:
     """The victim's data, the fuzzer's credentials, and how to check both."""
 
-    def __init__(self, stack, victim_run: str, own_run: str) -> None:
+    def __init__(self, stack, victim_run: str, own_run: str, doomed_runs: list[str]) -> None:
+        """doomed_runs: the fuzzer's runs that DeleteRun and PurgeRun may really remove
+        (own_run stays for the other methods)."""
         self.stack = stack
         self.victim_run = victim_run
         self.own_run = own_run
+        self.doomed_runs = doomed_runs
         self.metadata = (("authorization", f"Bearer {mint_token(stack.auth, 'fuzzer')}"),)
 
     async def settled(self) -> None:
@@ -136,9 +141,20 @@ async def target(stack):
         await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
             auth_pb2.CreateApiKeyRequest(name="victim-key"), metadata=victim_md)
         own = await create_run(writer, stack.metadata("fuzzer"), name="own-run")
-    fuzz_target = Target(stack, victim.id, own.id)
+        doomed = [await _doomed_run(writer, stack.metadata("fuzzer"), n) for n in range(4)]
+    fuzz_target = Target(stack, victim.id, own.id, doomed)
     await fuzz_target.settled()
     return fuzz_target
+
+
+async def _doomed_run(writer, metadata, n: int) -> str:
+    """A run of the fuzzer's with predictions, RUNNING (odd n) or finished (even n)."""
+    run = await create_run(writer, metadata, name=f"doomed-{n}")
+    await writer.WritePredictions(writer_pb2.WritePredictionsRequest(
+        run_id=run.id, predictions=grid(1, 3)), metadata=metadata)
+    if n % 2 == 0:
+        await writer.FinishRun(writer_pb2.FinishRunRequest(run_id=run.id), metadata=metadata)
+    return run.id
 
 
 def _address(stack, server: str) -> str:
@@ -187,7 +203,10 @@ async def _assert_healthy(stack) -> None:
 
 
 def _requests(target: Target, method) -> st.SearchStrategy:
-    known = [target.victim_run, target.own_run]
+    """Requests naming the victim's run and the fuzzer's own; DeleteRun and PurgeRun name
+    the fuzzer's doomed runs instead (they really delete them, and the victim's stays)."""
+    mine = target.doomed_runs if method.name in DESTRUCTIVE else [target.own_run]
+    known = [target.victim_run, *mine]
     messages = MessageStrategies(known, CONFIGS).for_message(method.input_type)
     return st.one_of(messages, messages.flatmap(lambda m: raw_mutations(m.SerializeToString())))
 

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.common.db import user_transaction
 from services.judge.llm import cache
 from services.judge.models import run_llm_state_table as state_table
+from services.judge.purge import purged_among
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ class RunBudget:
         if self.run_id is None:
             return
         async with user_transaction(self._engine, self._user_id) as conn:
+            if await purged_among(conn, self._user_id, [self.run_id]):
+                return  # deleted (PurgeRun): no spend row is made again; _write stores none
             await conn.execute(cache.insert_ignoring_duplicates(conn, state_table).values(
                 run_id=self.run_id, user_id=self._user_id, budget_usd=self.state.budget_usd,
                 spent_usd=0.0, input_tokens=0, output_tokens=0,
@@ -296,9 +299,13 @@ class RunBudget:
         until the commit right after)."""
         entries = [c.cached for c in charges if c.cached is not None]
         async with user_transaction(self._engine, self._user_id) as conn:
+            # Runs deleted while being judged (PurgeRun): their cache and spend stay gone.
+            purged = await purged_among(conn, self._user_id,
+                                        [self.run_id, *(e.run_id for e in entries)])
+            entries = [e for e in entries if e.run_id not in purged]
             if entries:
                 await cache.store(conn, self._user_id, entries)
-            if self.run_id is None:
+            if self.run_id is None or self.run_id in purged:
                 return None
             return await self._add_spend(conn, charges)
 

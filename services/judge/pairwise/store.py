@@ -26,6 +26,7 @@ from services.judge.pairwise.config import PairwiseConfig
 from services.judge.pairwise.models import Outcome
 from services.judge.pairwise.models import pairwise_results_table as R
 from services.judge.pairwise.models import pairwise_tasks_table as T
+from services.judge.purge import purged_among
 from services.judge.schema import Item
 from services.judge.store import TaskState, now_utc
 from services.writer.models import prediction_texts as P
@@ -126,6 +127,8 @@ async def enqueue(engine: AsyncEngine, user_id: str, run_id: uuid.UUID, items: S
         return 0
     now = now_utc()
     async with user_transaction(engine, user_id) as conn:
+        if await purged_among(conn, user_id, [run_id]):
+            return 0  # deleted meanwhile (PurgeRun): nothing is queued again
         baseline_run, baseline_epoch = pairwise.baseline_run_id, pairwise.baseline_epoch
         if baseline_run is None:
             baseline_run = run_id
@@ -209,6 +212,8 @@ async def settle(engine: AsyncEngine, user_id: str, settled: Sequence[Settled]) 
     drops order 1's kept answer. Returns the results newly stored."""
     now = now_utc()
     async with user_transaction(engine, user_id) as conn:
+        purged = await purged_among(conn, user_id, (s.task.run_id for s in settled))
+        settled = [s for s in settled if s.task.run_id not in purged]  # deleted meanwhile
         rows = [{**s.result, "create_time": now} for s in settled if s.result is not None]
         stored = 0
         if rows:
