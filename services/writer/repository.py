@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from epochlens.v1 import common_pb2, writer_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound
+from services.common.telemetry.tracing import current_traceparent
 from services.writer.models import (
     COMMIT_CHANNEL,
     ROLLUP_WIDTHS,
@@ -25,6 +26,7 @@ from services.writer.models import (
     predictions_table,
     runs_table,
 )
+from services.writer.telemetry import count_commit
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
@@ -59,8 +61,9 @@ WITH ins AS (
 # Only predictions actually inserted (not duplicates) are handed to the judge.
 _PG_OUTBOX_CTE = f""", outbox AS (
     INSERT INTO {SCHEMA}.judge_outbox (run_id, step, sample_index, user_id, create_time,
-        attempts, next_attempt_time, last_error)
-    SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL FROM ins
+        attempts, next_attempt_time, last_error, traceparent)
+    SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL,
+        CAST(:traceparent AS TEXT) FROM ins
     ORDER BY run_id, step, sample_index
 )"""
 _PG_COUNT = "\nSELECT COALESCE(SUM(n), 0) FROM per_epoch\n"
@@ -328,13 +331,17 @@ class WriterRepository:
                                            and (b.items or b.metrics)})
         if inserted:
             self._last_commit = time.monotonic()
+        count_commit(inserted, len(rows) - inserted)
         return CommitResult(inserted, len(rows) - inserted, metrics.inserted,
                             metrics.duplicates, tuple(metrics.conflicts or ())), run_ids - owned
 
     async def _insert_predictions(self, conn: AsyncConnection, user_id: str,
                                   rows: list[tuple[uuid.UUID, common_pb2.PredictionInput]]) -> int:
         if is_postgres(conn):
-            return int(await conn.scalar(self._pg_bulk_insert, _pg_arrays(user_id, rows)))
+            params = _pg_arrays(user_id, rows)
+            if self._judging:
+                params["traceparent"] = current_traceparent()
+            return int(await conn.scalar(self._pg_bulk_insert, params))
         return await _sqlite_insert(conn, user_id, rows, self._judging)
 
 
@@ -352,10 +359,11 @@ async def _sqlite_insert(conn: AsyncConnection, user_id: str,
     if inserted:
         await _sqlite_update_epochs(conn, user_id, inserted, now)
     if inserted and judging:
+        traceparent = current_traceparent()
         await conn.execute(sqlite.insert(judge_outbox_table), [
             {"run_id": run_id, "step": step, "sample_index": index, "user_id": user_id,
-             "create_time": now, "attempts": 0, "next_attempt_time": now, "last_error": None}
-            for run_id, _, step, index in inserted])
+             "create_time": now, "attempts": 0, "next_attempt_time": now, "last_error": None,
+             "traceparent": traceparent} for run_id, _, step, index in inserted])
     return len(inserted)
 
 
