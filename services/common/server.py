@@ -27,7 +27,7 @@ from services.common.startup import StartupError, example_secrets_in_use, exit_w
 from services.common.telemetry import logs
 from services.common.telemetry.metrics import (
     MetricsEndpoint,
-    RpcMetricsInterceptor,
+    rpc_interceptors,
     start_metrics_endpoint,
 )
 from services.common.telemetry.tracing import install_tracing, server_interceptors, shutdown_tracing
@@ -90,7 +90,7 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(settings), RpcMetricsInterceptor(),
+        interceptors=[*server_interceptors(settings), *rpc_interceptors(settings),
                       _interceptor(settings, auth)], options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )

@@ -50,14 +50,16 @@ async def telemetry_db() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def traced(telemetry_db, auth_settings) -> AsyncIterator[tuple[RunningServer, ...]]:
-    """A judge and a writer handing off to it, both tracing."""
+    """A judge and a writer handing off to it, both tracing; the writer set for JSON logs
+    (its interceptor binds the requests' run ids)."""
     span_exporter()
     judge = await start_judge(JudgeSettings(
         database_url=pg_url(JUDGE_ROLE, telemetry_db), idle_poll_s=0.05, **OTEL, **COMMON),
         auth_settings)
     writer = await start_writer(WriterSettings(
         database_url=pg_url(WRITER_ROLE, telemetry_db), judge_address=judge.address,
-        outbox_poll_s=0.05, outbox_ingest_quiet_s=0, **OTEL, **COMMON), auth_settings)
+        outbox_poll_s=0.05, outbox_ingest_quiet_s=0, log_format="json", **OTEL, **COMMON),
+        auth_settings)
     yield judge, writer
     await writer.stop(0.5)
     await judge.stop(0.5)
@@ -191,6 +193,27 @@ async def test_trace_runs_from_the_trainer_upload_through_the_judge(traced, auth
     streams = [s for s in spans if s.name == WRITER + "StreamPredictions"
                and s.kind == trace.SpanKind.SERVER]
     assert streams and {s.parent.span_id for s in streams} == {root.get_span_context().span_id}
+
+
+async def test_trainer_client_counts_and_logs_retries_with_the_spool_depth(tmp_path, caplog):
+    config = PredictionsConfig(_env_file=None, spool_dir=tmp_path, backoff_base_s=0.02,
+                               backoff_max_s=0.05, stream_batch_predictions=2)
+    spool = Spool.create(tmp_path, RunRecord(uuid.uuid4().hex, "offline", "tiny", "toy", {}))
+    client = StreamingClient(config, spool, f"127.0.0.1:{free_port()}", "no-writer-token")
+    with caplog.at_level(logging.INFO, logger="trainer_client.streaming"):
+        client.start()
+        client.submit(1, 10, _results(5))
+
+        async def retried():
+            stats = client.stats()
+            return stats if stats["upload_retries"] >= 3 else None
+        stats = await eventually(retried, "three upload retries")
+        report = await asyncio.to_thread(client.close, 0.5)
+    assert (stats["spool_pending_batches"], stats["spool_pending_predictions"]) == (3, 5)
+    assert stats["connection_errors"] >= stats["upload_retries"] >= 3
+    assert report.pending_batches == 3 and not report.complete
+    retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying")]
+    assert retries and "spool holds 3 batches, 5 predictions" in retries[-1]
 
 
 async def test_json_log_lines_carry_run_id_and_trace_id(traced, auth_settings):

@@ -43,28 +43,41 @@ def _code_of(context: grpc.aio.ServicerContext, failed: BaseException | None) ->
 
 
 def _record(method: str, context: grpc.aio.ServicerContext, started: float,
-            failed: BaseException | None) -> None:
+            failed: BaseException | None, record: bool) -> None:
+    if not record:
+        return
     RPCS.labels(method, _code_of(context, failed)).inc()
     RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC (health and reflection included), unary and streaming;
-    binds the request's run_id (when it has one) to the log lines of a unary-request RPC."""
+    """Counts and times every RPC (health and reflection included), unary and streaming
+    (record=False: not); binds the request's run_id (when it has one) to the log lines of a
+    unary-request RPC."""
+
+    def __init__(self, record: bool = True) -> None:
+        self._record = record
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
         wrap, make = _WRAPPERS[(handler.request_streaming, handler.response_streaming)]
         behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                     or handler.stream_stream)
-        return make(wrap(behavior, method), handler.request_deserializer,
+        return make(wrap(behavior, details.method, self._record), handler.request_deserializer,
                     handler.response_serializer)
 
 
-def _wrap_unary(behavior: Callable, method: str) -> Callable:
+def rpc_interceptors(settings: ServiceSettings) -> list[RpcMetricsInterceptor]:
+    """The metrics interceptor when the metrics endpoint or JSON logs (run_id) are on; none
+    otherwise, so a service with both off pays nothing."""
+    if metrics_on(settings) or settings.log_format == "json":
+        return [RpcMetricsInterceptor(record=metrics_on(settings))]
+    return []
+
+
+def _wrap_unary(behavior: Callable, method: str, record: bool) -> Callable:
     async def counted(request, context: grpc.aio.ServicerContext):
         started, failed = time.perf_counter(), None
         try:
@@ -74,11 +87,12 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
             failed = exc
             raise
         finally:
-            _record(method, context, started, failed)
+            _record(method, context, started, failed, record)
     return counted
 
 
-def _wrap_stream(behavior: Callable, method: str, unary_request: bool) -> Callable:
+def _wrap_stream(behavior: Callable, method: str, record: bool,
+                 unary_request: bool) -> Callable:
     async def counted(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
         started, failed = time.perf_counter(), None
         run_id = getattr(request, "run_id", None) if unary_request else None
@@ -90,15 +104,17 @@ def _wrap_stream(behavior: Callable, method: str, unary_request: bool) -> Callab
             failed = exc
             raise
         finally:
-            _record(method, context, started, failed)
+            _record(method, context, started, failed, record)
     return counted
 
 
 _WRAPPERS = {
     (False, False): (_wrap_unary, grpc.unary_unary_rpc_method_handler),
     (True, False): (_wrap_unary, grpc.stream_unary_rpc_method_handler),
-    (False, True): (lambda b, m: _wrap_stream(b, m, True), grpc.unary_stream_rpc_method_handler),
-    (True, True): (lambda b, m: _wrap_stream(b, m, False), grpc.stream_stream_rpc_method_handler),
+    (False, True): (lambda b, m, r: _wrap_stream(b, m, r, True),
+                    grpc.unary_stream_rpc_method_handler),
+    (True, True): (lambda b, m, r: _wrap_stream(b, m, r, False),
+                   grpc.stream_stream_rpc_method_handler),
 }
 
 
