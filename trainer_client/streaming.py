@@ -354,7 +354,7 @@ class StreamingClient:
         spool depth now (spool_pending_batches, spool_pending_predictions, spool_rejected_
         batches); plain numbers, no metrics library needed. Call it before close()."""
         with self._counts_lock:
-            stats = dict(self.counts)
+            stats = {"upload_retries": 0, "connection_errors": 0, **self.counts}
         stats["spool_pending_batches"], stats["spool_pending_predictions"] = (
             self._spool.pending_counts())
         stats["spool_rejected_batches"] = self._spool.rejected_counts()[0]

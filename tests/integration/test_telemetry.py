@@ -202,13 +202,15 @@ async def test_trainer_client_counts_and_logs_retries_with_the_spool_depth(tmp_p
     client = StreamingClient(config, spool, f"127.0.0.1:{free_port()}", "no-writer-token")
     with caplog.at_level(logging.INFO, logger="trainer_client.streaming"):
         client.start()
-        client.submit(1, 10, _results(5))
+        try:
+            client.submit(1, 10, _results(5))
 
-        async def retried():
-            stats = client.stats()
-            return stats if stats["upload_retries"] >= 3 else None
-        stats = await eventually(retried, "three upload retries")
-        report = await asyncio.to_thread(client.close, 0.5)
+            async def retried():
+                stats = client.stats()
+                return stats if stats["upload_retries"] >= 3 else None
+            stats = await eventually(retried, "three upload retries")
+        finally:
+            report = await asyncio.to_thread(client.close, 0.5)
     assert (stats["spool_pending_batches"], stats["spool_pending_predictions"]) == (3, 5)
     assert stats["connection_errors"] >= stats["upload_retries"] >= 3
     assert report.pending_batches == 3 and not report.complete
