@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from opentelemetry.propagate import inject
 from epochlens.v1 import writer_pb2, writer_pb2_grpc
 from services.common.auth import mint_token
 from services.common.server import RunningServer
+from services.common.startup import StartupError
 from services.common.telemetry.logs import configure_logging
 from services.judge.config import JudgeSettings
 from services.judge.server import start as start_judge
@@ -151,6 +153,16 @@ async def test_outbox_gauges_show_rows_waiting_for_a_judge_that_is_down(auth_set
             assert rows == 7 and 0 < age < 60
         finally:
             await writer.stop(0.5)
+
+
+async def test_a_metrics_port_in_use_is_a_startup_error(telemetry_db, auth_settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            await start_writer(WriterSettings(database_url=pg_url(WRITER_ROLE, telemetry_db),
+                                              metrics_port=port, **COMMON), auth_settings)
 
 
 def _results(count: int) -> list[GenerationResult]:
