@@ -2,9 +2,10 @@
 embedded SQLite store, once with metrics off (no metrics interceptor) and once with the
 metrics endpoint on (every RPC counted and timed), called alternately in rounds.
 
-Prints, per RPC, the median and the best rate (calls/s) of each setup over the rounds and the
-difference per call of the best rates (microseconds; the best round is the one least
-disturbed by other processes): Health/Check (no database, no token: the interceptor's share is
+Prints, per RPC and setup, the best and the median rate (calls/s) over the rounds, and the
+median CPU time of the process per call (client and server together: what other processes
+on a busy machine disturb least); the cost of the interceptor is the difference of the
+CPU times: Health/Check (no database, no token: the interceptor's share is
 largest there) and QueryService/GetRun of an unknown run (a token, one indexed read, ends
 NOT_FOUND: the abort path of the interceptor).
 
@@ -44,8 +45,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-async def _rate(call: Callable[[], Awaitable], calls: int, concurrency: int) -> float:
-    """Calls per second of `calls` calls, `concurrency` at a time."""
+async def _rate(call: Callable[[], Awaitable], calls: int,
+                concurrency: int) -> tuple[float, float]:
+    """Calls per second of `calls` calls, `concurrency` at a time, and the process's CPU
+    seconds per call."""
     left = calls
 
     async def worker() -> None:
@@ -53,9 +56,9 @@ async def _rate(call: Callable[[], Awaitable], calls: int, concurrency: int) -> 
         while left > 0:
             left -= 1
             await call()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return calls / (time.perf_counter() - started)
+    return calls / (time.perf_counter() - started), (time.process_time() - cpu) / calls
 
 
 async def _get_run(stub: query_pb2_grpc.QueryServiceStub, metadata) -> None:
@@ -74,8 +77,8 @@ def _calls(channel: grpc.aio.Channel, metadata) -> dict[str, Callable[[], Awaita
 
 
 async def _measure(servers: dict[str, RunningServer], args, metadata) -> dict:
-    """rates[rpc][setup] = the rate of every round."""
-    rates: dict[str, dict[str, list[float]]] = {}
+    """rates[rpc][setup] = (rate, CPU seconds per call) of every round."""
+    rates: dict[str, dict[str, list[tuple[float, float]]]] = {}
     channels = {name: grpc.aio.insecure_channel(s.address) for name, s in servers.items()}
     calls = {name: _calls(channel, metadata) for name, channel in channels.items()}
     try:
@@ -109,11 +112,15 @@ async def main_async(args) -> None:
     print(f"unary RPCs, {args.concurrency} in flight, {args.calls} calls x {args.rounds} "
           "rounds per setup, client and server in one process")
     for rpc, by_setup in rates.items():
-        off, on = (max(by_setup[s]) for s in ("off", "on"))
-        median_off, median_on = (statistics.median(by_setup[s]) for s in ("off", "on"))
-        print(f"{rpc:32s} metrics off {off:7.0f}/s (median {median_off:7.0f})  metrics on "
-              f"{on:7.0f}/s (median {median_on:7.0f})  cost {1e6 * (1 / on - 1 / off):+6.1f} "
-              f"us/call ({100 * (off - on) / off:+.1f}%)")
+        cpu = {}
+        for setup in ("off", "on"):
+            rounds = by_setup[setup]
+            cpu[setup] = statistics.median(c for _, c in rounds) * 1e6
+            print(f"{rpc:32s} metrics {setup:3s}: best {max(r for r, _ in rounds):7.0f}/s, "
+                  f"median {statistics.median(r for r, _ in rounds):7.0f}/s, "
+                  f"CPU {cpu[setup]:6.1f} us/call")
+        print(f"{rpc:32s} interceptor cost: {cpu['on'] - cpu['off']:+.1f} us CPU per call "
+              f"({100 * (cpu['on'] - cpu['off']) / cpu['off']:+.1f}%)")
 
 
 def main() -> None:
