@@ -45,6 +45,7 @@ from trainer_client.credentials import Credentials, CredentialsError, resolve_cr
 from trainer_client.payload import MetricsItem, PayloadEncoder
 from trainer_client.samples import SampleTracker
 from trainer_client.spool import METRICS, PREDICTIONS, Spool
+from trainer_client.tracing import capture_traceparent, trace_metadata
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class StreamingClient:
         self._poison: tuple[int, int] = (0, 0)  # (oldest pending sequence, failures there)
         self._isolate_until = 0  # send one batch per stream while the oldest is <= this
         self._highest_sent = 0
+        self._traceparent = capture_traceparent()
         if self._record.run_id:
             self._run_known.set()
 
@@ -341,7 +343,28 @@ class StreamingClient:
                 self._refreshed_after_refusal = False
                 continue
             attempt += 1
-            await asyncio.sleep(self._backoff(attempt))
+            await asyncio.sleep(self._retry_delay(action, attempt))
+
+    def _retry_delay(self, action: str, attempt: int) -> float:
+        """Counts the retry and logs it with the spool depth; returns the backoff."""
+        delay = self._backoff(attempt)
+        self._count("upload_retries")
+        batches, predictions = self._spool.pending_counts()
+        log.info("retrying %s in %.2fs (attempt %d; %d retries so far; spool holds %d batches, "
+                 "%d predictions)", action, delay, attempt + 1, self.counts["upload_retries"],
+                 batches, predictions)
+        return delay
+
+    def stats(self) -> dict[str, int]:
+        """The client's counters (upload_retries, connection_errors, inserted, ...) and the
+        spool depth now (spool_pending_batches, spool_pending_predictions, spool_rejected_
+        batches); plain numbers, no metrics library needed. Call it before close()."""
+        with self._counts_lock:
+            stats = {"upload_retries": 0, "connection_errors": 0, **self.counts}
+        stats["spool_pending_batches"], stats["spool_pending_predictions"] = (
+            self._spool.pending_counts())
+        stats["spool_rejected_batches"] = self._spool.rejected_counts()[0]
+        return stats
 
     def _next_action(self) -> str:
         if self._error is not None:
@@ -381,13 +404,15 @@ class StreamingClient:
         return False
 
     async def _auth(self) -> tuple[tuple[str, str], ...]:
-        """The authorization metadata of the next call: a token exchanged for the API key is
-        refreshed (in a worker thread, off the loop) when it is near its end."""
+        """The metadata of the next call: authorization (a token exchanged for the API key is
+        refreshed, in a worker thread off the loop, when it is near its end) and the
+        traceparent of the span the client was created under, if any."""
+        traced = trace_metadata(self._traceparent)
         if self._credentials is None:
-            return ()
+            return traced
         if not self._credentials.refreshable:
-            return self._credentials.metadata()
-        return await asyncio.to_thread(self._credentials.metadata)
+            return (*self._credentials.metadata(), *traced)
+        return (*await asyncio.to_thread(self._credentials.metadata), *traced)
 
     def _refresh_after_refusal(self, details: str) -> bool:
         """A token from an API key refused (expired early for the writer's clock): True once,

@@ -73,6 +73,26 @@ class ServiceSettings(DatabaseSettings):
         20, ge=1, le=200,
         description="Field violations listed in one error (they travel in trailing metadata).",
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the Prometheus /metrics endpoint; unset: no endpoint; 0 picks a "
+        "free one.")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds to.")
+    metrics_db_refresh_s: float = Field(
+        15.0, gt=0, description="How often the gauges read from the database (writer outbox "
+        "depth and age, judge queue depth) are refreshed while the metrics endpoint is on; "
+        "a scrape never queries the database.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects (one per line) carrying "
+        "run_id and trace_id when known.")
+    otel_endpoint: str | None = Field(
+        None, description="OTLP gRPC endpoint traces are exported to (host:port or URL); "
+        "unset: tracing off.")
+    otel_service_name: str | None = Field(
+        None, description="service.name of the exported spans; unset: epochlens-<service>.")
+    otel_insecure: bool = Field(
+        True, description="Export to the OTLP endpoint without TLS (a collector beside the "
+        "service).")
 
 
 class AuthSettings(BaseSettings):

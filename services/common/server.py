@@ -24,6 +24,13 @@ from services.common.auth import TokenVerifier
 from services.common.config import AuthSettings, ServiceSettings
 from services.common.interceptors import ServiceInterceptor
 from services.common.startup import StartupError, example_secrets_in_use, exit_with, load_settings
+from services.common.telemetry import logs
+from services.common.telemetry.metrics import (
+    MetricsEndpoint,
+    rpc_interceptors,
+    start_metrics_endpoint,
+)
+from services.common.telemetry.tracing import install_tracing, server_interceptors, shutdown_tracing
 from services.common.validation import EdgeLimits, RequestChecker
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: Sequence[str]
     on_stop: Callable[[], Awaitable[None]] | None = None
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -50,6 +58,8 @@ class RunningServer:
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace_s)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.on_stop is not None:
             await self.on_stop()
 
@@ -80,7 +90,8 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=[_interceptor(settings, auth)], options=options,
+        interceptors=[*server_interceptors(settings), *rpc_interceptors(settings),
+                      _interceptor(settings, auth)], options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     registrar(server)
@@ -91,10 +102,11 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
          reflection.SERVICE_NAME), server)
     port = await _bind(server, settings.host, settings.port)
     await server.start()
+    metrics = await _start_metrics(server, settings)
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d", ", ".join(service_names), settings.host, port)
-    return RunningServer(server, port, health_servicer, service_names)
+    return RunningServer(server, port, health_servicer, service_names, metrics=metrics)
 
 
 class PortInUse(StartupError):
@@ -137,6 +149,16 @@ async def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
         raise StartupError(f"cannot bind port {port} on {host}: {exc}") from exc
 
 
+async def _start_metrics(server: grpc.aio.Server, settings: ServiceSettings
+                         ) -> MetricsEndpoint | None:
+    """The /metrics endpoint (metrics_port set); when it cannot start, the server stops."""
+    try:
+        return start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
+    except StartupError:
+        await server.stop(None)
+        raise
+
+
 def _interceptor(settings: ServiceSettings, auth: AuthSettings) -> ServiceInterceptor:
     checker = RequestChecker(EdgeLimits(max_abs_integer=settings.max_abs_integer,
                                         max_struct_depth=settings.max_struct_depth))
@@ -164,20 +186,25 @@ def run_service(settings_class: type[ServiceSettings],
     label = service_label(settings_class)
     try:
         settings, auth = load_settings(settings_class, AuthSettings)
-        asyncio.run(_serve(settings, auth, start))
+        asyncio.run(_serve(settings, auth, start, label))
     except StartupError as exc:
         exit_with(exc, label)
 
 
 async def _serve(settings: ServiceSettings, auth: AuthSettings,
-                 start: Callable[[Any, AuthSettings], Awaitable[RunningServer]]) -> None:
-    configure_logging(settings.log_level)
+                 start: Callable[[Any, AuthSettings], Awaitable[RunningServer]],
+                 label: str) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+    install_tracing(settings, label)
     for name in example_secrets_in_use((settings, auth)):
         log.warning("%s is the public example value from .env.example: anyone can use it to "
                     "mint or forge tokens for this service; set a secret of your own (`make "
                     ".env` writes fresh ones)", name)
-    running = await start(settings, auth)
-    await serve_until_signalled(running, settings.shutdown_grace_s)
+    try:
+        running = await start(settings, auth)
+        await serve_until_signalled(running, settings.shutdown_grace_s)
+    finally:
+        shutdown_tracing()
 
 
 def service_label(settings_class: type[ServiceSettings]) -> str:
@@ -186,6 +213,6 @@ def service_label(settings_class: type[ServiceSettings]) -> str:
     return prefix.removeprefix("EPOCHLENS_").strip("_").lower()
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Root logging: text or JSON lines (services.common.telemetry.logs)."""
+    logs.configure_logging(level, log_format)

@@ -17,6 +17,7 @@ from services.judge.pairwise.worker import PairwiseWorkers
 from services.judge.queue import JudgeWorkers, Judging
 from services.judge.servicer import JudgeServicer
 from services.judge.store import JudgeStore
+from services.judge.telemetry import queue_gauge
 from services.writer.models import SCHEMA as WRITER_SCHEMA
 
 SERVICE_NAME = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
@@ -34,9 +35,12 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
     generator = Generator(settings)
     pairwise = PairwiseWorkers(settings, engine)
     servicer = JudgeServicer(settings, store, judging, workers, generator, pairwise)
+    gauge = queue_gauge(engine, settings)
 
     async def on_stop() -> None:
         try:
+            if gauge is not None:
+                await gauge.stop()
             await workers.stop(settings.shutdown_grace_s)
             await pairwise.stop(settings.shutdown_grace_s)
             await judging.close()
@@ -51,6 +55,8 @@ async def start(settings: JudgeSettings, auth: AuthSettings) -> RunningServer:
         [SERVICE_NAME], on_failure=on_stop)
     workers.start()
     pairwise.start()
+    if gauge is not None:
+        gauge.start()
     running.on_stop = on_stop
     return running
 

@@ -5,6 +5,8 @@ signing key. The bearer token it forwards comes from the browser's cookie or the
 Authorization header.
 """
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -50,3 +52,10 @@ class WebSettings(BaseSettings):
         5.0, ge=0, description="Time given to in-flight requests on stop; open event streams "
         "are closed at once (browsers reconnect and resume).")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects (one per line).")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the Prometheus /metrics endpoint (process metrics); unset: no "
+        "endpoint; 0 picks a free one.")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds to.")

@@ -18,6 +18,7 @@ import uvicorn
 
 from services.common.server import PortInUse, configure_logging, port_in_use
 from services.common.startup import StartupError, exit_with, load_settings
+from services.common.telemetry.metrics import start_metrics_endpoint
 from services.web.app import create_app
 from services.web.config import WebSettings
 from services.web.state import WebState
@@ -94,7 +95,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def serve(settings: WebSettings) -> None:
     """Runs the web service until SIGINT/SIGTERM (or until uvicorn stops on its own)."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
     running = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,6 +107,8 @@ async def serve(settings: WebSettings) -> None:
     waiter.cancel()
     log.info("stopping (grace %.1fs)", settings.shutdown_grace_s)
     await running.stop()
+    if metrics is not None:
+        metrics.close()
 
 
 def main() -> None:

@@ -152,6 +152,8 @@ class JudgeOutboxRow(WriterBase):
     # Not claimed by the dispatcher before this time.
     next_attempt_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # W3C traceparent of the request that stored the prediction (NULL: tracing was off).
+    traceparent: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index(None, "next_attempt_time"),)
 

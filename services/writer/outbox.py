@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -56,6 +56,8 @@ from services.common.auth import mint_token
 from services.common.config import AuthSettings
 from services.common.convert import dict_to_struct
 from services.common.db import RLS_USER_SETTING, is_postgres
+from services.common.telemetry.logs import bind_run_id
+from services.common.telemetry.tracing import client_interceptors, continued_span, tracing_on
 from services.writer.config import WriterSettings
 from services.writer.models import judge_outbox_table, prediction_texts, runs_table
 
@@ -94,6 +96,8 @@ class Chunk:
     keys: list[tuple[int, int]]
     attempts: int
     request: judge_pb2.EnqueueJudgingRequest | None = None
+    # Trace contexts of the requests that stored these rows (the hand-off continues them).
+    traceparents: tuple[str | None, ...] = ()
 
 
 def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
@@ -115,7 +119,8 @@ def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
         config = {"methodConfig": [{"name": [{"service": JUDGE_SERVICE}],
                                     "retryPolicy": retry}]}
         options.append(("grpc.service_config", json.dumps(config)))
-    return grpc.aio.insecure_channel(settings.judge_address, options=options)
+    return grpc.aio.insecure_channel(settings.judge_address, options=options,
+                                     interceptors=client_interceptors(settings))
 
 
 def backoff_s(settings: WriterSettings, attempts: int) -> float:
@@ -260,16 +265,20 @@ class OutboxDispatcher:
                       "(%d such rows so far)", len(lost), run_id, user_id, what,
                       self.counts["missing"])
         judge_config = dict_to_struct((run_config or {}).get("judge") or {})
-        return _chunks(user_id, run_id, attempts, items, judge_config,
-                       self._settings.max_message_bytes), missing
+        traces = {(row.step, row.sample_index): row.traceparent for row in group}
+        return [replace(chunk, traceparents=tuple(traces[key] for key in chunk.keys))
+                for chunk in _chunks(user_id, run_id, attempts, items, judge_config,
+                                     self._settings.max_message_bytes)], missing
 
     async def _send(self, chunk: Chunk) -> Outcome:
         """Calls EnqueueJudging and classifies a failure."""
         token = mint_token(self._auth, chunk.user_id)
         try:
-            reply = await self._stub.EnqueueJudging(
-                chunk.request, timeout=self._settings.outbox_rpc_timeout_s,
-                metadata=(("authorization", f"Bearer {token}"),))
+            with (bind_run_id(chunk.run_id), continued_span(
+                    "judge_outbox.hand_off", chunk.traceparents, tracing_on(self._settings))):
+                reply = await self._stub.EnqueueJudging(
+                    chunk.request, timeout=self._settings.outbox_rpc_timeout_s,
+                    metadata=(("authorization", f"Bearer {token}"),))
         except grpc.aio.AioRpcError as exc:
             return self._failed(chunk, exc)
         self._failures_in_row = 0
@@ -319,7 +328,7 @@ class OutboxDispatcher:
 async def _claim(conn: AsyncConnection, limit: int) -> Sequence[Row]:
     """Due rows, oldest first; on PostgreSQL locked (rows another replica holds are skipped)."""
     stmt = (select(outbox.c.user_id, outbox.c.run_id, outbox.c.step, outbox.c.sample_index,
-                   outbox.c.attempts)
+                   outbox.c.attempts, outbox.c.traceparent)
             .where(outbox.c.next_attempt_time <= datetime.now(UTC))
             .order_by(outbox.c.next_attempt_time).limit(limit)
             .with_for_update(skip_locked=True))

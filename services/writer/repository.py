@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from epochlens.v1 import common_pb2, writer_pb2
 from services.common.db import is_postgres, user_transaction
 from services.common.errors import NotFound, RunDeleting
+from services.common.telemetry.tracing import current_traceparent
 from services.writer.models import (
     COMMIT_CHANNEL,
     ROLLUP_WIDTHS,
@@ -27,6 +28,7 @@ from services.writer.models import (
     runs_table,
 )
 from services.writer.samples import SampleKey, SampleText, SampleWrite, stored_texts
+from services.writer.telemetry import count_commit
 
 # PostgreSQL bulk path, one statement and one round trip per group: the rows arrive as
 # arrays and are unnest()ed, inserted in key order (concurrent commits take row locks in
@@ -59,8 +61,9 @@ WITH ins AS (
 # Only predictions actually inserted (not duplicates) are handed to the judge.
 _PG_OUTBOX_CTE = f""", outbox AS (
     INSERT INTO {SCHEMA}.judge_outbox (run_id, step, sample_index, user_id, create_time,
-        attempts, next_attempt_time, last_error)
-    SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL FROM ins
+        attempts, next_attempt_time, last_error, traceparent)
+    SELECT run_id, step, sample_index, :user_id, :now, 0, :now, NULL,
+        CAST(:traceparent AS TEXT) FROM ins
     ORDER BY run_id, step, sample_index
 )"""
 # Also how many of the samples that predictions with an empty prompt rely on (and the
@@ -357,6 +360,7 @@ class WriterRepository:
                                            and (b.items or b.metrics)})
         if inserted:
             self._last_commit = time.monotonic()
+        count_commit(inserted, len(rows) - inserted)
         return CommitResult(inserted, len(rows) - inserted, metrics.inserted,
                             metrics.duplicates, tuple(metrics.conflicts or ())), run_ids - owned
 
@@ -371,6 +375,8 @@ class WriterRepository:
             relied = sorted(samples.relied)
             arrays = {**_pg_arrays(user_id, rows), "relied_runs": [k[0] for k in relied],
                       "relied_indices": [k[1] for k in relied]}
+            if self._judging:
+                arrays["traceparent"] = current_traceparent()
             inserted, missing = (await conn.execute(self._pg_bulk_insert, arrays)).one()
         else:
             inserted = await _sqlite_insert(conn, user_id, rows, self._judging)
@@ -392,10 +398,11 @@ async def _sqlite_insert(conn: AsyncConnection, user_id: str,
     if inserted:
         await _sqlite_update_epochs(conn, user_id, inserted, now)
     if inserted and judging:
+        traceparent = current_traceparent()
         await conn.execute(sqlite.insert(judge_outbox_table), [
             {"run_id": run_id, "step": step, "sample_index": index, "user_id": user_id,
-             "create_time": now, "attempts": 0, "next_attempt_time": now, "last_error": None}
-            for run_id, _, step, index in inserted])
+             "create_time": now, "attempts": 0, "next_attempt_time": now, "last_error": None,
+             "traceparent": traceparent} for run_id, _, step, index in inserted])
     return len(inserted)
 
 

@@ -26,6 +26,7 @@ from services.writer.models import SCHEMA
 from services.writer.outbox import OutboxDispatcher
 from services.writer.repository import WriterRepository
 from services.writer.servicer import WriterServicer
+from services.writer.telemetry import outbox_gauge
 
 SERVICE_NAME = writer_pb2.DESCRIPTOR.services_by_name["PredictionWriterService"].full_name
 EVALUATION_SERVICE_NAME = evaluation_pb2.DESCRIPTOR.services_by_name[
@@ -49,9 +50,12 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     evaluation = EvaluationServicer(repository, settings, auth,
                                     dispatcher.stub if dispatcher else None, check)
     keys = AuthServicer(ApiKeyRepository(engine, settings.api_key_max_per_user), settings, auth)
+    gauge = outbox_gauge(engine, settings)
 
     async def on_stop() -> None:
         await deleter.stop()
+        if gauge is not None:
+            await gauge.stop()
         if dispatcher is not None:
             await dispatcher.stop()
         await engine.dispose()
@@ -67,6 +71,8 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     if dispatcher is not None:
         dispatcher.start()
     deleter.start()
+    if gauge is not None:
+        gauge.start()
     running.on_stop = on_stop
     return running
 

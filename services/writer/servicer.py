@@ -25,6 +25,7 @@ from services.writer.deletion import RunDeleter
 from services.writer.judge_check import JudgeConfigCheck
 from services.writer.repository import Batch, CommitResult, WriterRepository
 from services.writer.samples import SampleConflict, StreamSamples
+from services.writer.telemetry import REJECTED_BATCHES
 from services.writer.validation import (
     check_finish_state,
     replace_nul_texts,
@@ -286,6 +287,7 @@ class WriterServicer(writer_pb2_grpc.PredictionWriterServiceServicer):
     def _reject(self, response: writer_pb2.StreamPredictionsResponse, user: str, sequence: int,
                 exc: DomainError) -> None:
         self.counts["rejected_batches"] += 1
+        REJECTED_BATCHES.labels(exc.reason).inc()
         log.warning("stream batch %d of %s rejected (%s, total rejected %d): %s", sequence, user,
                     exc.reason, self.counts["rejected_batches"], exc.message)
         response.rejections.add(sequence=sequence, status=exc.to_status())

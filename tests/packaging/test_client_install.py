@@ -18,7 +18,8 @@ SERVER_PACKAGES = {"sqlalchemy", "asyncpg", "alembic", "openai", "anthropic", "s
 HEAVY_MODULES = ["torch", "transformers", "sqlalchemy", "typer", "services"]
 UPLOAD_MODULES = ["trainer_client.config", "trainer_client.credentials", "trainer_client.spool",
                   "trainer_client.payload", "trainer_client.streaming", "trainer_client.offline",
-                  "trainer_client.cli", "trainer_client.results", "trainer_client.run"]
+                  "trainer_client.cli", "trainer_client.results", "trainer_client.run",
+                  "trainer_client.tracing"]
 
 IMPORT_CHECK = """
 import importlib, importlib.util, json, sys

@@ -49,6 +49,7 @@ from services.judge.llm.prompts import CriterionSpec, RenderedPrompt, render, sp
 from services.judge.llm.providers import ParsedVerdict, ProviderClients, Reply
 from services.judge.llm.settings import LlmSettings, ModelPrice
 from services.judge.schema import Item, ItemsFailed, LlmJudgeConfig, RetryLater, Verdict
+from services.judge.telemetry import OK, count_llm_call
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,9 @@ class LlmJudge:
                                          job.spec.scale)
         except SDK_ERRORS as exc:
             ctx.budget.release(reserved)
-            return classify(request.config.provider, exc)
+            error = classify(request.config.provider, exc)
+            count_llm_call(request.config.provider, error.kind.value)
+            return error
         ctx.limiter.on_success()
         return self._settle(request, ctx, job, reply, reserved)
 
@@ -441,6 +444,7 @@ class LlmJudge:
         """The verdict of a completed call, and its charge (cost, tokens, cache row carrying
         what it billed, reservation released) queued."""
         cost = call_cost(request.price, reply.input_tokens, reply.output_tokens)
+        count_llm_call(request.config.provider, OK, cost)
         if cost > reserved:
             self._count("reservation_exceeded", 1, f"LLM call cost ${cost:.6f}, above the "
                         f"${reserved:.6f} reserved for it (run {job.item.run_id}): raise "

@@ -38,6 +38,7 @@ from services.judge.pairwise.store import PairTask, Settled, Text
 from services.judge.queue import JudgeWorkers, backoff_s
 from services.judge.schema import JudgeConfig
 from services.judge.store import TaskState
+from services.judge.telemetry import OK, count_llm_call
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +381,11 @@ class PairwiseWorkers(JudgeWorkers):
                                                p.endpoint, p.model, prompt)
         except SDK_ERRORS as exc:
             ctx.budget.release(most + ahead)
-            return classify(p.provider, exc)
+            error = classify(p.provider, exc)
+            count_llm_call(p.provider, error.kind.value)
+            return error
         cost = call_cost(price, reply.input_tokens, reply.output_tokens)
+        count_llm_call(p.provider, OK, cost)
         await ctx.budget.charge(cost, reply.input_tokens, reply.output_tokens, None, most)
         if reply.preferred is None:
             if ahead > 0:
