@@ -44,19 +44,32 @@ class Replica:
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; the exit status."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+        self.terminate()
+        if self.popen.returncode is None:
             try:
                 return self.popen.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
         return self.popen.wait()
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (stop_all stops many at once)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
     def database_ports(self, pg_port: int = POSTGRES_PORT_DEFAULT) -> set[int]:
         """Local ports of this process's connections to PostgreSQL (pg_stat_activity's
         client_port of its backends)."""
         return {c.laddr.port for c in psutil.Process(self.popen.pid).net_connections("tcp")
                 if c.raddr and c.raddr.port == pg_port}
+
+
+def stop_all(replicas: Sequence[Replica]) -> None:
+    """SIGTERM to every replica at once, then waits for each."""
+    for replica in replicas:
+        replica.terminate()
+    for replica in replicas:
+        replica.stop()
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ from tests.conftest import (
     migrated_database,
     pg_url,
 )
-from tests.replicas import Replica, base_env, start_replica, target, wait_serving
+from tests.replicas import Replica, base_env, start_replica, stop_all, target, wait_serving
 from trainer_client.config import PredictionsConfig
 from trainer_client.results import GenerationResult
 from trainer_client.spool import RunRecord, Spool
@@ -51,12 +51,15 @@ QUERY_TIMEOUT_S = 5.0
 # Calls through the query target that must all succeed after the kill.
 CALLS_AFTER_KILL = 20
 
-WRITER_SETTINGS = {"OUTBOX_POLL_S": "0.05", "OUTBOX_INGEST_QUIET_S": "0",
+COMMON_SETTINGS = {"SHUTDOWN_GRACE_S": "0.5", "LOG_LEVEL": "INFO"}
+# The dispatcher hands off while ingest goes on (no deferring), so judging overlaps it.
+WRITER_SETTINGS = {**COMMON_SETTINGS, "OUTBOX_POLL_S": "0.05", "OUTBOX_INGEST_QUIET_S": "0",
                    "OUTBOX_BACKOFF_BASE_S": "0.1", "OUTBOX_BACKOFF_MAX_S": "1.0",
-                   "OUTBOX_BATCH": "100", "LOG_LEVEL": "INFO"}
-JUDGE_SETTINGS = {"IDLE_POLL_S": "0.05", "LEASE_S": "3", "CLAIM_BATCH": "16",
-                  "LOG_LEVEL": "INFO"}
-QUERY_SETTINGS = {"PAGE_TOKEN_SECRET": PAGE_SECRET, "LOG_LEVEL": "INFO"}
+                   "OUTBOX_BATCH": "100"}
+# Small claims spread the tasks over the judges; a dead judge's tasks return after 3 s.
+JUDGE_SETTINGS = {**COMMON_SETTINGS, "IDLE_POLL_S": "0.05", "LEASE_S": "3",
+                  "CLAIM_BATCH": "16"}
+QUERY_SETTINGS = {**COMMON_SETTINGS, "PAGE_TOKEN_SECRET": PAGE_SECRET}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,7 @@ def replicas(database, tmp_path):
         wait_serving([r for kind in started.values() for r in kind])
         yield started
     finally:
-        for replica in [r for kind in started.values() for r in kind]:
-            replica.stop()
+        stop_all([r for kind in started.values() for r in kind])
 
 
 def upload(address: str, spool_dir: Path, index: int) -> tuple[StreamingClient, object]:
