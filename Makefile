@@ -115,6 +115,7 @@ bench: install pg browser
 	$(PY) bench/client_install.py
 	$(PY) bench/metrics.py
 	$(PY) bench/web.py
+	$(PY) bench/replicas.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client scripts clients/python

@@ -127,16 +127,16 @@ async def ingesting_writer(admin: asyncpg.Connection, writers: list[Replica]) ->
 
 
 async def wait_mid_work(admin: asyncpg.Connection, writers: list[Replica],
-                        total: int) -> Replica:
+                        total: int) -> tuple[Replica, dict[str, int]]:
     """Polls until predictions are streaming (some stored, not all), tasks are being judged,
-    and a writer is inserting; returns that writer."""
+    and a writer is inserting; returns that writer and the counts seen."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         now = await counts(admin)
         if 0 < now["predictions"] < total and now["judgments"] and now["running_tasks"]:
             victim = await ingesting_writer(admin, writers)
             if victim is not None:
-                return victim
+                return victim, now
         await asyncio.sleep(POLL_S / 10)
     raise AssertionError(f"never caught the stack mid-work: {await counts(admin)}")
 
@@ -202,9 +202,9 @@ async def test_kill_one_replica_of_each_kind_mid_work(replicas, database, tmp_pa
     try:
         uploads = [asyncio.create_task(asyncio.to_thread(upload, target(writers), tmp_path, i))
                    for i in range(CLIENTS)]
-        victim = await wait_mid_work(admin, writers, total)
+        victim, at_kill = await wait_mid_work(admin, writers, total)
         killed = [victim.kill(), judges[0].kill(), queries[0].kill()]
-        at_kill, calls_at_kill = await counts(admin), len(load.codes)
+        calls_at_kill = len(load.codes)
         results = await asyncio.gather(*uploads)
         drained = await wait_drained(admin, total * CRITERIA_WITH_TRUTH)
         await assert_stored_once(admin, results, total)
