@@ -3,8 +3,8 @@
 Trainer streaming clients upload over both writers (one ipv4: target, round_robin), the
 writers hand off to the three judges the same way, and a caller reads through both query
 replicas. While predictions are still streaming and judging is in progress, one replica of
-each kind is killed with SIGKILL (the writer killed is one that is storing predictions at
-that moment). Then, exactly: every prediction stored once, judged once per criterion, the
+each kind is killed with SIGKILL (the writer killed is one that has stored predictions of
+a stream still going). Then, exactly: every prediction stored once, judged once per criterion, the
 outbox and the judge queue drained, and the surviving query replica answers."""
 
 import asyncio
@@ -41,7 +41,9 @@ from trainer_client.spool import RunRecord, Spool
 from trainer_client.streaming import StreamingClient
 
 WRITERS, JUDGES, QUERIES = 2, 3, 2
-CLIENTS, PASSES, SAMPLES, PASS_PAUSE_S = 4, 40, 10, 0.1
+CLIENTS, PASSES, SAMPLES, PASS_PAUSE_S = 4, 60, 10, 0.1
+# The kill comes while at most this share of the predictions is stored.
+KILL_BEFORE_SHARE = 0.75
 CRITERIA_WITH_TRUTH = 5  # the rule criteria of a run without a judge section
 USER = "replica-user"
 WAIT_S = 60.0
@@ -119,21 +121,24 @@ async def counts(admin: asyncpg.Connection) -> dict[str, int]:
 
 
 async def ingesting_writer(admin: asyncpg.Connection, writers: list[Replica]) -> Replica | None:
-    """A writer one of whose database sessions is storing predictions right now."""
+    """A writer one of whose database sessions has stored predictions (its last statement
+    was the streams' insert): while the uploads go on, that writer has a stream open."""
     ports = {row["client_port"] for row in await admin.fetch(
-        "SELECT client_port FROM pg_stat_activity WHERE state = 'active' "
+        "SELECT client_port FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
         "AND query LIKE '%INSERT INTO writer.predictions%'")}
     return next((w for w in writers if w.database_ports(PG_PORT) & ports), None)
 
 
 async def wait_mid_work(admin: asyncpg.Connection, writers: list[Replica],
                         total: int) -> tuple[Replica, dict[str, int]]:
-    """Polls until predictions are streaming (some stored, not all), tasks are being judged,
-    and a writer is inserting; returns that writer and the counts seen."""
+    """Polls until predictions are streaming (some stored, not most), judging is in
+    progress (judgments stored and more to come) and a writer is ingesting; returns that
+    writer and the counts seen."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         now = await counts(admin)
-        if 0 < now["predictions"] < total and now["judgments"] and now["running_tasks"]:
+        if (0 < now["predictions"] <= total * KILL_BEFORE_SHARE and now["judgments"]
+                and now["open_tasks"] + now["outbox"]):
             victim = await ingesting_writer(admin, writers)
             if victim is not None:
                 return victim, now
@@ -213,7 +218,9 @@ async def test_kill_one_replica_of_each_kind_mid_work(replicas, database, tmp_pa
         await load.close()
         await admin.close()
     assert killed == [-9, -9, -9]
-    assert 0 < at_kill["predictions"] < total and at_kill["running_tasks"] > 0, at_kill
+    assert 0 < at_kill["predictions"] <= total * KILL_BEFORE_SHARE, at_kill
+    assert at_kill["judgments"] > 0, at_kill
+    assert at_kill["open_tasks"] + at_kill["outbox"] > 0, at_kill
     assert drained == {"predictions": total, "outbox": 0, "judgments": total * CRITERIA_WITH_TRUTH,
                        "open_tasks": 0, "running_tasks": 0}
     survivors = [r for r in writers + judges + queries if r.popen.returncode is None]
