@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: browser install node-deps proto descriptors proto-check contracts pg test test-unit test-integration test-e2e fuzz up down demo smoke bench lint clean
+.PHONY: browser install node-deps proto descriptors proto-check contracts pg pgbouncer test test-unit test-integration test-e2e fuzz up down demo smoke bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -60,13 +60,19 @@ pg:
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
 	  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1
 
-test: install pg browser node-deps
+# PgBouncer (Debian package) for the tests that run the services behind it in transaction
+# pooling mode (tests/pgbouncer.py starts a private one; the package's own service stays off).
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer)
+
+test: install pg pgbouncer browser node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install node-deps
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: install pg
+test-integration: install pg pgbouncer
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 test-e2e: install pg node-deps
@@ -110,6 +116,7 @@ bench: install pg browser
 	$(PY) bench/client_install.py
 	$(PY) bench/metrics.py
 	$(PY) bench/web.py
+	$(PY) bench/replicas.py
 
 lint: install
 	$(BIN)/ruff check services tests bench trainer_client scripts clients/python

@@ -217,7 +217,7 @@ def start_service(args: argparse.Namespace, kind: str, dbname: str,
     to its environment (for example the writer's EPOCHLENS_WRITER_JUDGE_ADDRESS)."""
     port = free_port(args.service_host)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = args.log_dir / f"{dbname}_{kind}.log"
+    log_path = args.log_dir / f"{dbname}_{kind}_{port}.log"
     with log_path.open("wb") as log_file:
         popen = subprocess.Popen(
             [sys.executable, "-m", f"services.{kind}.server"], cwd=REPO_ROOT,

@@ -67,7 +67,12 @@ class PredictionsConfig(BaseSettings):
                                    "their last max_prompt_tokens tokens.")
 
     # --- streaming client ---
-    writer_address: str = Field("localhost:50051", description="host:port of the writer.")
+    writer_address: str = Field("localhost:50051", description="gRPC target of the writer: "
+                                "host:port, or several replicas (ipv4:host1:port1,host2:port2 "
+                                "or dns:///name:port).")
+    writer_lb_policy: Literal["round_robin", "pick_first"] = Field(
+        "round_robin", description="gRPC load-balancing policy over the writer addresses: "
+        "round_robin (each stream to the next ready replica) or pick_first.")
     token: SecretStr | None = Field(None, description="Bearer token for the writer; unset: "
                                     "the API key (trainer_client.credentials), exchanged for "
                                     "short-lived tokens refreshed automatically.")

@@ -29,6 +29,7 @@ are logged and counted (`nul_replaced_fields`).
 
 import asyncio
 import collections
+import json
 import logging
 import queue
 import random
@@ -298,7 +299,9 @@ class StreamingClient:
         self._started.set()
         intake = asyncio.create_task(self._intake_loop())
         options = [("grpc.max_send_message_length", self._config.max_message_bytes),
-                   ("grpc.max_receive_message_length", self._config.max_message_bytes)]
+                   ("grpc.max_receive_message_length", self._config.max_message_bytes),
+                   ("grpc.service_config", json.dumps(
+                       {"loadBalancingConfig": [{self._config.writer_lb_policy: {}}]}))]
         channel = grpc.aio.insecure_channel(self._address, options=options)
         try:
             await self._upload_loop(writer_pb2_grpc.PredictionWriterServiceStub(channel))

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from epochlens.v1 import common_pb2, judge_pb2, query_pb2, query_pb2_grpc
 from services.cli.config import CliSettings
 from services.common.auth import mint_token
+from services.common.balancing import balancing_options
 from services.common.config import AuthSettings
 from trainer_client.credentials import (
     Credentials,
@@ -72,7 +73,8 @@ class ServiceClient:
             settings if token is None else settings.model_copy(update={"token": token}))
         self._channel = grpc.insecure_channel(
             self._address, options=[("grpc.max_receive_message_length",
-                                     settings.max_message_bytes)])
+                                     settings.max_message_bytes),
+                                    *balancing_options(settings.lb_policy)])
 
     def __enter__(self) -> Self:
         return self

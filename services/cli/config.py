@@ -3,6 +3,7 @@
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE
 
 
@@ -14,6 +15,9 @@ class CliSettings(BaseSettings):
     query_address: str = Field("127.0.0.1:50052", description="Query service host:port.")
     judge_address: str = Field("127.0.0.1:50053", description="Judge service host:port "
                                "(`epochlens judge resume`).")
+    lb_policy: LbPolicy = Field("round_robin", description="The three addresses are gRPC "
+                                "targets (ipv4:host1:port1,host2:port2 or dns:///name:port "
+                                "name several replicas). " + LB_POLICY_DESCRIPTION)
     web_url: str = Field("http://127.0.0.1:8080", description="Base URL of the web service "
                          "(`epochlens ui`).")
     token: str | None = Field(None, description="Bearer token; unset: minted for `user`.")

@@ -14,6 +14,7 @@ from services.cli import delete, evaluate, judging, keys, report, stack, ui, vie
 from services.cli.config import CliSettings
 from services.cli.context import CliContext
 from services.common.auth import mint_token
+from services.common.balancing import balancing_options
 from services.common.config import AuthSettings
 from services.common.matching import exact_match
 from services.common.startup import StartupError, as_configuration_error, exit_with
@@ -132,7 +133,8 @@ def _token(settings: CliSettings) -> str:
 
 
 def _smoke_write(settings: CliSettings, metadata) -> str:
-    with grpc.insecure_channel(settings.writer_address) as channel:
+    with grpc.insecure_channel(settings.writer_address,
+                               options=balancing_options(settings.lb_policy)) as channel:
         stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
         run = stub.CreateRun(writer_pb2.CreateRunRequest(
             name="smoke", model_name="none", dataset_name="smoke"),
@@ -152,7 +154,8 @@ def _smoke_write(settings: CliSettings, metadata) -> str:
 
 
 def _smoke_read(settings: CliSettings, metadata, run_id: str) -> None:
-    with grpc.insecure_channel(settings.query_address) as channel:
+    with grpc.insecure_channel(settings.query_address,
+                               options=balancing_options(settings.lb_policy)) as channel:
         stub = query_pb2_grpc.QueryServiceStub(channel)
         _, epochs = _all_pages(stub.ListEpochs, query_pb2.ListEpochsRequest(run_id=run_id),
                                "epochs", metadata, settings.timeout_s)

@@ -45,6 +45,11 @@ class DatabaseSettings(BaseSettings):
     db_max_overflow: int = Field(5, ge=0, description="Extra connections allowed above the pool.")
     db_pool_timeout_s: float = Field(5.0, gt=0, description="Wait for a free pooled connection.")
     db_connect_timeout_s: float = Field(5.0, gt=0, description="Timeout of one connection attempt.")
+    db_statement_cache_size: int = Field(
+        100, ge=0, description="PostgreSQL: prepared statements each connection keeps for "
+        "reuse (SQLAlchemy's and asyncpg's caches). 0 behind PgBouncer in transaction pooling "
+        "mode (before 1.21, or without max_prepared_statements): nothing is reused across "
+        "transactions and each statement is prepared under a unique name.")
 
 
 class ServiceSettings(DatabaseSettings):

@@ -8,9 +8,11 @@ on both backends.
 """
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -36,9 +38,26 @@ def create_engine(settings: DatabaseSettings, schemas: tuple[str, ...],
             max_overflow=settings.db_max_overflow, pool_timeout=settings.db_pool_timeout_s,
             pool_pre_ping=True,
             connect_args={"timeout": settings.db_connect_timeout_s,
-                          "server_settings": {"application_name": application_name}},
+                          "server_settings": {"application_name": application_name},
+                          **statement_cache_args(settings.db_statement_cache_size)},
         )
     return _create_sqlite_engine(settings, schemas, read_only)
+
+
+def statement_cache_args(size: int) -> dict[str, Any]:
+    """asyncpg connect arguments of a prepared statement cache of `size` per connection.
+    0 (PgBouncer in transaction pooling mode, where consecutive transactions of one client
+    connection may run on different server connections): no cache in SQLAlchemy or asyncpg,
+    and every statement SQLAlchemy prepares gets a name of its own, so two clients sharing a
+    server connection never collide on asyncpg's numbered names."""
+    args: dict[str, Any] = {"statement_cache_size": size, "prepared_statement_cache_size": size}
+    if size == 0:
+        args["prepared_statement_name_func"] = _unique_statement_name
+    return args
+
+
+def _unique_statement_name() -> str:
+    return f"__epochlens_{uuid.uuid4().hex}__"
 
 
 def _create_sqlite_engine(settings: DatabaseSettings, schemas: tuple[str, ...],

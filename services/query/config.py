@@ -70,6 +70,11 @@ class QuerySettings(ServiceSettings):
     watch_metric_points: int = Field(
         1000, ge=1, description="Most new points per metric name one WatchRun read sends "
         "(a longer backlog follows in the next reads, at once).")
+    watch_listen_url: str | None = Field(
+        None, description="PostgreSQL: URL of the one connection that LISTENs for commits "
+        "(WatchRun). LISTEN needs a session of its own: behind PgBouncer in transaction "
+        "pooling mode point it at PostgreSQL directly (or at a session-mode pool). Unset: "
+        "database_url.")
     watch_listen_retry_s: float = Field(
         1.0, gt=0, description="PostgreSQL: pause before re-opening the LISTEN connection "
         "after it failed, and how often its liveness is checked.")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from epochlens.v1 import common_pb2, query_pb2
@@ -79,13 +80,16 @@ class CommitSignals:
 
 
 class CommitListener:
-    """LISTEN on COMMIT_CHANNEL over one dedicated asyncpg connection (PostgreSQL), waking
+    """LISTEN on COMMIT_CHANNEL over one dedicated asyncpg connection (PostgreSQL; to
+    watch_listen_url when set, else to the engine's database), waking
     the watches of each notified run; re-connects after watch_listen_retry_s when the
     connection drops, waking every watch (commits in between were not heard)."""
 
     def __init__(self, engine: AsyncEngine, signals: CommitSignals,
                  settings: QuerySettings) -> None:
-        url = engine.url.set(drivername="postgresql")
+        source = (make_url(settings.watch_listen_url) if settings.watch_listen_url
+                  else engine.url)
+        url = source.set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
         self._signals, self._settings = signals, settings
         self._stop = asyncio.Event()

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE
 
 
@@ -19,7 +20,10 @@ class WebSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
-    query_address: str = Field("127.0.0.1:50052", description="Query service host:port.")
+    query_address: str = Field("127.0.0.1:50052", description="gRPC target of the query "
+                               "service: host:port, or several replicas "
+                               "(ipv4:host1:port1,host2:port2 or dns:///name:port).")
+    query_lb_policy: LbPolicy = Field("round_robin", description=LB_POLICY_DESCRIPTION)
     query_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of each unary QueryService call the web service "
         "makes (WatchRun streams have none: they last as long as the browser watches).")

@@ -13,6 +13,7 @@ from google.rpc import code_pb2
 from starlette.requests import Request
 
 from epochlens.v1 import query_pb2, query_pb2_grpc
+from services.common.balancing import balancing_options
 from services.web.config import WebSettings
 from services.web.errors import ApiError, from_rpc_error, status_of
 from services.web.httprules import Binding
@@ -67,7 +68,8 @@ class WebState:
         """Opens the channel to the query service (inside the running event loop)."""
         self.channel = grpc.aio.insecure_channel(
             self.settings.query_address,
-            options=[("grpc.max_receive_message_length", self.settings.max_message_bytes)])
+            options=[("grpc.max_receive_message_length", self.settings.max_message_bytes),
+                     *balancing_options(self.settings.query_lb_policy)])
         for binding in self.bindings:
             kind = self.channel.unary_stream if binding.streaming else self.channel.unary_unary
             self.calls[binding.method.name] = kind(

@@ -3,6 +3,7 @@
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE, DatabaseSettings, ServiceSettings
 
 
@@ -29,9 +30,11 @@ class WriterSettings(ServiceSettings):
         2, ge=1, description="Groups of one stream committed at once, each in its own "
         "transaction; acks still go out in sequence order.")
     judge_address: str | None = Field(
-        None, description="host:port of the judge service. Set: every new prediction gets a "
+        None, description="gRPC target of the judge service: host:port, or several replicas "
+        "(ipv4:host1:port1,host2:port2 or dns:///name:port). Set: every new prediction gets a "
         "judge outbox row in its transaction and the dispatcher hands them to the judge. "
         "Unset: judging is off.")
+    judge_lb_policy: LbPolicy = Field("round_robin", description=LB_POLICY_DESCRIPTION)
     outbox_batch: int = Field(
         500, ge=1, description="Most outbox rows one dispatcher pass claims (keep it at or "
         "below the judge's most items per EnqueueJudging).")

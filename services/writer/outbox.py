@@ -23,7 +23,6 @@ written in its own short transaction, so the database is never locked during a c
 
 import asyncio
 import itertools
-import json
 import logging
 import math
 import random
@@ -53,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from epochlens.v1 import judge_pb2, judge_pb2_grpc
 from services.common.auth import mint_token
+from services.common.balancing import service_config
 from services.common.config import AuthSettings
 from services.common.convert import dict_to_struct
 from services.common.db import RLS_USER_SETTING, is_postgres
@@ -101,8 +101,9 @@ class Chunk:
 
 
 def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
-    """Channel to the judge; its service config retries EnqueueJudging on UNAVAILABLE (the
-    call is idempotent) and reconnects within the outbox backoff bounds."""
+    """Channel to the judge replicas (judge_lb_policy over the addresses judge_address
+    names); its service config retries EnqueueJudging on UNAVAILABLE (the call is
+    idempotent) and reconnects within the outbox backoff bounds."""
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -110,15 +111,17 @@ def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
         ("grpc.initial_reconnect_backoff_ms", int(settings.outbox_backoff_base_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(settings.outbox_backoff_max_s * 1000)),
     ]
+    method_config: dict[str, list] = {}
     if settings.outbox_rpc_max_attempts > 1:
         max_backoff = min(settings.outbox_backoff_max_s, settings.outbox_rpc_timeout_s)
         retry = {"maxAttempts": settings.outbox_rpc_max_attempts,
                  "initialBackoff": f"{settings.outbox_backoff_base_s}s",
                  "maxBackoff": f"{max_backoff}s",
                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
-        config = {"methodConfig": [{"name": [{"service": JUDGE_SERVICE}],
-                                    "retryPolicy": retry}]}
-        options.append(("grpc.service_config", json.dumps(config)))
+        method_config = {"methodConfig": [{"name": [{"service": JUDGE_SERVICE}],
+                                           "retryPolicy": retry}]}
+    options.append(("grpc.service_config",
+                    service_config(settings.judge_lb_policy, **method_config)))
     return grpc.aio.insecure_channel(settings.judge_address, options=options,
                                      interceptors=client_interceptors(settings))
 
