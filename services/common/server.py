@@ -24,6 +24,7 @@ from services.common.auth import TokenVerifier
 from services.common.config import AuthSettings, ServiceSettings
 from services.common.interceptors import ServiceInterceptor
 from services.common.startup import StartupError, example_secrets_in_use, exit_with, load_settings
+from services.common.tls import server_credentials, transport
 from services.common.validation import EdgeLimits, RequestChecker
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,12 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
     reflection.enable_server_reflection(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = await _bind(server, settings.host, settings.port)
+    port = await _bind(server, settings)
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d", ", ".join(service_names), settings.host, port)
+    log.info("serving %s on %s:%d (%s)", ", ".join(service_names), settings.host, port,
+             transport(settings))
     return RunningServer(server, port, health_servicer, service_names)
 
 
@@ -125,11 +127,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-async def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """server.add_insecure_port; a failure (a port taken since the probe, a host that is not
-    this machine's) stops the unstarted server and is a StartupError."""
+async def _bind(server: grpc.aio.Server, settings: ServiceSettings) -> int:
+    """server.add_secure_port when TLS is configured (services.common.tls), else
+    add_insecure_port; a failure (unusable TLS files, a port taken since the probe, a host
+    that is not this machine's) stops the unstarted server and is a StartupError."""
+    host, port = settings.host, settings.port
     try:
+        credentials = server_credentials(settings)
+        if credentials is not None:
+            return server.add_secure_port(f"{host}:{port}", credentials)
         return server.add_insecure_port(f"{host}:{port}")
+    except StartupError:
+        await server.stop(None)
+        raise
     except RuntimeError as exc:
         await server.stop(None)
         if port_in_use(host, port):

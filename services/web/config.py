@@ -5,10 +5,13 @@ signing key. The bearer token it forwards comes from the browser's cookie or the
 Authorization header.
 """
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.config import ENV_FILE
+from trainer_client.tls import check_pairs
 
 
 class WebSettings(BaseSettings):
@@ -44,9 +47,33 @@ class WebSettings(BaseSettings):
         1.0, gt=0, description="How long the event stream route waits for WatchRun's first "
         "event before it answers 200: an error within it gets its own HTTP status, a later "
         "one an `rpc-error` event.")
+    query_tls: bool = Field(
+        False, description="Reach the query service over TLS even without query_tls_ca_file "
+        "(gRPC's default trusted roots); a CA or client certificate file implies TLS.")
+    query_tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) the query service's certificate must be signed by.")
+    query_tls_cert_file: Path | None = Field(
+        None, description="The web service's client certificate chain (PEM) for a query "
+        "service that requires mutual TLS; with query_tls_key_file.")
+    query_tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of query_tls_cert_file.")
+    query_tls_server_name: str | None = Field(
+        None, description="Name checked in the query service's certificate instead of the "
+        "host of query_address (grpc.ssl_target_name_override).")
+    tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) of the web service. Set with tls_key_file: "
+        "it serves HTTPS only (set cookie_secure too); unset: plain HTTP.")
+    tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of tls_cert_file.")
     max_body_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request body accepted (the login form).")
     shutdown_grace_s: float = Field(
         5.0, ge=0, description="Time given to in-flight requests on stop; open event streams "
         "are closed at once (browsers reconnect and resume).")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "WebSettings":
+        check_pairs(self, ("tls_cert_file", "tls_key_file"),
+                    ("query_tls_cert_file", "query_tls_key_file"))
+        return self

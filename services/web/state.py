@@ -17,6 +17,7 @@ from services.web.config import WebSettings
 from services.web.errors import ApiError, from_rpc_error, status_of
 from services.web.httprules import Binding
 from services.web.session import metadata
+from trainer_client.tls import ClientTLS, open_aio_channel
 
 
 class LinkStore:
@@ -58,6 +59,8 @@ class WebState:
     bindings: list[Binding]
     links: LinkStore
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # TLS of the channel to the query service (None: plaintext), read when the app is built.
+    query_tls: ClientTLS | None = None
     channel: grpc.aio.Channel | None = None
     calls: dict[str, Any] = field(default_factory=dict)
     # The open event streams (services.web.sse.EventStream), each with its gRPC call.
@@ -65,8 +68,8 @@ class WebState:
 
     def open(self) -> None:
         """Opens the channel to the query service (inside the running event loop)."""
-        self.channel = grpc.aio.insecure_channel(
-            self.settings.query_address,
+        self.channel = open_aio_channel(
+            self.settings.query_address, self.query_tls,
             options=[("grpc.max_receive_message_length", self.settings.max_message_bytes)])
         for binding in self.bindings:
             kind = self.channel.unary_stream if binding.streaming else self.channel.unary_unary

@@ -15,6 +15,7 @@ from services.common.server import (
     create_server,
     run_service,
 )
+from services.common.tls import client_tls
 from services.writer.api_keys import ApiKeyRepository
 from services.writer.auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
 from services.writer.auth_servicer import AuthServicer
@@ -34,12 +35,14 @@ EVALUATION_SERVICE_NAME = evaluation_pb2.DESCRIPTOR.services_by_name[
 async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     """Starts the writer on settings.host:settings.port (0 = a free port); with a
     judge_address, also the judge outbox dispatcher (stopped after the server) and the
-    judge's check of CreateRun's judge section over the dispatcher's channel."""
-    engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
+    judge's check of CreateRun's judge section over the dispatcher's channel (TLS from the
+    judge_tls* settings, read before anything is opened)."""
     judging = settings.judge_address is not None
+    judge_tls = client_tls(settings, "judge_", "judge service") if judging else None
+    engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
     repository = WriterRepository(engine, judging=judging)
-    dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit)
-                  if judging else None)
+    dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit,
+                                   judge_tls) if judging else None)
     check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
     servicer = WriterServicer(repository, settings, check)
     evaluation = EvaluationServicer(repository, settings, auth,
