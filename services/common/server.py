@@ -94,8 +94,7 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (%s)", ", ".join(service_names), settings.host, port,
-             transport(settings))
+    log.info("serving %s on %s:%d", ", ".join(service_names), settings.host, port)
     return RunningServer(server, port, health_servicer, service_names)
 
 
@@ -134,9 +133,10 @@ async def _bind(server: grpc.aio.Server, settings: ServiceSettings) -> int:
     host, port = settings.host, settings.port
     try:
         credentials = server_credentials(settings)
-        if credentials is not None:
-            return server.add_secure_port(f"{host}:{port}", credentials)
-        return server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials)
+                 if credentials is not None else server.add_insecure_port(f"{host}:{port}"))
+        log.info("%s:%d speaks %s", host, bound, transport(settings))
+        return bound
     except StartupError:
         await server.stop(None)
         raise
