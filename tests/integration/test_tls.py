@@ -19,12 +19,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from epochlens.v1 import query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
+from epochlens.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    writer_pb2,
+    writer_pb2_grpc,
+)
 from services.cli.main import app
 from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
 from services.common.server import RunningServer
-from services.common.startup import StartupError
+from services.common.startup import ConfigurationError, StartupError, load_settings
 from services.judge.config import JudgeSettings
 from services.judge.server import start as start_judge
 from services.query.config import QuerySettings
@@ -39,6 +46,7 @@ from tests.e2e.test_startup import BIN, bare_env, one_line_failure
 from tests.helpers import item
 from tests.pki import Pki, make_pki
 from trainer_client.config import PredictionsConfig
+from trainer_client.credentials import ApiKeyCredentials, CredentialsError, CredentialSettings
 from trainer_client.results import GenerationResult
 from trainer_client.spool import RunRecord, Spool
 from trainer_client.streaming import StreamingClient
@@ -276,6 +284,24 @@ async def test_trainer_streaming_client_over_tls(tls_stack, tmp_path):
                                 tls_ca_file=tls_stack.pki.client.key)
 
 
+async def test_api_key_exchange_over_tls(tls_stack):
+    """The clients' API key exchange at the writer goes over TLS when given; a plaintext
+    exchange with the TLS writer is UNAVAILABLE."""
+    async with open_aio_channel(tls_stack.writer.address, tls_stack.tls()) as channel:
+        created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(name="tls"), metadata=tls_stack.metadata(),
+            timeout=10.0)
+    settings = CredentialSettings(_env_file=None)
+    over_tls = ApiKeyCredentials(created.secret, tls_stack.writer.address, settings,
+                                 tls_stack.tls())
+    await asyncio.to_thread(over_tls.token)
+    assert over_tls.user_id == USER
+    plaintext = ApiKeyCredentials(created.secret, tls_stack.writer.address, settings)
+    with pytest.raises(CredentialsError) as caught:
+        await asyncio.to_thread(plaintext.token)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
 # ----- unusable files at start-up -----
 
 async def test_unusable_tls_files_stop_a_server_at_start(tls_stack, tmp_path):
@@ -291,18 +317,31 @@ async def test_unusable_tls_files_stop_a_server_at_start(tls_stack, tmp_path):
             await start_query(settings, tls_stack.auth)
 
 
-async def test_service_exits_with_one_line_on_unusable_tls_settings(tls_stack, tmp_path):
-    pki = tls_stack.pki
+async def test_service_exits_with_one_line_on_a_missing_certificate(tls_stack, tmp_path):
     env = bare_env(EPOCHLENS_AUTH_JWT_SECRET="x" * 40,
                    EPOCHLENS_SQLITE_DIR=str(tls_stack.sqlite_dir), EPOCHLENS_JUDGE_PORT="0",
                    EPOCHLENS_JUDGE_TLS_CERT_FILE=str(tmp_path / "absent.crt"),
-                   EPOCHLENS_JUDGE_TLS_KEY_FILE=str(pki.server.key))
+                   EPOCHLENS_JUDGE_TLS_KEY_FILE=str(tls_stack.pki.server.key))
     line = await asyncio.to_thread(one_line_failure, [str(BIN / "epochlens-judge")], env,
                                    tmp_path, 1)
     assert line.startswith("judge: cannot read the certificate file ")
     assert "absent.crt" in line
-    half = bare_env(EPOCHLENS_WEB_TLS_CERT_FILE=str(pki.server.cert))
-    line = await asyncio.to_thread(one_line_failure, [str(BIN / "epochlens-web")], half,
-                                   tmp_path, 2)
-    assert line == ("configuration error: EPOCHLENS_WEB_TLS_KEY_FILE is required when "
-                    "EPOCHLENS_WEB_TLS_CERT_FILE is set (a certificate and its key go together)")
+
+
+@pytest.mark.parametrize(("settings_class", "env", "expected"), [
+    (WebSettings, {"EPOCHLENS_WEB_TLS_CERT_FILE": "web.crt"},
+     "EPOCHLENS_WEB_TLS_KEY_FILE is required when EPOCHLENS_WEB_TLS_CERT_FILE is set"),
+    (WriterSettings, {"EPOCHLENS_WRITER_JUDGE_TLS_KEY_FILE": "w.key"},
+     "EPOCHLENS_WRITER_JUDGE_TLS_CERT_FILE is required when "
+     "EPOCHLENS_WRITER_JUDGE_TLS_KEY_FILE is set"),
+    (JudgeSettings, {"EPOCHLENS_JUDGE_TLS_CLIENT_CA_FILE": "ca.crt"},
+     "EPOCHLENS_JUDGE_TLS_CLIENT_CA_FILE needs EPOCHLENS_JUDGE_TLS_CERT_FILE"),
+])
+def test_half_tls_settings_are_configuration_errors(monkeypatch, tmp_path, settings_class, env,
+                                                    expected):
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(settings_class)
+    assert str(caught.value).startswith(f"configuration error: {expected}")
