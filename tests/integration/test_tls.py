@@ -30,6 +30,7 @@ from epochlens.v1 import (
 from services.cli.main import app
 from services.common.auth import mint_token
 from services.common.convert import dict_to_struct
+from services.common.health import wait_until_serving
 from services.common.server import RunningServer
 from services.common.startup import ConfigurationError, StartupError, load_settings
 from services.judge.config import JudgeSettings
@@ -131,6 +132,17 @@ async def test_tls_client_reaches_every_tls_server(tls_stack):
     with_cert = tls_stack.tls(certificate_chain=client.cert.read_bytes(),
                               private_key=client.key.read_bytes())
     assert await health(tls_stack.judge.address, with_cert) == serving
+
+
+async def test_health_wait_of_the_local_stack_over_tls(tls_stack):
+    """`epochlens up` waits on each service's health (services.common.health) with the CLI's
+    TLS: the mutual TLS judge is SERVING to it, and never to a plaintext wait."""
+    client = tls_stack.pki.client
+    tls = tls_stack.tls(certificate_chain=client.cert.read_bytes(),
+                        private_key=client.key.read_bytes())
+    address = tls_stack.judge.address
+    assert await asyncio.to_thread(wait_until_serving, address, 5.0, 0.05, tls=tls)
+    assert not await asyncio.to_thread(wait_until_serving, address, 0.5, 0.05)
 
 
 async def test_server_name_override_is_what_the_certificate_is_checked_against(tls_stack):
