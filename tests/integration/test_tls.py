@@ -46,6 +46,7 @@ from tests.conftest import PAGE_SECRET
 from tests.e2e.test_startup import BIN, bare_env, one_line_failure
 from tests.helpers import item
 from tests.pki import Pki, make_pki
+from trainer_client.cli import run as sync_main
 from trainer_client.config import PredictionsConfig
 from trainer_client.credentials import ApiKeyCredentials, CredentialsError, CredentialSettings
 from trainer_client.results import GenerationResult
@@ -312,6 +313,20 @@ async def test_api_key_exchange_over_tls(tls_stack):
     with pytest.raises(CredentialsError) as caught:
         await asyncio.to_thread(plaintext.token)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sync_stops_with_one_line_on_an_unusable_tls_file(monkeypatch, tmp_path, capsys):
+    """epochlens-sync checks the TLS files before it touches a spool: exit 2, one line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPOCHLENS_TRAINER_TLS_CA_FILE", str(tmp_path / "absent.pem"))
+    spool_dir = tmp_path / "spool"
+    Spool.create(spool_dir, RunRecord("left", "left-behind", "tiny", "toy", {})).close()
+    before = sorted(p.name for p in spool_dir.iterdir())
+    assert sync_main(["--spool-dir", str(spool_dir), "--writer", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("epochlens-sync: TLS to the writer: cannot read the CA file ")
+    assert sorted(p.name for p in spool_dir.iterdir()) == before
 
 
 # ----- unusable files at start-up -----
