@@ -8,11 +8,15 @@ command-line framework.
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from trainer_client.offline import FINISH_STATES, sync
+from trainer_client.tls import TLSFileError
 
 TOKEN_ENV = "EPOCHLENS_TRAINER_TOKEN"
+# Exit status of a configuration error, as the services and the epochlens command use.
+EXIT_CONFIGURATION = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Upload every spool file; 0 when everything was uploaded, 1 when anything is left."""
+    """Upload every spool file; 0 when everything was uploaded, 1 when anything is left,
+    2 when a TLS file (EPOCHLENS_TRAINER_TLS_*) cannot be used."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    reports = sync(args.spool_dir, writer=args.writer, token=args.token, timeout=args.timeout,
-                   finish=args.finish, leave_running=args.leave_running)
+    try:
+        reports = sync(args.spool_dir, writer=args.writer, token=args.token,
+                       timeout=args.timeout, finish=args.finish,
+                       leave_running=args.leave_running)
+    except TLSFileError as exc:
+        print(f"epochlens-sync: TLS to the writer: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
     for report in reports:
         print(report.describe())
     if not reports:

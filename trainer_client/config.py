@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer_client.tls import check_pairs
+
 
 class PredictionsConfig(BaseSettings):
     """What to predict, how often, how to generate it and how to ship it."""
@@ -76,6 +78,18 @@ class PredictionsConfig(BaseSettings):
     token: SecretStr | None = Field(None, description="Bearer token for the writer; unset: "
                                     "the API key (trainer_client.credentials), exchanged for "
                                     "short-lived tokens refreshed automatically.")
+    tls: bool = Field(False, description="Reach the writer over TLS even without tls_ca_file "
+                      "(gRPC's default trusted roots); a CA or client certificate file "
+                      "implies TLS.")
+    tls_ca_file: Path | None = Field(None, description="CA (PEM) the writer's certificate must "
+                                     "be signed by.")
+    tls_cert_file: Path | None = Field(None, description="Client certificate chain (PEM) for "
+                                       "a writer that requires mutual TLS; with tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="Private key (PEM, unencrypted) of "
+                                      "tls_cert_file.")
+    tls_server_name: str | None = Field(None, description="Name checked in the writer's "
+                                        "certificate instead of the host of writer_address "
+                                        "(grpc.ssl_target_name_override).")
     run_name: str | None = Field(None, description="Run name; unset: the trainer's run_name "
                                  "or output_dir.")
     queue_size: int = Field(64, ge=1, description="Pass results waiting for the upload thread.")
@@ -128,6 +142,7 @@ class PredictionsConfig(BaseSettings):
         if self.frequency == "steps" and self.step_interval < self.min_step_interval:
             raise ValueError(f"step_interval={self.step_interval} is below the minimum "
                              f"min_step_interval={self.min_step_interval}")
+        check_pairs(self, ("tls_cert_file", "tls_key_file"))
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError(f"backoff_max_s={self.backoff_max_s} is below "
                              f"backoff_base_s={self.backoff_base_s}")
@@ -135,4 +150,6 @@ class PredictionsConfig(BaseSettings):
 
     def public_dict(self) -> dict:
         """The settings worth storing with the run (no secrets, no local paths)."""
-        return self.model_dump(mode="json", exclude={"token", "spool_dir", "writer_address"})
+        return self.model_dump(mode="json", exclude={"token", "spool_dir", "writer_address",
+                                                     "tls_ca_file", "tls_cert_file",
+                                                     "tls_key_file", "tls_server_name"})

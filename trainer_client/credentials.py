@@ -28,6 +28,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from epochlens.v1 import auth_pb2, auth_pb2_grpc
+from trainer_client.tls import ClientTLS, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,13 @@ class ApiKeyCredentials:
 
     refreshable = True
 
-    def __init__(self, api_key: str, address: str, settings: CredentialSettings) -> None:
+    def __init__(self, api_key: str, address: str, settings: CredentialSettings,
+                 tls: ClientTLS | None = None) -> None:
+        """tls: of the channel to the writer at address (None: plaintext)."""
         self._api_key = api_key
         self._address = address
         self._settings = settings
+        self._tls = tls
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0  # time.monotonic() after which the token is exchanged again
@@ -132,7 +136,7 @@ class ApiKeyCredentials:
     def _exchange(self) -> None:
         request = auth_pb2.ExchangeApiKeyRequest(api_key=self._api_key)
         try:
-            with grpc.insecure_channel(self._address) as channel:
+            with open_channel(self._address, self._tls) as channel:
                 reply = auth_pb2_grpc.AuthServiceStub(channel).ExchangeApiKey(
                     request, timeout=self._settings.exchange_timeout_s)
         except grpc.RpcError as exc:
@@ -190,9 +194,11 @@ def write_api_key(path: Path, api_key: str) -> None:
 
 
 def resolve_credentials(token: "str | Credentials | None", address: str,
-                        settings: CredentialSettings | None = None) -> "Credentials | None":
+                        settings: CredentialSettings | None = None,
+                        tls: ClientTLS | None = None) -> "Credentials | None":
     """A given token (or credentials object) as is; else the API key, if one is configured,
-    exchanged at `address`; else None (the calls go without a token)."""
+    exchanged at `address` (over TLS when tls is given); else None (the calls go without a
+    token)."""
     if token is not None and not isinstance(token, str):
         return token
     if token:
@@ -201,4 +207,4 @@ def resolve_credentials(token: "str | Credentials | None", address: str,
     api_key = read_api_key(settings)
     if api_key is None:
         return None
-    return ApiKeyCredentials(api_key, address, settings)
+    return ApiKeyCredentials(api_key, address, settings, tls)

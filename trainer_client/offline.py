@@ -18,6 +18,7 @@ from epochlens.v1 import common_pb2
 from trainer_client.config import PredictionsConfig
 from trainer_client.spool import Spool, SpoolBusy, list_spools
 from trainer_client.streaming import FlushReport, StreamingClient
+from trainer_client.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,12 @@ def _decide_finish(spool: Spool, finish: str | None, leave_running: bool) -> str
 def sync(spool_dir: Path | None = None, *, config: PredictionsConfig | None = None,
          writer: str | None = None, token: str | None = None, timeout: float | None = None,
          finish: str | None = None, leave_running: bool = False) -> list[FlushReport]:
-    """Uploads every spool file in spool_dir (default: config.spool_dir)."""
+    """Uploads every spool file in spool_dir (default: config.spool_dir). The config's TLS
+    files are checked before any spool is touched (TLSFileError)."""
     if finish is not None and leave_running:
         raise ValueError("finish and leave_running exclude each other")
     config = config if config is not None else PredictionsConfig()
+    ClientTLS.from_settings(config)
     folder = Path(spool_dir) if spool_dir is not None else config.spool_dir
     secret = config.token.get_secret_value() if config.token else None
     reports = []

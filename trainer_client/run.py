@@ -35,6 +35,7 @@ from trainer_client.payload import MetricsItem
 from trainer_client.results import GenerationResult
 from trainer_client.spool import SPOOL_SUFFIX, RunRecord, Spool
 from trainer_client.streaming import FlushReport, StreamingClient
+from trainer_client.tls import TLSFileError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,11 @@ class Run:
         if not self.active or self.client is not None:
             return self
         spool = self._open_spool()
-        self.client = StreamingClient(self.config, spool, self._writer, self._token)
+        try:
+            self.client = StreamingClient(self.config, spool, self._writer, self._token)
+        except TLSFileError:
+            spool.close()  # kept, with the run's record, for a start with usable TLS files
+            raise
         self.client.start()
         if self.client.wait_for_run(self.config.create_run_wait_s):
             log.info("run %s on %s", self.client.run_id, self._writer)

@@ -46,6 +46,7 @@ from trainer_client.credentials import Credentials, CredentialsError, resolve_cr
 from trainer_client.payload import MetricsItem, PayloadEncoder
 from trainer_client.samples import SampleTracker
 from trainer_client.spool import METRICS, PREDICTIONS, Spool
+from trainer_client.tls import ClientTLS, open_aio_channel
 from trainer_client.tracing import capture_traceparent, trace_metadata
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,14 @@ class StreamingClient:
                  token: str | Credentials | None) -> None:
         """token: a bearer token, or credentials (trainer_client.credentials); None: the API
         key of EPOCHLENS_API_KEY or the credentials file, exchanged for short-lived tokens
-        that are refreshed before they end; no key either: calls go without a token."""
+        that are refreshed before they end; no key either: calls go without a token.
+        The config's tls* files are read here (TLSFileError when one cannot be used): the
+        upload and the API key exchange go over TLS when they ask for it."""
+        self._tls = ClientTLS.from_settings(config)
         self._config = config
         self._spool = spool
         self._address = address
-        self._credentials = resolve_credentials(token, address)
+        self._credentials = resolve_credentials(token, address, tls=self._tls)
         self._refreshed_after_refusal = False
         self._record = spool.record()
         self._encoder = PayloadEncoder(config)
@@ -302,7 +306,7 @@ class StreamingClient:
                    ("grpc.max_receive_message_length", self._config.max_message_bytes),
                    ("grpc.service_config", json.dumps(
                        {"loadBalancingConfig": [{self._config.writer_lb_policy: {}}]}))]
-        channel = grpc.aio.insecure_channel(self._address, options=options)
+        channel = open_aio_channel(self._address, self._tls, options)
         try:
             await self._upload_loop(writer_pb2_grpc.PredictionWriterServiceStub(channel))
         finally:

@@ -24,6 +24,7 @@ from trainer_client.credentials import (
     StaticToken,
     resolve_credentials,
 )
+from trainer_client.tls import ClientTLS, TLSFileError, open_channel
 
 
 class CliError(Exception):
@@ -51,11 +52,28 @@ def resolve_token(settings: CliSettings) -> str:
                        "EPOCHLENS_AUTH_JWT_SECRET so one can be minted", 2) from exc
 
 
+def cli_tls(settings: CliSettings) -> ClientTLS | None:
+    """The TLS of the CLI's channels (the tls* settings; None: plaintext). A file that cannot
+    be used is a CliError with exit status 2."""
+    try:
+        return ClientTLS.from_settings(settings)
+    except TLSFileError as exc:
+        raise CliError(f"TLS (EPOCHLENS_CLI_TLS_*): {exc}", 2) from None
+
+
+def cli_channel(settings: CliSettings, address: str) -> grpc.Channel:
+    """A blocking channel to a service at address, TLS when the tls* settings ask for it."""
+    return open_channel(address, cli_tls(settings),
+                        [("grpc.max_receive_message_length", settings.max_message_bytes),
+                         *balancing_options(settings.lb_policy)])
+
+
 def resolve_credentials_for(settings: CliSettings) -> Credentials:
     """--token / EPOCHLENS_CLI_TOKEN; else the API key (EPOCHLENS_API_KEY or the file
     `epochlens login` wrote) exchanged at the writer; else a token minted for settings.user."""
     try:
-        credentials = resolve_credentials(settings.token, settings.writer_address)
+        credentials = resolve_credentials(settings.token, settings.writer_address,
+                                          tls=cli_tls(settings))
     except CredentialsError as exc:
         raise CliError(str(exc), 2) from None
     return credentials if credentials is not None else StaticToken(resolve_token(settings))
@@ -71,10 +89,7 @@ class ServiceClient:
         self._address = address
         self._credentials = resolve_credentials_for(
             settings if token is None else settings.model_copy(update={"token": token}))
-        self._channel = grpc.insecure_channel(
-            self._address, options=[("grpc.max_receive_message_length",
-                                     settings.max_message_bytes),
-                                    *balancing_options(settings.lb_policy)])
+        self._channel = cli_channel(settings, address)
 
     def __enter__(self) -> Self:
         return self

@@ -1,10 +1,13 @@
 """Settings of the `epochlens` command line (env prefix EPOCHLENS_CLI_)."""
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE
+from trainer_client.tls import check_pairs
 
 
 class CliSettings(BaseSettings):
@@ -20,6 +23,18 @@ class CliSettings(BaseSettings):
                                 "name several replicas). " + LB_POLICY_DESCRIPTION)
     web_url: str = Field("http://127.0.0.1:8080", description="Base URL of the web service "
                          "(`epochlens ui`).")
+    tls: bool = Field(False, description="Reach the services over TLS even without "
+                      "tls_ca_file (gRPC's default trusted roots); a CA or client certificate "
+                      "file implies TLS.")
+    tls_ca_file: Path | None = Field(None, description="CA (PEM) the services' certificates "
+                                     "must be signed by (also trusted by `health --url`).")
+    tls_cert_file: Path | None = Field(None, description="Client certificate chain (PEM) for "
+                                       "services that require mutual TLS; with tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="Private key (PEM, unencrypted) of "
+                                      "tls_cert_file.")
+    tls_server_name: str | None = Field(None, description="Name checked in the services' "
+                                        "certificates instead of the address's host "
+                                        "(grpc.ssl_target_name_override).")
     token: str | None = Field(None, description="Bearer token; unset: minted for `user`.")
     user: str = Field("local", description="User the CLI mints a token for when token is unset.")
     timeout_s: float = Field(10.0, gt=0, description="Deadline of each RPC the CLI makes.")
@@ -79,3 +94,8 @@ class CliSettings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest Evaluate request `epochlens eval` sends: "
         "a chunk whose rows are longer is sent in several calls (below the writer's gRPC "
         "message limit, 16 MiB by default; a row alone is sent as it is).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "CliSettings":
+        check_pairs(self, ("tls_cert_file", "tls_key_file"))
+        return self

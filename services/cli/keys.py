@@ -17,7 +17,7 @@ import grpc
 import typer
 
 from epochlens.v1 import auth_pb2, auth_pb2_grpc
-from services.cli.client import CliError, ServiceClient
+from services.cli.client import CliError, ServiceClient, cli_tls
 from services.cli.config import CliSettings
 from services.cli.context import cli_context, one_line_errors
 from trainer_client.credentials import (
@@ -115,7 +115,8 @@ def login(ctx: typer.Context,
     settings = cli_context(ctx).settings
     api_key = (key or typer.prompt("API key", hide_input=True)).strip()
     credential_settings = CredentialSettings()
-    credentials = ApiKeyCredentials(api_key, settings.writer_address, credential_settings)
+    credentials = ApiKeyCredentials(api_key, settings.writer_address, credential_settings,
+                                    cli_tls(settings))
     try:
         credentials.token()
     except CredentialsError as exc:

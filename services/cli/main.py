@@ -1,8 +1,10 @@
 """The `epochlens` command line: tokens, health checks, the local stack, a smoke
 session, and (services.cli.views, services.cli.report) the views of runs."""
 
+import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,13 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epochlens.v1 import common_pb2, query_pb2, query_pb2_grpc, writer_pb2, writer_pb2_grpc
 from services.cli import delete, evaluate, judging, keys, report, stack, ui, views
+from services.cli.client import cli_channel, cli_tls
 from services.cli.config import CliSettings
-from services.cli.context import CliContext
+from services.cli.context import CliContext, cli_context, one_line_errors
 from services.common.auth import mint_token
-from services.common.balancing import balancing_options
 from services.common.config import AuthSettings
 from services.common.matching import exact_match
 from services.common.startup import StartupError, as_configuration_error, exit_with
+from trainer_client.tls import open_channel
 
 
 class EpochlensApp(typer.Typer):
@@ -59,18 +62,23 @@ def token(user: str = typer.Option(..., "--user", help="User id to put in `sub`.
 
 
 @app.command()
-def health(address: str | None = typer.Option(None, help="host:port of a gRPC service."),
+@one_line_errors
+def health(ctx: typer.Context,
+           address: str | None = typer.Option(None, help="host:port of a gRPC service."),
            url: str | None = typer.Option(None, help="URL of an HTTP health endpoint (the "
                                           "web service's /healthz) instead of --address."),
            service: str = typer.Option("", help="Service name; empty: the whole server."),
            timeout: float = typer.Option(2.0, help="Seconds to wait.")) -> None:
-    """Exit 0 when the server reports SERVING (for health checks and scripts)."""
+    """Exit 0 when the server reports SERVING (for health checks and scripts); over TLS when
+    the EPOCHLENS_CLI_TLS_* settings ask for it."""
     if (address is None) == (url is None):
         typer.echo("error: give one of --address or --url", err=True)
         raise typer.Exit(2)
+    settings = cli_context(ctx).settings
+    tls = cli_tls(settings)  # a TLS file that cannot be used: one line, exit 2
     if url is not None:
-        raise typer.Exit(_http_health(url, timeout))
-    with grpc.insecure_channel(address) as channel:
+        raise typer.Exit(_http_health(url, timeout, settings.tls_ca_file))
+    with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -82,10 +90,12 @@ def health(address: str | None = typer.Option(None, help="host:port of a gRPC se
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
-def _http_health(url: str, timeout: float) -> int:
-    """0 when GET url answers 200; the status line (or why there was none) is printed."""
+def _http_health(url: str, timeout: float, ca_file: Path | None) -> int:
+    """0 when GET url answers 200; the status line (or why there was none) is printed. An
+    https URL's certificate is checked against ca_file when given (else the system's CAs)."""
+    context = ssl.create_default_context(cafile=ca_file)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             typer.echo(f"{url}: {reply.status}")
             return 0
     except urllib.error.HTTPError as exc:
@@ -116,9 +126,10 @@ def stack_down() -> None:
 
 
 @app.command()
-def smoke() -> None:
+@one_line_errors
+def smoke(ctx: typer.Context) -> None:
     """Create a run, write a few epochs of predictions, finish it, and list its epochs."""
-    settings = CliSettings()
+    settings = cli_context(ctx).settings
     metadata = (("authorization", f"Bearer {_token(settings)}"),)
     try:
         run_id = _smoke_write(settings, metadata)
@@ -133,8 +144,7 @@ def _token(settings: CliSettings) -> str:
 
 
 def _smoke_write(settings: CliSettings, metadata) -> str:
-    with grpc.insecure_channel(settings.writer_address,
-                               options=balancing_options(settings.lb_policy)) as channel:
+    with cli_channel(settings, settings.writer_address) as channel:
         stub = writer_pb2_grpc.PredictionWriterServiceStub(channel)
         run = stub.CreateRun(writer_pb2.CreateRunRequest(
             name="smoke", model_name="none", dataset_name="smoke"),
@@ -154,8 +164,7 @@ def _smoke_write(settings: CliSettings, metadata) -> str:
 
 
 def _smoke_read(settings: CliSettings, metadata, run_id: str) -> None:
-    with grpc.insecure_channel(settings.query_address,
-                               options=balancing_options(settings.lb_policy)) as channel:
+    with cli_channel(settings, settings.query_address) as channel:
         stub = query_pb2_grpc.QueryServiceStub(channel)
         _, epochs = _all_pages(stub.ListEpochs, query_pb2.ListEpochsRequest(run_id=run_id),
                                "epochs", metadata, settings.timeout_s)

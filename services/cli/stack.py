@@ -1,8 +1,10 @@
 """`epochlens up` / `epochlens down`: the docker-compose stack as local processes.
 
 The same steps as docker-compose.yml: migrate, then judge, writer, query and web,
-each waited on through its health service (the web service's /healthz over HTTP; it is
-pointed at the query service started here unless EPOCHLENS_WEB_QUERY_ADDRESS is set).
+each waited on through its health service (the web service's /healthz over HTTP, or HTTPS
+when it has a certificate; it is pointed at the query service started here unless
+EPOCHLENS_WEB_QUERY_ADDRESS is set). The health checks are made as the CLI: over TLS when
+EPOCHLENS_CLI_TLS_* ask for it, as services configured with TLS need.
 Pid files and logs go to the state dir.
 Before anything starts, every service's settings are loaded (a bad or missing setting is one
 ConfigurationError naming them all) and the public example secrets of .env.example are
@@ -11,16 +13,19 @@ refused unless allow_example_secrets is set.
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.cli.config import CliSettings
 from services.common.config import ENV_FILE, AuthSettings
 from services.common.health import wait_until_serving
 from services.common.server import port_in_use
@@ -29,6 +34,7 @@ from services.judge.config import JudgeSettings
 from services.query.config import QuerySettings
 from services.web.config import WebSettings
 from services.writer.config import MigrateSettings, WriterSettings
+from trainer_client.tls import ClientTLS, TLSFileError
 
 SERVICES = (("judge", "services.judge.server"), ("writer", "services.writer.server"),
             ("query", "services.query.server"), ("web", "services.web.server"))
@@ -55,9 +61,11 @@ def up(settings: StackSettings) -> dict[str, str]:
     """Checks the configuration, migrates, starts the services, waits until healthy.
     Returns name -> address. A service already running is a StackError before anything
     is migrated or started."""
-    auth, judge, writer, query, web, _ = load_settings(
-        AuthSettings, JudgeSettings, WriterSettings, QuerySettings, WebSettings, MigrateSettings)
+    auth, judge, writer, query, web, _, cli = load_settings(
+        AuthSettings, JudgeSettings, WriterSettings, QuerySettings, WebSettings, MigrateSettings,
+        CliSettings)
     refuse_example_secrets(settings, (auth, query))
+    checks = HealthChecks(settings, _health_tls(cli), cli.tls_ca_file)
     already = running(settings)
     if already:
         raise StackError("already running: " + ", ".join(
@@ -70,8 +78,9 @@ def up(settings: StackSettings) -> dict[str, str]:
                              capture_output=True, text=True)
     if migrate.returncode != 0:
         raise StackError(f"migrate failed:\n{migrate.stderr[-2000:]}")
+    scheme = "https" if web.tls_cert_file is not None else "http"
     addresses = {"judge": _address(judge), "writer": _address(writer), "query": _address(query),
-                 "web": f"http://{_address(web)}"}
+                 "web": f"{scheme}://{_address(web)}"}
     environments = {"web": _web_environment(web, addresses["query"])}
     for name, module in SERVICES:
         log = (settings.state_dir / f"{name}.log").open("ab")
@@ -79,8 +88,25 @@ def up(settings: StackSettings) -> dict[str, str]:
                                    start_new_session=True, env=environments.get(name))
         _pid_file(settings, name).write_text(str(process.pid))
     for name, _ in SERVICES:
-        _wait_healthy(settings, name, addresses[name])
+        _wait_healthy(checks, name, addresses[name])
     return addresses
+
+
+@dataclass(frozen=True)
+class HealthChecks:
+    """How up() asks the services whether they are healthy: as the CLI does, over TLS when
+    the EPOCHLENS_CLI_TLS_* settings ask for it (services configured with TLS need them)."""
+
+    settings: StackSettings
+    tls: ClientTLS | None
+    ca_file: Path | None
+
+
+def _health_tls(cli: CliSettings) -> ClientTLS | None:
+    try:
+        return ClientTLS.from_settings(cli)
+    except TLSFileError as exc:
+        raise StackError(f"TLS of the health checks (EPOCHLENS_CLI_TLS_*): {exc}") from None
 
 
 def _refuse_busy_ports(services: dict[str, BaseSettings]) -> None:
@@ -153,28 +179,34 @@ def _running_pid(settings: StackSettings, name: str) -> int | None:
     return pid
 
 
-def _wait_healthy(settings: StackSettings, name: str, address: str) -> None:
+def _wait_healthy(checks: HealthChecks, name: str, address: str) -> None:
+    settings = checks.settings
+
     def still_starting() -> bool:
         return _running_pid(settings, name) is not None
 
-    if address.startswith("http://"):
-        healthy = _wait_http_ok(f"{address}/healthz", settings, still_starting)
+    if address.startswith(("http://", "https://")):
+        healthy = _wait_http_ok(f"{address}/healthz", checks, still_starting)
     else:
         healthy = wait_until_serving(address, settings.start_timeout_s, settings.health_poll_s,
-                                     still_starting)
+                                     still_starting, checks.tls)
     if healthy:
         return
     log_tail = (settings.state_dir / f"{name}.log").read_text(errors="replace")[-2000:]
     raise StackError(f"{name} did not become healthy at {address}; its log ends:\n{log_tail}")
 
 
-def _wait_http_ok(url: str, settings: StackSettings, still_starting) -> bool:
-    """True once GET url answers 200; False after start_timeout_s or once the process is
+def _wait_http_ok(url: str, checks: HealthChecks, still_starting) -> bool:
+    """True once GET url answers 200 (an https URL's certificate checked against the CLI's
+    tls_ca_file, else the system's CAs); False after start_timeout_s or once the process is
     gone."""
+    settings = checks.settings
+    context = ssl.create_default_context(cafile=checks.ca_file)
     deadline = time.monotonic() + settings.start_timeout_s
     while time.monotonic() < deadline and still_starting():
         try:
-            with urllib.request.urlopen(url, timeout=settings.health_poll_s * 5) as reply:
+            with urllib.request.urlopen(url, timeout=settings.health_poll_s * 5,
+                                        context=context) as reply:
                 if reply.status == 200:
                     return True
         except (urllib.error.URLError, OSError):

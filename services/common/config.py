@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer_client.tls import check_pairs
+
 ENV_FILE = ".env"
 
 # The one environment variable of the embedded store's folder. Every process (migrate, writer,
@@ -98,6 +100,23 @@ class ServiceSettings(DatabaseSettings):
     otel_insecure: bool = Field(
         True, description="Export to the OTLP endpoint without TLS (a collector beside the "
         "service).")
+    tls_cert_file: Path | None = Field(
+        None, description="Server certificate chain (PEM). Set with tls_key_file: the server "
+        "serves TLS only; unset: plaintext (the local default).")
+    tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA (PEM) that client certificates must be signed by. Set: mutual "
+        "TLS is required, clients without such a certificate are refused at the handshake.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "ServiceSettings":
+        check_pairs(self, ("tls_cert_file", "tls_key_file"))
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            prefix = (self.model_config.get("env_prefix") or "").upper()
+            raise ValueError(f"{prefix}TLS_CLIENT_CA_FILE needs {prefix}TLS_CERT_FILE and "
+                             f"{prefix}TLS_KEY_FILE (mutual TLS is TLS first)")
+        return self
 
 
 class AuthSettings(BaseSettings):

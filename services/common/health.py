@@ -6,13 +6,16 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from trainer_client.tls import ClientTLS, open_channel
+
 
 def wait_until_serving(address: str, timeout_s: float, poll_s: float,
-                       still_starting: Callable[[], bool] = lambda: True) -> bool:
-    """True once `address` reports SERVING; False after timeout_s, or as soon as
-    still_starting() says the server's process is gone."""
+                       still_starting: Callable[[], bool] = lambda: True,
+                       tls: ClientTLS | None = None) -> bool:
+    """True once `address` reports SERVING (asked over TLS when tls is given); False after
+    timeout_s, or as soon as still_starting() says the server's process is gone."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and still_starting():
             try:

@@ -31,6 +31,7 @@ from services.common.telemetry.metrics import (
     start_metrics_endpoint,
 )
 from services.common.telemetry.tracing import install_tracing, server_interceptors, shutdown_tracing
+from services.common.tls import server_credentials, transport
 from services.common.validation import EdgeLimits, RequestChecker
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ async def _create_server(settings: ServiceSettings, auth: AuthSettings, registra
     reflection.enable_server_reflection(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = await _bind(server, settings.host, settings.port)
+    port = await _bind(server, settings)
     await server.start()
     metrics = await _start_metrics(server, settings)
     for name in ("", *service_names):
@@ -137,11 +138,20 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-async def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """server.add_insecure_port; a failure (a port taken since the probe, a host that is not
-    this machine's) stops the unstarted server and is a StartupError."""
+async def _bind(server: grpc.aio.Server, settings: ServiceSettings) -> int:
+    """server.add_secure_port when TLS is configured (services.common.tls), else
+    add_insecure_port; a failure (unusable TLS files, a port taken since the probe, a host
+    that is not this machine's) stops the unstarted server and is a StartupError."""
+    host, port = settings.host, settings.port
     try:
-        return server.add_insecure_port(f"{host}:{port}")
+        credentials = server_credentials(settings)
+        bound = (server.add_secure_port(f"{host}:{port}", credentials)
+                 if credentials is not None else server.add_insecure_port(f"{host}:{port}"))
+        log.info("%s:%d speaks %s", host, bound, transport(settings))
+        return bound
+    except StartupError:
+        await server.stop(None)
+        raise
     except RuntimeError as exc:
         await server.stop(None)
         if port_in_use(host, port):

@@ -5,13 +5,15 @@ signing key. The bearer token it forwards comes from the browser's cookie or the
 Authorization header.
 """
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE
+from trainer_client.tls import check_pairs
 
 
 class WebSettings(BaseSettings):
@@ -50,6 +52,24 @@ class WebSettings(BaseSettings):
         1.0, gt=0, description="How long the event stream route waits for WatchRun's first "
         "event before it answers 200: an error within it gets its own HTTP status, a later "
         "one an `rpc-error` event.")
+    query_tls: bool = Field(
+        False, description="Reach the query service over TLS even without query_tls_ca_file "
+        "(gRPC's default trusted roots); a CA or client certificate file implies TLS.")
+    query_tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) the query service's certificate must be signed by.")
+    query_tls_cert_file: Path | None = Field(
+        None, description="The web service's client certificate chain (PEM) for a query "
+        "service that requires mutual TLS; with query_tls_key_file.")
+    query_tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of query_tls_cert_file.")
+    query_tls_server_name: str | None = Field(
+        None, description="Name checked in the query service's certificate instead of the "
+        "host of query_address (grpc.ssl_target_name_override).")
+    tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) of the web service. Set with tls_key_file: "
+        "it serves HTTPS only (set cookie_secure too); unset: plain HTTP.")
+    tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of tls_cert_file.")
     max_body_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request body accepted (the login form).")
     shutdown_grace_s: float = Field(
@@ -63,3 +83,9 @@ class WebSettings(BaseSettings):
         description="Port of the Prometheus /metrics endpoint (process metrics); unset: no "
         "endpoint; 0 picks a free one.")
     metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds to.")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "WebSettings":
+        check_pairs(self, ("tls_cert_file", "tls_key_file"),
+                    ("query_tls_cert_file", "query_tls_key_file"))
+        return self

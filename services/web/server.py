@@ -22,6 +22,7 @@ from services.common.telemetry.metrics import start_metrics_endpoint
 from services.web.app import create_app
 from services.web.config import WebSettings
 from services.web.state import WebState
+from trainer_client.tls import TLSFileError, read_key_pair
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,12 @@ class RunningWeb:
     task: asyncio.Task
     host: str
     port: int
+    https: bool = False
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.https else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Closes the event streams, then stops uvicorn gracefully and waits for it."""
@@ -49,11 +51,15 @@ class RunningWeb:
 
 
 async def start(settings: WebSettings) -> RunningWeb:
-    """Starts the web service on settings.host:settings.port (0 = a free port)."""
-    sock = _bind(settings.host, settings.port)
+    """Starts the web service on settings.host:settings.port (0 = a free port): HTTPS when
+    tls_cert_file and tls_key_file are set (checked first: a StartupError when unusable)."""
+    https = _check_https(settings)
     app, state = create_app(settings)
+    sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(app, lifespan="on", log_config=None, server_header=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,
+                            ssl_certfile=settings.tls_cert_file if https else None,
+                            ssl_keyfile=settings.tls_key_file if https else None)
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
@@ -63,9 +69,21 @@ async def start(settings: WebSettings) -> RunningWeb:
         sock.close()
         raise StartupError("the app did not start (see the log above)") from exc
     port = sock.getsockname()[1]
-    log.info("web service on http://%s:%d", settings.host, port)
+    log.info("web service on %s://%s:%d", "https" if https else "http", settings.host, port)
     task = asyncio.create_task(_serve(server, sock), name="epochlens-web")
-    return RunningWeb(server, state, task, settings.host, port)
+    return RunningWeb(server, state, task, settings.host, port, https)
+
+
+def _check_https(settings: WebSettings) -> bool:
+    """Whether the web service serves HTTPS; its certificate and key are read and checked to
+    be a pair first, so an unusable file is one StartupError line, not a traceback."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return False
+    try:
+        read_key_pair(settings.tls_cert_file, settings.tls_key_file)
+    except TLSFileError as exc:
+        raise StartupError(str(exc)) from None
+    return True
 
 
 async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:

@@ -18,6 +18,7 @@ from services.web.config import WebSettings
 from services.web.errors import ApiError, from_rpc_error, status_of
 from services.web.httprules import Binding
 from services.web.session import metadata
+from trainer_client.tls import ClientTLS, open_aio_channel
 
 
 class LinkStore:
@@ -59,6 +60,8 @@ class WebState:
     bindings: list[Binding]
     links: LinkStore
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # TLS of the channel to the query service (None: plaintext), read when the app is built.
+    query_tls: ClientTLS | None = None
     channel: grpc.aio.Channel | None = None
     calls: dict[str, Any] = field(default_factory=dict)
     # The open event streams (services.web.sse.EventStream), each with its gRPC call.
@@ -66,8 +69,8 @@ class WebState:
 
     def open(self) -> None:
         """Opens the channel to the query service (inside the running event loop)."""
-        self.channel = grpc.aio.insecure_channel(
-            self.settings.query_address,
+        self.channel = open_aio_channel(
+            self.settings.query_address, self.query_tls,
             options=[("grpc.max_receive_message_length", self.settings.max_message_bytes),
                      *balancing_options(self.settings.query_lb_policy)])
         for binding in self.bindings:

@@ -1,10 +1,13 @@
 """Settings of the writer service (env prefix EPOCHLENS_WRITER_)."""
 
-from pydantic import Field, SecretStr
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.balancing import LB_POLICY_DESCRIPTION, LbPolicy
 from services.common.config import ENV_FILE, DatabaseSettings, ServiceSettings
+from trainer_client.tls import check_pairs
 
 
 class WriterSettings(ServiceSettings):
@@ -63,6 +66,19 @@ class WriterSettings(ServiceSettings):
     outbox_parked_delay_s: float = Field(
         3600.0, gt=0, description="Delay before outbox rows the judge refused as "
         "INVALID_ARGUMENT (a bad judge config in the run) are tried again, seconds.")
+    judge_tls: bool = Field(
+        False, description="Reach the judge over TLS even without judge_tls_ca_file (gRPC's "
+        "default trusted roots); a CA or client certificate file implies TLS.")
+    judge_tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) the judge's server certificate must be signed by.")
+    judge_tls_cert_file: Path | None = Field(
+        None, description="The writer's client certificate chain (PEM) for a judge that "
+        "requires mutual TLS; with judge_tls_key_file.")
+    judge_tls_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of judge_tls_cert_file.")
+    judge_tls_server_name: str | None = Field(
+        None, description="Name checked in the judge's certificate instead of the host of "
+        "judge_address (grpc.ssl_target_name_override).")
     judge_check_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of the judge's check of a run's judge section in "
         "CreateRun (ValidateJudgeConfig), seconds; a judge that does not answer makes "
@@ -115,6 +131,11 @@ class WriterSettings(ServiceSettings):
         "api_key_failure_window_s; beyond it the address gets RESOURCE_EXHAUSTED.")
     api_key_failure_window_s: float = Field(
         60.0, gt=0, description="Window of api_key_max_failures, seconds.")
+
+    @model_validator(mode="after")
+    def _judge_tls_pair(self) -> "WriterSettings":
+        check_pairs(self, ("judge_tls_cert_file", "judge_tls_key_file"))
+        return self
 
 
 class MigrateSettings(DatabaseSettings):

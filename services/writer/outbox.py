@@ -60,6 +60,7 @@ from services.common.telemetry.logs import bind_run_id
 from services.common.telemetry.tracing import client_interceptors, continued_span, tracing_on
 from services.writer.config import WriterSettings
 from services.writer.models import judge_outbox_table, prediction_texts, runs_table
+from trainer_client.tls import ClientTLS, open_aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,11 @@ class Chunk:
     traceparents: tuple[str | None, ...] = ()
 
 
-def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
+def judge_channel(settings: WriterSettings, tls: ClientTLS | None) -> grpc.aio.Channel:
     """Channel to the judge replicas (judge_lb_policy over the addresses judge_address
-    names); its service config retries EnqueueJudging on UNAVAILABLE (the call is
-    idempotent) and reconnects within the outbox backoff bounds."""
+    names; TLS or mutual TLS when tls is given, else plaintext); its service config retries
+    EnqueueJudging on UNAVAILABLE (the call is idempotent) and reconnects within the outbox
+    backoff bounds."""
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -122,8 +124,8 @@ def judge_channel(settings: WriterSettings) -> grpc.aio.Channel:
                                            "retryPolicy": retry}]}
     options.append(("grpc.service_config",
                     service_config(settings.judge_lb_policy, **method_config)))
-    return grpc.aio.insecure_channel(settings.judge_address, options=options,
-                                     interceptors=client_interceptors(settings))
+    return open_aio_channel(settings.judge_address, tls, options,
+                            interceptors=client_interceptors(settings))
 
 
 def backoff_s(settings: WriterSettings, attempts: int) -> float:
@@ -138,14 +140,16 @@ class OutboxDispatcher:
     """The dispatcher task; counts holds what it did (sent, duplicates, failed, parked)."""
 
     def __init__(self, engine: AsyncEngine, settings: WriterSettings, auth: AuthSettings,
-                 seconds_since_ingest: Callable[[], float] = lambda: math.inf) -> None:
-        """seconds_since_ingest: time since the writer last committed predictions."""
+                 seconds_since_ingest: Callable[[], float] = lambda: math.inf,
+                 tls: ClientTLS | None = None) -> None:
+        """seconds_since_ingest: time since the writer last committed predictions; tls: of
+        the channel to the judge (None: plaintext)."""
         self._engine = engine
         self._seconds_since_ingest = seconds_since_ingest
         self._settings = settings
         self._auth = auth
         mint_token(auth, "epochlens-writer")  # fails now, not at the first hand-off
-        self._channel = judge_channel(settings)
+        self._channel = judge_channel(settings, tls)
         self._stub = judge_pb2_grpc.JudgeServiceStub(self._channel)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []

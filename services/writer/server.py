@@ -15,6 +15,7 @@ from services.common.server import (
     create_server,
     run_service,
 )
+from services.common.tls import client_tls
 from services.writer.api_keys import ApiKeyRepository
 from services.writer.auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
 from services.writer.auth_servicer import AuthServicer
@@ -37,12 +38,14 @@ async def start(settings: WriterSettings, auth: AuthSettings) -> RunningServer:
     """Starts the writer on settings.host:settings.port (0 = a free port) and its retention
     sweep; with a judge_address, also the judge outbox dispatcher (stopped after the
     server), the judge's check of CreateRun's judge section and DeleteRun's PurgeRun over
-    the dispatcher's channel."""
-    engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
+    the dispatcher's channel (TLS from the judge_tls* settings, read before anything is
+    opened)."""
     judging = settings.judge_address is not None
+    judge_tls = client_tls(settings, "judge_", "judge service") if judging else None
+    engine = await open_engine(settings, (SCHEMA,), application_name="epochlens-writer")
     repository = WriterRepository(engine, judging=judging)
-    dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit)
-                  if judging else None)
+    dispatcher = (OutboxDispatcher(engine, settings, auth, repository.seconds_since_commit,
+                                   judge_tls) if judging else None)
     check = JudgeConfigCheck(dispatcher.stub, auth, settings) if dispatcher else None
     deleter = RunDeleter(engine, settings,
                          JudgePurge(dispatcher.stub, auth, settings) if dispatcher else None)
