@@ -57,7 +57,7 @@ def settings(addresses: list[str], policy: str) -> WriterSettings:
 
 async def test_round_robin_spreads_calls_and_skips_a_stopped_replica(two_judges):
     served, servers = two_judges
-    channel = judge_channel(settings([address for _, address in servers], "round_robin"))
+    channel = judge_channel(settings([address for _, address in servers], "round_robin"), None)
     try:
         await channel.channel_ready()
         await call_many(channel, CALLS)
@@ -73,7 +73,7 @@ async def test_round_robin_spreads_calls_and_skips_a_stopped_replica(two_judges)
 
 async def test_pick_first_sends_everything_to_one_replica(two_judges):
     served, servers = two_judges
-    channel = judge_channel(settings([address for _, address in servers], "pick_first"))
+    channel = judge_channel(settings([address for _, address in servers], "pick_first"), None)
     try:
         await call_many(channel, CALLS)
     finally:
