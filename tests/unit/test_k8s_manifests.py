@@ -8,6 +8,7 @@ shutdown grace, every environment variable a real setting, the judge reachable o
 writer, and docker-compose.yml in step with the manifests.
 """
 
+import base64
 import copy
 import functools
 import re
@@ -30,10 +31,12 @@ BASE = ROOT / "deploy" / "k8s" / "base"
 OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "example"
 KUBERNETES_VERSION = "1.32.0"
 COMPONENT = "app.kubernetes.io/component"
+PGBOUNCER_PORT = 6432
 
-# Settings the other issue-12 branches add (observability, TLS, retention). Until they are
-# merged they are not in .env.example yet; once they are, this set can be emptied and the
-# check below is strict for them too.
+# Settings the other issue-12 branches add (obs: metrics, log format, traces; tls; delete:
+# retention; replicas: statement cache, LISTEN URL). Until they are merged they are not in
+# .env.example yet; once they are, this set can be emptied and the checks below are strict
+# for them too.
 AWAITED_SETTINGS = {
     *(f"EPOCHLENS_{svc}_{name}" for svc in ("WRITER", "JUDGE", "QUERY", "WEB")
       for name in ("METRICS_HOST", "METRICS_PORT", "LOG_FORMAT")),
@@ -41,7 +44,9 @@ AWAITED_SETTINGS = {
     "EPOCHLENS_JUDGE_TLS_CERT_FILE", "EPOCHLENS_JUDGE_TLS_KEY_FILE",
     "EPOCHLENS_JUDGE_TLS_CLIENT_CA_FILE", "EPOCHLENS_WRITER_JUDGE_TLS_CA_FILE",
     "EPOCHLENS_WRITER_JUDGE_TLS_CERT_FILE", "EPOCHLENS_WRITER_JUDGE_TLS_KEY_FILE",
-    "EPOCHLENS_WRITER_JUDGE_TLS_SERVER_NAME", "EPOCHLENS_WRITER_RETENTION_DAYS",
+    "EPOCHLENS_WRITER_JUDGE_TLS_SERVER_NAME", "EPOCHLENS_WRITER_JUDGE_TLS",
+    "EPOCHLENS_WRITER_RETENTION_DAYS", "EPOCHLENS_QUERY_WATCH_LISTEN_URL",
+    *(f"EPOCHLENS_{svc}_DB_STATEMENT_CACHE_SIZE" for svc in ("WRITER", "JUDGE", "QUERY")),
 }
 # Environment variables of the pods that are not settings: the namespace, from the downward
 # API, that the writer's judge address is built from.
@@ -237,7 +242,7 @@ def test_secret_and_configmap_references_resolve(overlay):
             if ref and not ref.get("optional"):
                 assert ref["key"] in secrets[ref["name"]], (component, ref["key"])
     for name, data in secrets.items():
-        assert sorted(set(data) - documented_names()) == [], name
+        assert sorted(set(data) - documented_names() - AWAITED_SETTINGS) == [], name
 
 
 def test_secrets_come_from_a_git_ignored_file_with_example_values():
@@ -357,6 +362,28 @@ def test_overlay_sets_namespace_image_tls_and_bounds(overlay):
     assert env["EPOCHLENS_JUDGE_TLS_CLIENT_CA_FILE"].startswith(
         judge["volumeMounts"][-1]["mountPath"] + "/")
     assert named(overlay, "HorizontalPodAutoscaler", "epochlens-judge")["spec"]["minReplicas"] == 3
+    writer = environment(overlay, workloads(overlay)["writer"])
+    assert writer["EPOCHLENS_WRITER_JUDGE_TLS"] == "true"
+    assert writer["EPOCHLENS_WRITER_JUDGE_TLS_SERVER_NAME"] == "epochlens-judge"
+
+
+def secret_values(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (secret,) = of_kind(docs, "Secret")
+    return {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+
+
+def test_pgbouncer_urls_come_with_statement_caches_off(overlay):
+    """Transaction pooling: no prepared statement kept across transactions, and WatchRun's
+    LISTEN on a direct connection."""
+    secrets = secret_values(overlay)
+    pooled = [c for c in ("writer", "judge", "query")
+              if f":{PGBOUNCER_PORT}/" in secrets[f"EPOCHLENS_{c.upper()}_DATABASE_URL"]]
+    assert pooled == ["writer", "judge", "query"]
+    for component in pooled:
+        env = environment(overlay, workloads(overlay)[component])
+        assert env[f"EPOCHLENS_{component.upper()}_DB_STATEMENT_CACHE_SIZE"] == "0"
+    assert f":{PGBOUNCER_PORT}/" not in secrets["EPOCHLENS_QUERY_WATCH_LISTEN_URL"]
+    assert f":{PGBOUNCER_PORT}/" not in secrets["EPOCHLENS_MIGRATE_DATABASE_URL"]
 
 
 def compose_services() -> dict[str, dict[str, Any]]:
