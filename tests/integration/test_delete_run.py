@@ -44,14 +44,15 @@ from services.writer.models import (
     metrics_table,
     predictions_table,
     runs_table,
+    samples_table,
 )
 from tests.conftest import PG_ADMIN, WRITER_ROLE, migrated_database, pg_url
 from tests.helpers import create_run, error_reason, grid, item, rich_status
 from tests.integration.test_handoff import free_port, judge_up, wait_until, writer_settings
 from tests.integration.test_query_judgments import insert_rows, llm_state_row, settled
 
-WRITER_TABLES = (predictions_table, epochs_table, judge_outbox_table, metrics_table,
-                 metric_rollups_table)
+WRITER_TABLES = (predictions_table, samples_table, epochs_table, judge_outbox_table,
+                 metrics_table, metric_rollups_table)
 JUDGE_TABLES = (tasks_table, judgments_table, judgment_revisions_table, llm_cache_table,
                 run_llm_state_table, pairwise_tasks_table, pairwise_results_table)
 EPOCHS, SAMPLES = 2, 5
@@ -147,6 +148,7 @@ async def test_owner_delete_removes_every_row_in_both_schemas(stack, writer_stub
         assert after == dict.fromkeys(after, 0), after
         assert reply.run_id == run_id
         assert reply.prediction_count == EPOCHS * SAMPLES == before["predictions"]
+        assert reply.sample_count == SAMPLES == before["samples"]
         assert reply.metric_count == before["metrics"] + before["metric_rollups"]
         assert reply.judge_task_count == before["tasks"] + before["pairwise_tasks"]
         assert reply.judgment_count == before["judgments"] + before["pairwise_results"]
