@@ -43,3 +43,18 @@ def test_criterion_of_its_own_name_is_accepted():
         "rules": {"criteria": ["exact_match"]},
         "llm": {**MEMBER, "criteria": [criterion("exact match, by a person's reading")]}})
     assert [c.name for c in config.llm.criteria] == ["exact match, by a person's reading"]
+
+
+def test_an_empty_provider_key_means_the_provider_is_off(monkeypatch):
+    """docker-compose passes `${OPENAI_API_KEY:-}`: an empty (or blank) key must not turn the
+    provider on and be sent to it."""
+    from services.judge.config import JudgeSettings
+
+    monkeypatch.setenv("EPOCHLENS_JUDGE_PORT", "0")
+    monkeypatch.setenv("EPOCHLENS_JUDGE_OPENAI_API_KEY", "")
+    monkeypatch.setenv("EPOCHLENS_JUDGE_ANTHROPIC_API_KEY", "   ")
+    settings = JudgeSettings(_env_file=None)
+    assert settings.openai_api_key is None and settings.anthropic_api_key is None
+    assert not settings.llm_enabled("openai") and not settings.llm_enabled("anthropic")
+    monkeypatch.setenv("EPOCHLENS_JUDGE_OPENAI_API_KEY", "sk-real")
+    assert JudgeSettings(_env_file=None).llm_enabled("openai")

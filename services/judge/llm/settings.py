@@ -172,6 +172,15 @@ class LlmSettings(BaseSettings):
         "on a criterion for the combined (panel/<rule>) judgment to be scored; below it the "
         "combined judgment is unscored.")
 
+    @field_validator("openai_api_key", "anthropic_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        """An empty key (docker-compose's `${OPENAI_API_KEY:-}` when the host has none) means
+        unset: that provider is off, rather than called with an empty key."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("llm_prompt_version")
     @classmethod
     def _known_version(cls, value: str) -> str:
