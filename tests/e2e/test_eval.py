@@ -323,7 +323,7 @@ async def test_local_model_with_adapter(eval_stack, tmp_path):
     assert (result["source"], result["generated"], result["inserted"]) == ("model", 5, 5)
     assert str(tmp_path / "adapter") in result["model_name"]
     assert await judgment_counts(eval_stack, result["run_id"]) == {("exact_match", 1): 5}
-    rows = await eval_stack.fetch("SELECT sample_index, prompt FROM writer.predictions "
+    rows = await eval_stack.fetch("SELECT sample_index, prompt FROM writer.samples "
                                   "WHERE run_id = $1::uuid ORDER BY sample_index",
                                   result["run_id"])
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
